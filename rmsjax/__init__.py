@@ -1,0 +1,57 @@
+"""rmsjax: exact, sturdy RMSProp-family gradient transformations on the optax protocol.
+
+Swap ``optax.`` for ``rmsjax.``: names, signatures, defaults and numbers are optax's, except
+where optax returns NaN or overflows (each such difference is documented on the function).
+"""
+
+from optax import GradientTransformation, GradientTransformationExtraArgs, chain
+
+from rmsjax.optimizers import adamw, rmsprop
+from rmsjax.transforms import (
+    AddDecayedWeightsState,
+    ScaleByAdamState,
+    ScaleByCenteredRmsState,
+    ScaleByRmsState,
+    ScaleByRStdDevState,
+    ScaleByScheduleState,
+    ScaleState,
+    TraceState,
+    add_decayed_weights,
+    scale,
+    scale_by_adam,
+    scale_by_centered_rms,
+    scale_by_learning_rate,
+    scale_by_rms,
+    scale_by_schedule,
+    scale_by_stddev,
+    trace,
+)
+from rmsjax.updates import apply_updates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddDecayedWeightsState",
+    "GradientTransformation",
+    "GradientTransformationExtraArgs",
+    "ScaleByAdamState",
+    "ScaleByCenteredRmsState",
+    "ScaleByRStdDevState",
+    "ScaleByRmsState",
+    "ScaleByScheduleState",
+    "ScaleState",
+    "TraceState",
+    "add_decayed_weights",
+    "adamw",
+    "apply_updates",
+    "chain",
+    "rmsprop",
+    "scale",
+    "scale_by_adam",
+    "scale_by_centered_rms",
+    "scale_by_learning_rate",
+    "scale_by_rms",
+    "scale_by_schedule",
+    "scale_by_stddev",
+    "trace",
+]

@@ -1,0 +1,68 @@
+"""Construction-time checks of hyperparameters.
+
+A value is checked only when it is concrete: a Python number, a NumPy array or a concrete
+``jax.Array``. Traced values (inside ``jax.jit``, or the arrays ``optax.inject_hyperparams``
+passes when the step is jitted) and schedules (callables) are never inspected, so checking can
+never break tracing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["check_in_range", "is_concrete"]
+
+
+def is_concrete(value: Any) -> bool:
+    """True when ``value`` can be read on the host without tracing (not a tracer, not a callable)."""
+    if value is None or callable(value) or isinstance(value, jax.core.Tracer):
+        return False
+    return True
+
+
+def _describe(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    return f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+
+
+def check_in_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> None:
+    """Raise ``ValueError`` if a concrete ``value`` is non-finite or outside the interval.
+
+    The interval is ``[low, high]`` with each end made open by ``low_open`` / ``high_open``; a
+    ``None`` end is unbounded. Every element of an array value is checked. Traced values and
+    schedules pass unchecked.
+    """
+    if not is_concrete(value):
+        return
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"`{name}` must be a real number (or a schedule where one is allowed), "
+            f"got {value!r} of type {type(value).__name__}."
+        ) from err
+    interval = _describe(low, high, low_open, high_open)
+    bad = ~np.isfinite(arr)
+    if low is not None:
+        bad |= (arr <= low) if low_open else (arr < low)
+    if high is not None:
+        bad |= (arr >= high) if high_open else (arr > high)
+    if np.any(bad):
+        shown = arr.item() if arr.ndim == 0 else f"an array holding {arr[bad].ravel()[0].item()!r}"
+        raise ValueError(
+            f"`{name}` must be a finite number in {interval}, got {shown!r}."
+            + (f" {hint}" if hint else "")
+        )

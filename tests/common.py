@@ -1,0 +1,65 @@
+"""Shared test fixtures: a mixed pytree, a loss over it, and a jitted trajectory runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mixed_tree(seed: int = 0, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Dicts, tuples, a scalar, a vector, a matrix and a 3-D leaf."""
+    rng = np.random.default_rng(seed)
+    leaf = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype=dtype)
+    return {
+        "scalar": leaf(),
+        "layer": {"w": leaf(4, 3), "b": leaf(3)},
+        "pair": (leaf(2, 3, 2), leaf(5)),
+    }
+
+
+def loss(params: Any) -> jax.Array:
+    """A smooth non-quadratic loss, so trajectories depend on every step being right."""
+    total = jnp.zeros((), jnp.float32)
+    for i, leaf in enumerate(jax.tree.leaves(params)):
+        x = leaf.astype(jnp.float32)
+        total = total + jnp.sum((x - 0.3 * (i + 1)) ** 2 * (1.5 + jnp.sin(x)))
+    return total
+
+
+def trajectory(
+    opt: Any,
+    params: Any,
+    steps: int = 20,
+    loss_fn: Callable[[Any], jax.Array] = loss,
+    apply: Callable[[Any, Any], Any] | None = None,
+) -> list[Any]:
+    """Parameters after each of ``steps`` jitted steps (one compiled scan)."""
+    import optax
+
+    apply = apply or optax.apply_updates
+
+    def step(carry: Any, _: Any) -> tuple[Any, Any]:
+        p, s = carry
+        g = jax.grad(loss_fn)(p)
+        u, s = opt.update(g, s, p)
+        p = apply(p, u)
+        return (p, s), p
+
+    @jax.jit
+    def run(p: Any) -> Any:
+        _, ps = jax.lax.scan(step, (p, opt.init(p)), None, length=steps)
+        return ps
+
+    stacked = run(params)
+    return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(steps)]
+
+
+def assert_trees_close(actual: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Same structure and every leaf close (NaN only where NaN)."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)

@@ -7,6 +7,7 @@ where optax returns NaN or overflows (each such difference is documented on the 
 from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 
 from rmsjax.optimizers import adamw, rmsprop
+from rmsjax.sharding import state_sharding
 from rmsjax.transforms import (
     AddDecayedWeightsState,
     ScaleByAdamState,
@@ -53,5 +54,6 @@ __all__ = [
     "scale_by_rms",
     "scale_by_schedule",
     "scale_by_stddev",
+    "state_sharding",
     "trace",
 ]

@@ -67,14 +67,16 @@ def state_like(
     """A state tree shaped like ``params``, filled with ``fill`` (which may be traced).
 
     The leaf dtype follows :func:`state_dtype`; ``real=True`` drops a complex dtype to its real
-    part (for second moments, which are real). ``None`` leaves stay ``None``.
+    part (for second moments, which are real). ``None`` leaves stay ``None``. Each leaf is built
+    with ``jnp.full_like``, so it carries its parameter's sharding: state initialised from
+    sharded parameters lives where they live (see :mod:`rmsjax.sharding`).
     """
 
     def leaf(p: Any) -> jax.Array:
         dt = state_dtype(jnp.result_type(p), dtype, promote_half=promote_half)
         if real:
             dt = real_dtype(dt)
-        return jnp.full(jnp.shape(p), fill, dtype=dt)
+        return jnp.full_like(p, fill, dtype=dt)
 
     return jax.tree.map(leaf, params)
 

@@ -62,6 +62,10 @@ def optimizers() -> dict[str, Any]:
         "adamw": rmsjax.adamw(lr),
         "inject_hyperparams": optax.inject_hyperparams(rmsjax.rmsprop)(learning_rate=0.01),
         "chain_with_optax": optax.chain(optax.clip_by_global_norm(1.0), rmsjax.rmsprop(0.01)),
+        "masked": optax.masked(
+            rmsjax.rmsprop(0.01, momentum=0.9), {"w1": True, "b1": False, "w2": True, "b2": False}
+        ),
+        "multisteps": optax.MultiSteps(rmsjax.rmsprop(0.01, centered=True), 4),
     }
 
 
@@ -77,11 +81,21 @@ def expected_shardings(opt: Any, params: Any, state: Any, mesh: Any) -> Any:
     return jax.tree.map(lambda m: replicated if m == "other" else m, out)
 
 
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
 def _map_subtrees(marked: Any, param_def: Any, shardings: Any) -> Any:
-    if jax.tree.structure(marked) == param_def and all(
+    """Put the params' shardings where ``marked`` has a param-shaped subtree of "param" marks.
+
+    ``optax.masked`` leaves ``MaskedNode``s where a parameter is masked out; they are kept.
+    """
+    if jax.tree.structure(marked, is_leaf=_is_masked) == param_def and all(
         m == "param" for m in jax.tree.leaves(marked)
     ):
-        return shardings
+        return jax.tree.map(
+            lambda m, sh: m if _is_masked(m) else sh, marked, shardings, is_leaf=_is_masked
+        )
     if not jax.tree_util.all_leaves([marked]):
         children, treedef = jax.tree_util.tree_flatten(marked, is_leaf=lambda x: x is not marked)
         return treedef.unflatten([_map_subtrees(c, param_def, shardings) for c in children])
@@ -224,9 +238,33 @@ def first(out: Path) -> None:
 
         record(results, f"trajectory_vs_single_device/{axis_type}", trajectory)
 
+    record(results, "nnx_optimizer_eager_init/auto", lambda: nnx_check(ex))
+
     # A checkpoint of an optimizer without momentum, for the mismatched-restore checks.
     ex.Run(ex.make_mesh("explicit"), momentum=None).save(str(out / "ckpt_plain"))
     (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def nnx_check(ex: Any) -> tuple[bool, str]:
+    """nnx.Optimizer built eagerly on a sharded NNX model: moments sharded like the params."""
+    from flax import nnx
+
+    mesh = ex.make_mesh("auto")
+    model = nnx.Linear(ex.IN, ex.HIDDEN, rngs=nnx.Rngs(0))
+    specs = {"kernel": P(None, ex.AXIS), "bias": P(ex.AXIS)}
+    for name, spec in specs.items():
+        variable = getattr(model, name)
+        variable.set_value(jax.device_put(variable.get_value(), NamedSharding(mesh, spec)))
+    optimizer = nnx.Optimizer(model, rmsjax.rmsprop(0.01, momentum=0.9), wrt=nnx.Param)
+    bad = []
+    for buffer in ("nu", "trace"):
+        part = 0 if buffer == "nu" else 2
+        for name, spec in specs.items():
+            leaf = getattr(optimizer.opt_state[part], buffer)[name].get_value()
+            want = NamedSharding(mesh, spec)
+            if not leaf.sharding.is_equivalent_to(want, leaf.ndim):
+                bad.append(f"{buffer}.{name}: {leaf.sharding.spec} != {spec}")
+    return not bad, "; ".join(bad) or "ok"
 
 
 def _state_leaves_with_param_spec(run: Any, ex: Any) -> list[tuple[Any, Any]]:

@@ -66,6 +66,8 @@ CHECKS = [
             "adamw",
             "inject_hyperparams",
             "chain_with_optax",
+            "masked",
+            "multisteps",
         )
     ),
     *(
@@ -74,6 +76,7 @@ CHECKS = [
         for name in ("rmsprop", "adamw", "inject_hyperparams")
     ),
     "jit_init_no_out_shardings/explicit",
+    "nnx_optimizer_eager_init/auto",
     "per_device_bytes/explicit",
     "per_device_bytes/auto",
     "trajectory_vs_single_device/explicit",

@@ -192,9 +192,10 @@ class Run:
                 restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
             except ValueError as err:
                 raise ValueError(
-                    f"Checkpoint {step} in {directory!r} does not fit this optimizer: its state "
-                    "has another structure. Build the optimizer with the settings it was saved "
-                    f"with (momentum, centered, ...).\nOrbax says: {err}"
+                    f"Checkpoint {step} in {directory!r} does not fit this run: its tree "
+                    "structure or array shapes differ from this model's and optimizer's. Build "
+                    "them with the settings the checkpoint was saved with (model sizes, "
+                    f"momentum, centered, ...).\nOrbax says: {err}"
                 ) from err
         self.params, self.opt_state = restored["params"], restored["opt_state"]
         self.step_count = step

@@ -246,7 +246,7 @@ def first(out: Path) -> None:
 
 
 def nnx_check(ex: Any) -> tuple[bool, str]:
-    """nnx.Optimizer built eagerly on a sharded NNX model: moments sharded like the params."""
+    """nnx.Optimizer on a sharded NNX model: eager state and state_sharding follow the params."""
     from flax import nnx
 
     mesh = ex.make_mesh("auto")
@@ -255,7 +255,9 @@ def nnx_check(ex: Any) -> tuple[bool, str]:
     for name, spec in specs.items():
         variable = getattr(model, name)
         variable.set_value(jax.device_put(variable.get_value(), NamedSharding(mesh, spec)))
-    optimizer = nnx.Optimizer(model, rmsjax.rmsprop(0.01, momentum=0.9), wrt=nnx.Param)
+    tx = rmsjax.rmsprop(0.01, momentum=0.9)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    shardings = rmsjax.state_sharding(tx, nnx.state(model, nnx.Param))
     bad = []
     for buffer in ("nu", "trace"):
         part = 0 if buffer == "nu" else 2
@@ -264,6 +266,11 @@ def nnx_check(ex: Any) -> tuple[bool, str]:
             want = NamedSharding(mesh, spec)
             if not leaf.sharding.is_equivalent_to(want, leaf.ndim):
                 bad.append(f"{buffer}.{name}: {leaf.sharding.spec} != {spec}")
+            computed = getattr(shardings[part], buffer)[name].get_value()
+            if not computed.is_equivalent_to(want, leaf.ndim):
+                bad.append(f"state_sharding {buffer}.{name}: {computed} != {want}")
+    if not shardings[0].count.is_fully_replicated:
+        bad.append(f"state_sharding count: {shardings[0].count}")
     return not bad, "; ".join(bad) or "ok"
 
 
@@ -286,7 +293,7 @@ def resume(out: Path) -> None:
         try:
             run.restore(str(out / directory))
         except ValueError as err:
-            return "does not fit this optimizer" in str(err), str(err)[:300]
+            return "does not fit this run" in str(err), str(err)[:300]
         return False, "restored without error"
 
     record(results, "restore_into_momentum_added_fails", lambda: mismatch(0.9, "ckpt_plain"))

@@ -1,9 +1,10 @@
 """A character-level GRU (Flax NNX) learns Shakespeare's sonnets: rmsprop versus sgd.
 
-Recurrent networks are the setting RMSProp was made for: the scale of each weight's gradient
-drifts as the hidden state's statistics change during training, and a per-weight running RMS
-follows it where one global step size cannot. The text is ``examples/data/sonnets.txt``
-(a few KB of public-domain verse shipped with the repository). With so little text the model
+Recurrent networks are the non-stationary setting RMSProp was made for (Graves 2013 trained
+his LSTM text and handwriting models with centered RMSProp): a per-weight running RMS of the
+gradient adapts each weight's step as training moves, where one global step size cannot.
+The text is ``examples/data/sonnets.txt`` (a few KB of public-domain verse shipped with the
+repository). With so little text the model
 ends up learning it by heart; what the example shows is how fast each optimizer gets there.
 
     python examples/char_rnn.py                   # both optimizers, writes char_rnn.png

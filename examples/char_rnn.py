@@ -4,8 +4,8 @@ Recurrent networks are the non-stationary setting RMSProp was made for (Graves 2
 his LSTM text and handwriting models with centered RMSProp): a per-weight running RMS of the
 gradient adapts each weight's step as training moves, where one global step size cannot.
 The text is ``examples/data/sonnets.txt`` (a few KB of public-domain verse shipped with the
-repository). With so little text the model
-ends up learning it by heart; what the example shows is how fast each optimizer gets there.
+repository). With so little text the model ends up learning it by heart; what the example
+shows is how fast each optimizer gets there.
 
     python examples/char_rnn.py                   # both optimizers, writes char_rnn.png
     python examples/char_rnn.py --steps 1000 --out rnn.png

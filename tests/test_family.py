@@ -4,6 +4,7 @@ learning rate, complex AdaDelta)."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -411,3 +412,29 @@ def test_half_precision_state_and_update_dtype(name: str, args: tuple, promote_h
     u, _ = opt.update({"w": jnp.asarray([1.0, -2.0, 300.0], jnp.bfloat16), "skip": None}, state)
     assert u["w"].dtype == jnp.bfloat16 and u["skip"] is None
     assert bool(jnp.all(jnp.isfinite(u["w"].astype(jnp.float32))))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sgd",
+        "adam",
+        "adagrad",
+        "adadelta",
+        "rprop",
+        "scale_by_rss",
+        "scale_by_adadelta",
+        "scale_by_rprop",
+    ],
+)
+def test_signature_is_optax_plus_promote_half(name: str) -> None:
+    """Same argument names, order, kinds and defaults as optax 0.2.x; the one addition is the
+    keyword-only ``promote_half``."""
+    ours = inspect.signature(getattr(rmsjax, name)).parameters
+    theirs = inspect.signature(getattr(optax, name)).parameters
+    extra = [p for p in ours if p not in theirs]
+    assert extra == ["promote_half"] and ours["promote_half"].kind is inspect.Parameter.KEYWORD_ONLY
+    for pname, p in theirs.items():
+        assert ours[pname].kind == p.kind, pname
+        assert ours[pname].default == p.default, pname
+    assert [p for p in ours if p != "promote_half"] == list(theirs)

@@ -94,9 +94,10 @@ def test_adagrad_and_scale_by_rss_match_optax() -> None:
             "adagrad", sched(0.2), initial_accumulator_value=0.0, eps=1e-10
         ),
         "big start": both("adagrad", 0.3, initial_accumulator_value=2.0, eps=0.0),
+        # a large eps, so that putting it outside the square root would show
         "scale_by_rss": (
-            optax.chain(rmsjax.scale_by_rss(0.5, 1e-6), optax.scale(-0.1)),
-            optax.chain(optax.scale_by_rss(0.5, 1e-6), optax.scale(-0.1)),
+            optax.chain(rmsjax.scale_by_rss(0.5, 0.3), optax.scale(-0.1)),
+            optax.chain(optax.scale_by_rss(0.5, 0.3), optax.scale(-0.1)),
         ),
     }
     assert_parity(cases, mixed_tree())
@@ -132,9 +133,8 @@ def complex_tree() -> Any:
 
 
 def test_complex_parameters_match_optax_where_optax_uses_abs_squared() -> None:
-    # optax's sgd, adam and adagrad are right for complex numbers (|g|^2); the caller passes
-    # conj(jax.grad), optax's convention, which this loss does through the conjugated grad.
-    conj_loss = complex_loss
+    # optax's sgd, adam and adagrad are right for complex numbers (|g|^2). The caller passes
+    # conj(jax.grad), optax's convention for complex parameters.
     cases = {
         "sgd momentum": both("sgd", 0.02, momentum=0.9),
         "adam": both("adam", 0.05),
@@ -145,7 +145,7 @@ def test_complex_parameters_match_optax_where_optax_uses_abs_squared() -> None:
         def step(carry: Any, _: Any) -> tuple[Any, Any]:
             new = []
             for opt, (p, s) in zip(opts, carry, strict=True):
-                g = jax.tree.map(jnp.conj, jax.grad(conj_loss)(p))
+                g = jax.tree.map(jnp.conj, jax.grad(complex_loss)(p))
                 u, s = opt.update(g, s, p)
                 new.append((optax.apply_updates(p, u), s))
             return new, [p for p, _ in new]

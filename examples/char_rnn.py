@@ -34,13 +34,6 @@ TEXT = Path(__file__).resolve().parent / "data" / "sonnets.txt"
 SEQ, BATCH, EMBED, HIDDEN = 64, 32, 32, 128
 
 
-def sgd(learning_rate: float, momentum: float = 0.9) -> optax.GradientTransformation:
-    """SGD with heavy-ball momentum: ``rmsjax.sgd`` where it exists, else the same chain."""
-    if hasattr(rmsjax, "sgd"):
-        return rmsjax.sgd(learning_rate, momentum=momentum)
-    return rmsjax.chain(rmsjax.trace(decay=momentum), rmsjax.scale_by_learning_rate(learning_rate))
-
-
 # Gradient clipping is the usual companion of both in RNN training; it is the same for both.
 OPTIMIZERS: dict[str, tuple[str, Callable[[], optax.GradientTransformation]]] = {
     "rmsprop": (
@@ -49,7 +42,7 @@ OPTIMIZERS: dict[str, tuple[str, Callable[[], optax.GradientTransformation]]] = 
     ),
     "sgd": (
         "sgd + momentum 0.9 (lr 0.1)",
-        lambda: optax.chain(optax.clip_by_global_norm(1.0), sgd(0.1, momentum=0.9)),
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), rmsjax.sgd(0.1, momentum=0.9)),
     ),
 }
 

@@ -36,13 +36,6 @@ TURNS = 1.75  # turns of each spiral arm
 NOISE = 0.3  # angular noise (radians): the arms overlap a little, so 100% is out of reach
 
 
-def sgd(learning_rate: float, momentum: float = 0.9) -> optax.GradientTransformation:
-    """SGD with heavy-ball momentum: ``rmsjax.sgd`` where it exists, else the same chain."""
-    if hasattr(rmsjax, "sgd"):
-        return rmsjax.sgd(learning_rate, momentum=momentum)
-    return rmsjax.chain(rmsjax.trace(decay=momentum), rmsjax.scale_by_learning_rate(learning_rate))
-
-
 # name -> (label for the plot, factory). The learning rates are common starting values for each
 # optimizer (the centered one carries momentum 0.9, hence a 10x smaller rate); they were checked
 # to train on this problem, not tuned: the picture is an illustration, not a benchmark.
@@ -53,7 +46,7 @@ OPTIMIZERS: dict[str, tuple[str, Callable[[], optax.GradientTransformation]]] = 
         lambda: rmsjax.rmsprop(1e-3, centered=True, momentum=0.9),
     ),
     "adamw": ("adamw (lr 1e-2)", lambda: rmsjax.adamw(1e-2, weight_decay=1e-4)),
-    "sgd": ("sgd + momentum 0.9 (lr 0.2)", lambda: sgd(0.2, momentum=0.9)),
+    "sgd": ("sgd + momentum 0.9 (lr 0.2)", lambda: rmsjax.sgd(0.2, momentum=0.9)),
 }
 
 

@@ -49,7 +49,9 @@ def least_squares() -> None:
         print(f"{name:6s}: loss after 200 steps = {float(loss(params)):.3e}")
     diff = max(
         float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(jax.tree.leaves(finals["rmsjax"]), jax.tree.leaves(finals["optax"]))
+        for a, b in zip(
+            jax.tree.leaves(finals["rmsjax"]), jax.tree.leaves(finals["optax"]), strict=True
+        )
     )
     print(f"largest parameter difference rmsjax vs optax: {diff:.1e}")
 

@@ -17,7 +17,7 @@ __all__ = ["check_in_range", "is_concrete"]
 
 
 def is_concrete(value: Any) -> bool:
-    """True when ``value`` can be read on the host without tracing (not a tracer, not a callable)."""
+    """True when ``value`` can be read on the host: not None, a tracer or a callable."""
     if value is None or callable(value) or isinstance(value, jax.core.Tracer):
         return False
     return True
@@ -26,7 +26,9 @@ def is_concrete(value: Any) -> bool:
 def _describe(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     lo = "-inf" if low is None else f"{low:g}"
     hi = "inf" if high is None else f"{high:g}"
-    return f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    return f"{left}{lo}, {hi}{right}"
 
 
 def check_in_range(

@@ -66,6 +66,10 @@ def optimizers() -> dict[str, Any]:
             rmsjax.rmsprop(0.01, momentum=0.9), {"w1": True, "b1": False, "w2": True, "b2": False}
         ),
         "multisteps": optax.MultiSteps(rmsjax.rmsprop(0.01, centered=True), 4),
+        "sgd_nesterov": rmsjax.sgd(lr, momentum=0.9, nesterov=True),
+        "adagrad": rmsjax.adagrad(0.01),
+        "adadelta": rmsjax.adadelta(1.0, weight_decay=1e-4),
+        "rprop": rmsjax.rprop(0.01),
     }
 
 

@@ -68,6 +68,10 @@ CHECKS = [
             "chain_with_optax",
             "masked",
             "multisteps",
+            "sgd_nesterov",
+            "adagrad",
+            "adadelta",
+            "rprop",
         )
     ),
     *(

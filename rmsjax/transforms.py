@@ -86,9 +86,7 @@ def safe_rsqrt_scale(g: jax.Array, den2: jax.Array) -> jax.Array:
     return jnp.where(ok, g * jax.lax.rsqrt(jnp.where(ok, den2, 1)), 0)
 
 
-def rms_scale(
-    g: jax.Array, second: jax.Array, eps: ArrayLike, *, eps_in_sqrt: bool
-) -> jax.Array:
+def rms_scale(g: jax.Array, second: jax.Array, eps: ArrayLike, *, eps_in_sqrt: bool) -> jax.Array:
     """Divide ``g`` by ``sqrt(second + eps)`` or by ``sqrt(second) + eps``; 0 on a zero divisor."""
     if eps_in_sqrt:
         return safe_rsqrt_scale(g, second + eps)

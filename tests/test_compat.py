@@ -1,0 +1,424 @@
+"""Framework presets against trajectories of the real frameworks.
+
+``tests/reference/*.npz`` hold parameter trajectories of ``torch.optim``, ``keras.optimizers``
+and a NumPy statement of TF1's RMSProp kernels, with the gradients that were fed; they are
+written by ``tests/reference/generate.py`` (needs torch and keras, which these tests do not).
+Each preset is fed the same gradients and must walk the same trajectory: float64 (and
+complex128) to 1e-12 of the parameter scale, float32 (and complex64) to 2e-6 of it.
+
+float64 runs switch on jax's x64 mode only inside ``jax.enable_x64(True)`` blocks, so nothing
+leaks into other test files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsjax
+import rmsjax.compat.keras
+import rmsjax.compat.pytorch
+import rmsjax.compat.tf1
+from rmsjax import variants as V
+
+REF = Path(__file__).parent / "reference"
+MODULES = {
+    "torch": rmsjax.compat.pytorch,
+    "keras": rmsjax.compat.keras,
+    "tf1": rmsjax.compat.tf1,
+}
+WIDE = ("float64", "complex128")
+TOL = {"x64": 1e-12, "x32": 2e-6}
+
+
+@cache
+def load(framework: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    with np.load(REF / f"{framework}.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return json.loads(str(arrays.pop("cases"))), arrays
+
+
+def schedule(spec: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
+    """The jax form of a schedule stored by the generator (count 0, 1, 2, ...)."""
+    if spec["kind"] == "exponential":
+        return lambda count: spec["init"] * spec["gamma"] ** count
+    boundaries, values = spec["boundaries"], spec["values"]
+
+    def piecewise(count: jax.Array) -> jax.Array:
+        out = jnp.asarray(values[-1])
+        for boundary, value in reversed(list(zip(boundaries, values, strict=False))):
+            out = jnp.where(count <= boundary, value, out)
+        return out
+
+    return piecewise
+
+
+def preset_kwargs(framework: str, preset: str, kwargs: dict[str, Any], mode: str) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    if framework == "keras" and "learning_rate" not in kwargs:
+        signature = inspect.signature(getattr(MODULES[framework], preset))
+        kwargs["learning_rate"] = signature.parameters["learning_rate"].default
+    out = {}
+    for name, value in kwargs.items():
+        if isinstance(value, dict):
+            value = schedule(value["schedule"])
+        elif isinstance(value, list):
+            value = tuple(value)
+        elif framework == "keras" and name == "learning_rate" and mode == "x64":
+            # Keras keeps the learning rate in a float32 variable, also for float64 weights:
+            # give rmsjax the value Keras actually used.
+            value = float(np.float32(value))
+        out[name] = value
+    return out
+
+
+@contextmanager
+def precision(mode: str) -> Iterator[None]:
+    with jax.enable_x64(mode == "x64"):
+        yield
+
+
+def replay(opt: optax.GradientTransformation, start: Any, grads: Any) -> Any:
+    """Feed the stored gradients; return the parameters after each step (leading axis)."""
+
+    def step(carry: Any, g: Any) -> tuple[Any, Any]:
+        p, s = carry
+        u, s = opt.update(g, s, p)
+        p = rmsjax.apply_updates(p, u)
+        return (p, s), p
+
+    @jax.jit
+    def run(p0: Any, gs: Any) -> Any:
+        return jax.lax.scan(step, (p0, opt.init(p0)), gs)[1]
+
+    return run(start, grads)
+
+
+def runs_of(case: dict[str, Any], mode: str) -> list[dict[str, Any]]:
+    return [r for r in case["runs"] if (r["dtype"] in WIDE) == (mode == "x64")]
+
+
+def scaled_error(framework: str, case: dict[str, Any], mode: str, opt: Any) -> dict[str, float]:
+    """max |rmsjax - reference| / max |reference| per run, all runs in one jitted scan.
+
+    Runs of one dtype are stacked into one leaf (every preset is elementwise), so each case
+    compiles one small program.
+    """
+    _, arrays = load(framework)
+    by_dtype: dict[str, list[str]] = {}
+    for r in runs_of(case, mode):
+        by_dtype.setdefault(r["dtype"], []).append(r["key"])
+    ref = {d: np.stack([arrays[f"{k}/params"] for k in keys]) for d, keys in by_dtype.items()}
+    grads = {d: np.stack([arrays[f"{k}/grads"] for k in keys]) for d, keys in by_dtype.items()}
+    start = {d: jnp.asarray(ref[d][:, 0]) for d in by_dtype}
+    steps = {d: jnp.asarray(np.swapaxes(grads[d], 0, 1)) for d in by_dtype}
+    got = replay(opt, start, steps)
+    out = {}
+    for d, keys in by_dtype.items():
+        assert str(got[d].dtype) == d
+        traj = np.swapaxes(np.asarray(got[d]), 0, 1)  # (runs, steps, size)
+        for i, k in enumerate(keys):
+            err = np.abs(traj[i] - ref[d][i, 1:]).max()
+            out[k] = float(err / np.abs(ref[d][i]).max())
+    return out
+
+
+def all_cases() -> Iterator[Any]:
+    for framework in MODULES:
+        cases, _ = load(framework)
+        for case in cases:
+            for mode in ("x64", "x32"):
+                if runs_of(case, mode):
+                    yield pytest.param(
+                        framework, case, mode, id=f"{framework}-{case['name']}-{mode}"
+                    )
+
+
+@pytest.mark.parametrize(("framework", "case", "mode"), list(all_cases()))
+def test_preset_matches_framework(framework: str, case: dict[str, Any], mode: str) -> None:
+    with precision(mode):
+        factory = getattr(MODULES[framework], case["preset"])
+        opt = factory(**preset_kwargs(framework, case["preset"], case["kwargs"], mode))
+        errors = scaled_error(framework, case, mode, opt)
+    bad = {k: v for k, v in errors.items() if not v <= TOL[mode]}
+    assert not bad, f"beyond {TOL[mode]:g} of the parameter scale: {bad}"
+
+
+def test_references_cover_the_issue() -> None:
+    """Every preset, >= 25 steps, float32/float64, complex64 for torch, tiny gradients, and
+    float32 runs that move far more than the tolerance (so each comparison can fail)."""
+    for framework, module in MODULES.items():
+        cases, arrays = load(framework)
+        presets = {c["preset"] for c in cases}
+        assert presets == set(module.__all__), framework
+        runs = [r for c in cases for r in c["runs"]]
+        dtypes = {r["dtype"] for r in runs}
+        assert {"float32", "float64"} <= dtypes
+        if framework == "torch":
+            assert "complex64" in dtypes
+        assert {1e-6, 1e-8} <= {r["scale"] for r in runs}
+        for r in runs:
+            params = arrays[f"{r['key']}/params"]
+            assert params.shape[0] - 1 >= 25
+            assert str(params.dtype) == r["dtype"]
+            if r["dtype"] not in WIDE:
+                moved = np.abs(params[-1] - params[0]).max() / np.abs(params).max()
+                assert moved > 10 * TOL["x32"], r["key"]
+    total = sum((REF / f"{fw}.npz").stat().st_size for fw in MODULES)
+    assert total < 2_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# Each convention matters: the "other framework's" choice misses the stored trajectory.
+# These back the claims of docs/conventions.md.
+# --------------------------------------------------------------------------------------------
+
+
+def _case(framework: str, name: str) -> dict[str, Any]:
+    return next(c for c in load(framework)[0] if c["name"] == name)
+
+
+CONTRASTS = {
+    # torch RMSprop: eps outside the root; eps inside misses with tiny gradients.
+    "torch_rmsprop_eps_outside": (
+        "torch",
+        "rmsprop_tiny",
+        "x32",
+        lambda: rmsjax.rmsprop(0.01, decay=0.9, eps=1e-8, eps_in_sqrt=True),
+    ),
+    # Keras RMSprop: eps inside; eps outside misses.
+    "keras_rmsprop_eps_inside": (
+        "keras",
+        "rmsprop_tiny",
+        "x32",
+        lambda: rmsjax.rmsprop(1.0, decay=0.9, eps=1e-7, eps_in_sqrt=False),
+    ),
+    # torch RMSprop: lr outside the momentum buffer; lr inside misses under a schedule.
+    "torch_rmsprop_lr_outside_buffer": (
+        "torch",
+        "rmsprop_schedule",
+        "x64",
+        lambda: rmsjax.rmsprop(
+            schedule({"kind": "exponential", "init": 0.05, "gamma": 0.85}),
+            decay=0.99,
+            eps=1e-8,
+            eps_in_sqrt=False,
+            centered=True,
+            momentum=0.9,
+        ),
+    ),
+    # Keras RMSprop: lr inside the buffer; lr outside misses under a schedule.
+    "keras_rmsprop_lr_inside_buffer": (
+        "keras",
+        "rmsprop_schedule",
+        "x64",
+        lambda: optax.chain(
+            rmsjax.scale_by_rms(decay=0.9, eps=1e-7),
+            rmsjax.trace(decay=0.9),
+            rmsjax.scale_by_learning_rate(
+                schedule(
+                    {"kind": "piecewise", "boundaries": [9, 19], "values": [2**-5, 2**-7, 2**-9]}
+                )
+            ),
+        ),
+    ),
+    # TF1: the mean square starts at one; starting at zero misses.
+    "tf1_ms_starts_at_one": (
+        "tf1",
+        "rmsprop_defaults",
+        "x64",
+        lambda: rmsjax.rmsprop(0.01, decay=0.9, eps=1e-10, initial_scale=0.0),
+    ),
+    # torch SGD: first step copies g undamped; dampening from the first step misses.
+    "torch_sgd_first_step_undamped": (
+        "torch",
+        "sgd_all_flags",
+        "x64",
+        lambda: optax.chain(
+            rmsjax.scale(-1.0),
+            rmsjax.add_decayed_weights(0.1),
+            rmsjax.scale(0.7),  # (1 - dampening) g on every step, first included
+            rmsjax.trace(decay=0.9),
+            rmsjax.scale_by_learning_rate(0.05),
+        ),
+    ),
+    # torch AMSGrad: max over the raw second moment; optax's corrected max misses.
+    "torch_amsgrad_raw_max": (
+        "torch",
+        "adam_amsgrad",
+        "x64",
+        lambda: optax.chain(
+            V.scale_by_amsgrad(max_before_correction=False), rmsjax.scale_by_learning_rate(0.1)
+        ),
+    ),
+    # Keras Adam: epsilon hat; torch's eps placement misses with tiny gradients.
+    "keras_adam_eps_hat": (
+        "keras",
+        "adam_tiny",
+        "x32",
+        lambda: optax.chain(rmsjax.scale_by_adam(eps=1e-7), rmsjax.scale_by_learning_rate(0.1)),
+    ),
+    # torch complex: per-component moments; optax's |g|^2 moments miss.
+    "torch_complex_per_component": (
+        "torch",
+        "rmsprop_defaults",
+        "x32",
+        lambda: rmsjax.rmsprop(0.01, decay=0.99, eps=1e-8, eps_in_sqrt=False),
+    ),
+    # Keras weight decay: decoupled, lr-scaled; coupled (torch-style L2) misses.
+    "keras_weight_decay_decoupled": (
+        "keras",
+        "rmsprop_all_flags",
+        "x64",
+        lambda: optax.chain(
+            rmsjax.add_decayed_weights(0.1),
+            rmsjax.scale_by_centered_rms(decay=0.9, eps=1e-7),
+            rmsjax.scale_by_learning_rate(float(np.float32(0.01))),
+            rmsjax.trace(decay=0.9),
+        ),
+    ),
+    # torch AdamW: decoupled; torch Adam's coupled weight decay misses.
+    "torch_adamw_decoupled": (
+        "torch",
+        "adamw_schedule",
+        "x64",
+        lambda: rmsjax.compat.pytorch.adam(
+            lr=schedule({"kind": "exponential", "init": 0.1, "gamma": 0.9}), weight_decay=0.5
+        ),
+    ),
+    # torch Adagrad: eps outside the root; inside misses with tiny gradients.
+    "torch_adagrad_eps_outside": (
+        "torch",
+        "adagrad_tiny",
+        "x32",
+        lambda: rmsjax.compat.keras.adagrad(
+            learning_rate=0.05, initial_accumulator_value=0.0, epsilon=1e-10
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("claim", sorted(CONTRASTS))
+def test_other_convention_misses_reference(claim: str) -> None:
+    framework, name, mode, wrong = CONTRASTS[claim]
+    case = _case(framework, name)
+    with precision(mode):
+        errors = scaled_error(framework, case, mode, wrong())
+    assert max(errors.values()) > 100 * TOL[mode], errors
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and tracing
+# --------------------------------------------------------------------------------------------
+
+P, K, F = rmsjax.compat.pytorch, rmsjax.compat.keras, rmsjax.compat.tf1
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "names"),
+    [
+        (P.rmsprop, {"lr": -1.0}, "`lr`"),
+        (P.rmsprop, {"eps": -1e-8}, "`eps`"),
+        (P.rmsprop, {"momentum": -0.1}, "`momentum`"),
+        (P.rmsprop, {"weight_decay": -0.1}, "`weight_decay`"),
+        (P.rmsprop, {"alpha": -0.5}, "`alpha`"),
+        (P.adam, {"lr": -1e-3}, "`lr`"),
+        (P.adam, {"betas": (1.0, 0.999)}, "`betas[0]`"),
+        (P.adam, {"betas": (0.9, -0.1)}, "`betas[1]`"),
+        (P.adam, {"eps": -1.0}, "`eps`"),
+        (P.adamw, {"weight_decay": -1.0}, "`weight_decay`"),
+        (P.sgd, {"lr": -0.1}, "`lr`"),
+        (P.sgd, {"nesterov": True}, "Nesterov"),
+        (P.sgd, {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, "Nesterov"),
+        (P.sgd, {"momentum": -0.9}, "`momentum`"),
+        (P.adagrad, {"lr_decay": -1.0}, "`lr_decay`"),
+        (P.adagrad, {"initial_accumulator_value": -1.0}, "`initial_accumulator_value`"),
+        (P.adagrad, {"eps": -1.0}, "`eps`"),
+        (P.adadelta, {"rho": 1.5}, "`rho`"),
+        (P.adadelta, {"lr": -1.0}, "`lr`"),
+        (P.rprop, {"etas": (1.5, 1.2)}, "`etas[0]`"),
+        (P.rprop, {"etas": (0.5, 0.9)}, "`etas[1]`"),
+        (P.rprop, {"step_sizes": (1.0, 0.5)}, "step_sizes"),
+        (K.rmsprop, {"rho": 1.0}, "`rho`"),
+        (K.rmsprop, {"learning_rate": -1.0}, "`learning_rate`"),
+        (K.adam, {"beta_1": 1.0}, "`b1`"),
+        (K.adamw, {"weight_decay": None}, "`weight_decay`"),
+        (K.sgd, {"momentum": 1.5}, "`momentum`"),
+        (K.adagrad, {"initial_accumulator_value": -0.1}, "`initial_accumulator_value`"),
+        (K.adadelta, {"epsilon": -1.0}, "`eps"),
+        (F.rmsprop, {"learning_rate": -1.0}, "`learning_rate`"),
+        (F.rmsprop, {"learning_rate": 0.1, "decay": 1.0}, "`decay`"),
+    ],
+)
+def test_invalid_hyperparameters_raise_value_error(
+    factory: Callable[..., Any], kwargs: dict[str, Any], names: str
+) -> None:
+    with pytest.raises(ValueError, match=names.replace("[", r"\[").replace("]", r"\]")):
+        factory(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("factory", "hyper"),
+    [
+        (P.rmsprop, {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.1}),
+        (P.sgd, {"lr": 0.01, "momentum": 0.9, "dampening": 0.2}),
+        (P.adagrad, {"lr": 0.1, "lr_decay": 0.1}),
+        (K.rmsprop, {"learning_rate": 0.01, "momentum": 0.9}),
+        (F.rmsprop, {"learning_rate": 0.01, "momentum": 0.9}),
+    ],
+)
+def test_presets_work_under_inject_hyperparams(
+    factory: Callable[..., Any], hyper: dict[str, float]
+) -> None:
+    """Hyperparameters may be traced: no Python branching on their values, same numbers."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 5)}
+    grads = [{"w": jnp.cos(jnp.arange(5.0) + i)} for i in range(4)]
+    plain = factory(**hyper)
+    injected = optax.inject_hyperparams(factory)(**hyper)
+
+    def run(opt: Any) -> Any:
+        step = jax.jit(opt.update)
+        p, s = params, opt.init(params)
+        for g in grads:
+            u, s = step(g, s, p)
+            p = rmsjax.apply_updates(p, u)
+        return p
+
+    np.testing.assert_allclose(run(injected)["w"], run(plain)["w"], rtol=1e-6, atol=1e-7)
+
+
+def test_compat_is_importable_as_documented() -> None:
+    import rmsjax.compat as compat
+
+    assert compat.pytorch is P and compat.keras is K and compat.tf1 is F
+    for module in (P, K, F):
+        for name in module.__all__:
+            opt = getattr(module, name)(**({"learning_rate": 0.1} if module is F else {}))
+            assert isinstance(opt, optax.GradientTransformation)
+
+
+def test_generator_reproduces_stored_files() -> None:
+    """Optional: needs torch and keras (the ``reference`` extra); skipped without them."""
+    pytest.importorskip("torch")
+    pytest.importorskip("keras")
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(REF / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

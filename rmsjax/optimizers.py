@@ -14,7 +14,7 @@ from jax.typing import ArrayLike, DTypeLike
 from rmsjax import transforms as T
 from rmsjax.validation import check_in_range
 
-__all__ = ["adamw", "rmsprop"]
+__all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
 
 
 def rmsprop(
@@ -133,4 +133,218 @@ def adamw(
         ),
         T.add_decayed_weights(weight_decay, mask),
         T.scale_by_learning_rate(learning_rate),
+    )
+
+
+def sgd(
+    learning_rate: T.ScalarOrSchedule,
+    momentum: ArrayLike | None = None,
+    nesterov: bool = False,
+    accumulator_dtype: DTypeLike | None = None,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Stochastic gradient descent, optionally with heavy-ball or Nesterov momentum.
+
+    .. math::
+      \text{no momentum: } u_t = -\eta_t\,g_t; \qquad
+      \text{momentum } \beta: m_t = g_t + \beta\,m_{t-1},\ u_t = -\eta_t\,m_t
+      \ (\text{Nesterov: } u_t = -\eta_t\,(g_t + \beta\,m_t))
+
+    with :math:`m_0 = 0`. The learning rate is applied AFTER the buffer (torch's placement; with
+    a schedule this differs from Keras, which keeps :math:`\eta` inside the buffer).
+
+    Args:
+      learning_rate: :math:`\eta`, a float >= 0 or a schedule ``count -> eta``.
+      momentum: :math:`\beta` in [0, 1], or ``None`` for plain SGD.
+      nesterov: Nesterov momentum; like optax, ignored when ``momentum`` is ``None``.
+      accumulator_dtype: dtype of :math:`m` (``None``: the parameter's, float32 for half).
+      promote_half: keep the buffer of float16/bfloat16 parameters in float32 (default).
+
+    Same trajectory as ``optax.sgd``. Differences: a half precision buffer is float32 by
+    default and the update has the gradient's dtype. torch's SGD is the same for
+    ``dampening=0`` (its first step copies the gradient into the buffer, which is what
+    :math:`m_1 = g_1 + \beta \cdot 0` does).
+    """
+    T._check_learning_rate("learning_rate", learning_rate)
+    return optax.chain(
+        T.trace(
+            decay=momentum,
+            nesterov=nesterov,
+            accumulator_dtype=accumulator_dtype,
+            promote_half=promote_half,
+        )
+        if momentum is not None
+        else optax.identity(),
+        T.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adam(
+    learning_rate: T.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+    promote_half: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam (Kingma & Ba 2015); NAdam with ``nesterov=True``.
+
+    .. math::
+      u_t = -\eta_t\,\frac{\hat m_t}{\sqrt{\hat\nu_t + \epsilon_{root}} + \epsilon}
+
+    with :math:`\hat m_t, \hat\nu_t` the bias-corrected moments of :func:`rmsjax.scale_by_adam`.
+
+    Args:
+      learning_rate: :math:`\eta`, a float >= 0 or a schedule.
+      b1, b2: moment decays, in [0, 1).
+      eps, eps_root: >= 0, outside and inside the square root.
+      mu_dtype: dtype of the first moment (``None``: the parameter's, float32 for half).
+      nesterov: NAdam (Dozat 2016) as in optax.
+      promote_half: keep the moments of float16/bfloat16 parameters in float32 (default).
+
+    Same trajectory as ``optax.adam``; the differences are those of
+    :func:`rmsjax.scale_by_adam` (float32 moments for half precision, 0 instead of NaN on a zero
+    divisor). torch's Adam with ``weight_decay=0`` is this with its defaults; Keras' Adam uses
+    the "epsilon hat" form (see ``rmsjax.compat.keras``).
+    """
+    T._check_learning_rate("learning_rate", learning_rate)
+    return optax.chain(
+        T.scale_by_adam(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            nesterov=nesterov,
+            promote_half=promote_half,
+        ),
+        T.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adagrad(
+    learning_rate: T.ScalarOrSchedule,
+    initial_accumulator_value: ArrayLike = 0.1,
+    eps: ArrayLike = 1e-7,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaGrad (Duchi, Hazan & Singer 2011): steps shrink with the sum of past squared gradients.
+
+    .. math::
+      s_t = s_{t-1} + |g_t|^2, \qquad u_t = -\eta_t\,g_t / \sqrt{s_t + \epsilon}
+
+    Args:
+      learning_rate: :math:`\eta`, a float >= 0 or a schedule.
+      initial_accumulator_value: :math:`s_0`, >= 0 (optax/Keras 0.1, torch 0).
+      eps: :math:`\epsilon` inside the square root, >= 0.
+      promote_half: keep :math:`s` of float16/bfloat16 parameters in float32 (default).
+
+    Same trajectory as ``optax.adagrad``; differences as in :func:`rmsjax.scale_by_rss`.
+    torch's Adagrad puts :math:`\epsilon` outside the root, starts the sum at 0 and has an
+    ``lr_decay``; Keras' matches this one (see ``rmsjax.compat``).
+    """
+    T._check_learning_rate("learning_rate", learning_rate)
+    return optax.chain(
+        T.scale_by_rss(
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+            promote_half=promote_half,
+        ),
+        T.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adadelta(
+    learning_rate: T.ScalarOrSchedule | None = None,
+    rho: ArrayLike = 0.9,
+    eps: ArrayLike = 1e-6,
+    weight_decay: T.ScalarOrSchedule = 0.0,
+    weight_decay_mask: Any | None = None,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaDelta (Zeiler 2012), with optional coupled (L2) weight decay.
+
+    .. math::
+      \tilde g_t = g_t + \lambda_t\,\theta_{t-1}, \qquad
+      u_t = -\eta_t\,\frac{\sqrt{E[\Delta^2]_{t-1} + \epsilon}}{\sqrt{E[g^2]_t + \epsilon}}
+      \,\tilde g_t
+
+    with the two moving averages of :func:`rmsjax.scale_by_adadelta` (of :math:`|\tilde g|^2`
+    and of the squared unscaled step).
+
+    Args:
+      learning_rate: :math:`\eta`, a float >= 0 or a schedule; ``None`` means :math:`\eta = 1`
+        (the algorithm as published, and torch's default).
+      rho: :math:`\rho`, in [0, 1).
+      eps: :math:`\epsilon`, > 0.
+      weight_decay: :math:`\lambda`, a float >= 0 or a schedule (added to the gradient before
+        the rescaling, as in optax and torch).
+      weight_decay_mask: which leaves are decayed (a boolean tree or a callable returning one).
+      promote_half: keep the averages of float16/bfloat16 parameters in float32 (default).
+
+    Same trajectory as ``optax.adadelta`` when a ``learning_rate`` is given, for real
+    parameters. Differences: with ``learning_rate=None`` optax applies no scaling at all and so
+    no sign flip: it moves UP the gradient. rmsjax descends, with an effective rate of 1.0.
+    For complex parameters rmsjax uses :math:`|g|^2` (optax :math:`g^2`, see
+    :func:`rmsjax.scale_by_adadelta`).
+    """
+    if learning_rate is not None:
+        T._check_learning_rate("learning_rate", learning_rate)
+    return optax.chain(
+        T.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        T.scale_by_adadelta(rho=rho, eps=eps, promote_half=promote_half),
+        T.scale_by_learning_rate(1.0 if learning_rate is None else learning_rate),
+    )
+
+
+def rprop(
+    learning_rate: T.ScalarOrSchedule,
+    eta_minus: ArrayLike = 0.5,
+    eta_plus: ArrayLike = 1.2,
+    min_step_size: ArrayLike = 1e-6,
+    max_step_size: ArrayLike = 50.0,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Rprop (Riedmiller & Braun 1993) as ``torch.optim.Rprop`` runs it: sign-based steps.
+
+    .. math::
+      u_t = -\operatorname{sign}(\tilde g_t)\,\delta_t
+
+    with the per-element step sizes :math:`\delta_t` and the flip-masked gradient
+    :math:`\tilde g_t` of :func:`rmsjax.scale_by_rprop`: a step grows by ``eta_plus`` while the
+    gradient keeps its sign, shrinks by ``eta_minus`` and is skipped when it flips, and stays
+    in ``[min_step_size, max_step_size]``. Meant for full-batch training: with noisy
+    mini-batch gradients the signs flip at random.
+
+    Args:
+      learning_rate: the initial step size :math:`\delta_0`, >= 0, or a schedule, evaluated
+        once at count 0 (Rprop adapts its own steps; torch ignores later lr changes too).
+      eta_minus: in (0, 1).
+      eta_plus: > 1.
+      min_step_size: > 0.
+      max_step_size: > 0 and >= ``min_step_size``.
+      promote_half: keep the state of float16/bfloat16 parameters in float32 (default).
+
+    Differences from ``optax.rprop`` (which rmsjax considers wrong): optax applies each step one
+    call late (its first update is 0), does not clip the initial step size, and fails on
+    complex parameters. rmsjax gives torch's trajectory, and treats the real and imaginary parts
+    of complex parameters as independent reals, as torch does.
+    """
+    return optax.chain(
+        T.scale_by_rprop(
+            learning_rate=learning_rate,
+            eta_minus=eta_minus,
+            eta_plus=eta_plus,
+            min_step_size=min_step_size,
+            max_step_size=max_step_size,
+            promote_half=promote_half,
+        ),
+        T.scale(-1.0),
     )

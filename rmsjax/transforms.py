@@ -25,27 +25,34 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax.tree import map_rule, state_like
-from rmsjax.validation import check_in_range
+from rmsjax.validation import check_in_range, is_concrete
 
 __all__ = [
     "AddDecayedWeightsState",
+    "ScaleByAdaDeltaState",
     "ScaleByAdamState",
     "ScaleByCenteredRmsState",
     "ScaleByRStdDevState",
     "ScaleByRmsState",
+    "ScaleByRpropState",
+    "ScaleByRssState",
     "ScaleByScheduleState",
     "ScaleState",
     "TraceState",
     "add_decayed_weights",
     "scale",
+    "scale_by_adadelta",
     "scale_by_adam",
     "scale_by_centered_rms",
     "scale_by_learning_rate",
     "scale_by_rms",
+    "scale_by_rprop",
+    "scale_by_rss",
     "scale_by_schedule",
     "scale_by_stddev",
     "trace",
@@ -606,5 +613,299 @@ def scale_by_adam(
         )
         out, (mu, nu) = map_rule(rule, updates, (state.mu, state.nu))
         return out, ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# scale_by_rss (AdaGrad)
+# --------------------------------------------------------------------------------------------
+
+
+class ScaleByRssState(NamedTuple):
+    """State of :func:`scale_by_rss`: the running sum of :math:`|g|^2` (real)."""
+
+    sum_of_squares: Any
+
+
+def _rss_rule(g: jax.Array, s: jax.Array, *, eps: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    g = g.astype(jnp.result_type(g, s))
+    s = s + abs_sq(g)
+    return safe_rsqrt_scale(g, s + eps), s
+
+
+def scale_by_rss(
+    initial_accumulator_value: ArrayLike = 0.1,
+    eps: ArrayLike = 1e-7,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformation:
+    r"""Divide updates by the root of the sum of all past squared updates (AdaGrad's core).
+
+    .. math::
+      s_t = s_{t-1} + |g_t|^2, \qquad u_t = g_t / \sqrt{s_t + \epsilon}
+
+    with :math:`s_0` = ``initial_accumulator_value``. The sum only grows, so the step only
+    shrinks; :func:`scale_by_rms` replaces it by a moving average.
+
+    Args:
+      initial_accumulator_value: :math:`s_0`, >= 0 (optax and Keras 0.1, torch 0).
+      eps: :math:`\epsilon` inside the square root, >= 0 (torch puts it outside, see
+        ``rmsjax.compat.pytorch``).
+      promote_half: keep :math:`s` of float16/bfloat16 leaves in float32 (default); False
+        stores it in the leaf's dtype, as optax does (float16 overflows once the sum passes
+        65504).
+
+    Same numbers as ``optax.scale_by_rss``. Differences: complex leaves keep :math:`s` in the
+    real dtype (optax stores a complex array with zero imaginary part), half precision state is
+    float32 by default, the update has the gradient's dtype, and where :math:`s_t + \epsilon`
+    is exactly 0 the update is 0 (optax tests :math:`s_t > 0` instead, which differs only when
+    :math:`|g|^2` underflows to 0 while :math:`g \ne 0`).
+    """
+    _check_nonneg("initial_accumulator_value", initial_accumulator_value)
+    _check_nonneg("eps", eps)
+
+    def init_fn(params: Any) -> ScaleByRssState:
+        s = state_like(params, initial_accumulator_value, promote_half=promote_half, real=True)
+        return ScaleByRssState(sum_of_squares=s)
+
+    def update_fn(updates: Any, state: ScaleByRssState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        out, (s,) = map_rule(
+            lambda g, s: _rss_rule(g, s, eps=eps), updates, (state.sum_of_squares,)
+        )
+        return out, ScaleByRssState(sum_of_squares=s)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# scale_by_adadelta
+# --------------------------------------------------------------------------------------------
+
+
+class ScaleByAdaDeltaState(NamedTuple):
+    """State of :func:`scale_by_adadelta`: moving averages of :math:`|g|^2` and :math:`|u|^2`."""
+
+    e_g: Any
+    e_x: Any
+
+
+def _adadelta_rule(
+    g: jax.Array, e_g: jax.Array, e_x: jax.Array, *, rho: ArrayLike, eps: ArrayLike
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    g = g.astype(jnp.result_type(g, e_g, e_x))
+    e_g = ema(abs_sq(g), e_g, rho)
+    u = safe_div(jnp.sqrt(e_x + eps), jnp.sqrt(e_g + eps)) * g
+    e_x = ema(abs_sq(u), e_x, rho)
+    return u, e_g, e_x
+
+
+def scale_by_adadelta(
+    rho: ArrayLike = 0.9,
+    eps: ArrayLike = 1e-6,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformation:
+    r"""AdaDelta's rescaling (Zeiler 2012): RMS of past steps over RMS of past gradients.
+
+    .. math::
+      E[g^2]_t = \rho\,E[g^2]_{t-1} + (1-\rho)\,|g_t|^2
+
+      u_t = \frac{\sqrt{E[\Delta^2]_{t-1} + \epsilon}}{\sqrt{E[g^2]_t + \epsilon}}\; g_t,
+      \qquad E[\Delta^2]_t = \rho\,E[\Delta^2]_{t-1} + (1-\rho)\,|u_t|^2
+
+    with both averages starting at 0. The numerator carries the units of the parameter, so
+    AdaDelta needs no learning rate (multiply by :math:`-1`, or by :math:`-\eta`, to descend:
+    :func:`rmsjax.adadelta` does).
+
+    Args:
+      rho: :math:`\rho`, in [0, 1).
+      eps: :math:`\epsilon`, > 0. It sets the size of the first steps
+        (:math:`\sqrt{\epsilon / ((1-\rho)|g|^2)}\,|g|` on step one); with 0 AdaDelta never
+        moves, so 0 is rejected.
+      promote_half: keep both averages of float16/bfloat16 leaves in float32 (default).
+
+    Same numbers as ``optax.scale_by_adadelta`` for real leaves. Differences: complex leaves
+    use :math:`|g|^2` and :math:`|u|^2` with real state (optax squares the complex numbers,
+    :math:`g^2`, which is not a magnitude: the "average square" then rotates with the phase of
+    :math:`g` and the step is wrong); half precision state is float32 by default; the update
+    has the gradient's dtype.
+    """
+    _check_decay("rho", rho)
+    check_in_range(
+        "eps",
+        eps,
+        low=0.0,
+        low_open=True,
+        hint="AdaDelta's steps start at sqrt(eps)-size; with eps = 0 it never moves.",
+    )
+
+    def init_fn(params: Any) -> ScaleByAdaDeltaState:
+        e_g = state_like(params, 0.0, promote_half=promote_half, real=True)
+        e_x = state_like(params, 0.0, promote_half=promote_half, real=True)
+        return ScaleByAdaDeltaState(e_g=e_g, e_x=e_x)
+
+    def update_fn(updates: Any, state: ScaleByAdaDeltaState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        rule = lambda g, e_g, e_x: _adadelta_rule(g, e_g, e_x, rho=rho, eps=eps)
+        out, (e_g, e_x) = map_rule(rule, updates, (state.e_g, state.e_x))
+        return out, ScaleByAdaDeltaState(e_g=e_g, e_x=e_x)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# scale_by_rprop (resilient backpropagation, torch.optim.Rprop's variant)
+# --------------------------------------------------------------------------------------------
+
+
+class ScaleByRpropState(NamedTuple):
+    """State of :func:`scale_by_rprop`: per-element step sizes and the previous gradient.
+
+    ``prev_updates`` holds the previous incoming update (gradient), set to 0 where its sign
+    flipped; for complex leaves both arrays hold the real and imaginary parts' values.
+    """
+
+    step_sizes: Any
+    prev_updates: Any
+
+
+def _rprop_real_rule(
+    g: jax.Array,
+    step: jax.Array,
+    prev: jax.Array,
+    *,
+    eta_minus: ArrayLike,
+    eta_plus: ArrayLike,
+    min_step_size: ArrayLike,
+    max_step_size: ArrayLike,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    sign = jnp.sign(g * prev)
+    factor = jnp.where(sign > 0, eta_plus, jnp.where(sign < 0, eta_minus, 1))
+    step = jnp.clip(step * factor.astype(step.dtype), min_step_size, max_step_size)
+    g = jnp.where(sign < 0, 0, g)
+    return jnp.sign(g) * step, step, g
+
+
+def _rprop_rule(
+    g: jax.Array, step: jax.Array, prev: jax.Array, **hyper: ArrayLike
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    g = g.astype(jnp.result_type(g, step, prev))
+    if not jnp.iscomplexobj(g):
+        return _rprop_real_rule(g, step, prev, **hyper)
+    # Complex: the real and imaginary parts are independent reals (torch's view_as_real).
+    re = _rprop_real_rule(jnp.real(g), jnp.real(step), jnp.real(prev), **hyper)
+    im = _rprop_real_rule(jnp.imag(g), jnp.imag(step), jnp.imag(prev), **hyper)
+    return tuple(jax.lax.complex(a, b) for a, b in zip(re, im, strict=True))  # type: ignore[return-value]
+
+
+def _check_rprop_args(
+    learning_rate: Any,
+    eta_minus: Any,
+    eta_plus: Any,
+    min_step_size: Any,
+    max_step_size: Any,
+) -> None:
+    if not callable(learning_rate):
+        _check_learning_rate("learning_rate", learning_rate)
+    check_in_range(
+        "eta_minus",
+        eta_minus,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
+        hint="It shrinks the step after a sign flip (torch's etas[0], typically 0.5).",
+    )
+    check_in_range(
+        "eta_plus",
+        eta_plus,
+        low=1.0,
+        low_open=True,
+        hint="It grows the step while the sign holds (torch's etas[1], typically 1.2).",
+    )
+    check_in_range("min_step_size", min_step_size, low=0.0, low_open=True)
+    check_in_range("max_step_size", max_step_size, low=0.0, low_open=True)
+    if is_concrete(min_step_size) and is_concrete(max_step_size):
+        lo, hi = np.asarray(min_step_size, np.float64), np.asarray(max_step_size, np.float64)
+        if np.any(lo > hi):
+            raise ValueError(
+                f"`min_step_size` ({min_step_size!r}) must not exceed `max_step_size` "
+                f"({max_step_size!r}): the step sizes are clipped to [min_step_size, "
+                "max_step_size]."
+            )
+
+
+def scale_by_rprop(
+    learning_rate: ScalarOrSchedule,
+    eta_minus: ArrayLike = 0.5,
+    eta_plus: ArrayLike = 1.2,
+    min_step_size: ArrayLike = 1e-6,
+    max_step_size: ArrayLike = 50.0,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformation:
+    r"""Resilient backpropagation (Riedmiller & Braun 1993), as ``torch.optim.Rprop`` runs it.
+
+    Each element has its own step size :math:`\delta`, starting at ``learning_rate``; only the
+    sign of the gradient is used. On every step, the first included, with :math:`g_{t-1}` the
+    stored previous gradient (0 at the start):
+
+    .. math::
+      s_t = \operatorname{sign}(g_t\,g_{t-1}), \qquad
+      \delta_t = \operatorname{clip}\big(\delta_{t-1} \cdot
+      (\eta_+ \text{ if } s_t > 0,\ \eta_- \text{ if } s_t < 0,\ 1 \text{ if } s_t = 0),
+      \ \delta_{min},\ \delta_{max}\big)
+
+      \tilde g_t = 0 \text{ where } s_t < 0 \text{ else } g_t, \qquad
+      u_t = \operatorname{sign}(\tilde g_t)\,\delta_t, \qquad g_{t-1} \leftarrow \tilde g_t
+
+    So a step grows while the gradient keeps its sign, shrinks and is skipped when the sign
+    flips (and the next step is then taken without comparison). Like every ``scale_by_*``
+    transform the output is not yet negated: chain it with ``scale(-1)`` to descend, as
+    :func:`rmsjax.rprop` does (the parameter moves by :math:`-\operatorname{sign}(\tilde
+    g_t)\,\delta_t`).
+
+    Args:
+      learning_rate: :math:`\delta_0`, >= 0 (clipped into :math:`[\delta_{min}, \delta_{max}]`
+        on the first step). A schedule is accepted and evaluated once, at count 0, to seed the
+        step sizes: Rprop adapts its own steps, and torch's lr schedulers likewise have no
+        effect after the first step.
+      eta_minus: :math:`\eta_-`, in (0, 1).
+      eta_plus: :math:`\eta_+`, > 1.
+      min_step_size: :math:`\delta_{min}`, > 0.
+      max_step_size: :math:`\delta_{max}`, > 0 and >= ``min_step_size``.
+      promote_half: keep the state of float16/bfloat16 leaves in float32 (default).
+
+    Complex leaves: the real and imaginary parts are treated as independent real parameters,
+    each with its own step size (torch's behaviour); both are stored in one complex array.
+
+    Differences from ``optax.scale_by_rprop`` (same signature and sign convention): optax
+    emits each step one call late, so its first update is 0 and every later one belongs to
+    the previous gradient; it also skips the clip when :math:`s_t = 0`, so a ``learning_rate``
+    outside :math:`[\delta_{min}, \delta_{max}]` is used unclipped; and it fails on complex
+    leaves inside ``jnp.clip``. rmsjax follows the published algorithm as torch implements it.
+    """
+    _check_rprop_args(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size)
+    hyper = dict(
+        eta_minus=eta_minus,
+        eta_plus=eta_plus,
+        min_step_size=min_step_size,
+        max_step_size=max_step_size,
+    )
+
+    def init_fn(params: Any) -> ScaleByRpropState:
+        lr = learning_rate(0) if callable(learning_rate) else learning_rate
+        both = lambda s: jax.lax.complex(jnp.real(s), jnp.real(s)) if jnp.iscomplexobj(s) else s
+        steps = jax.tree.map(both, state_like(params, lr, promote_half=promote_half))
+        prev = state_like(params, 0.0, promote_half=promote_half)
+        return ScaleByRpropState(step_sizes=steps, prev_updates=prev)
+
+    def update_fn(updates: Any, state: ScaleByRpropState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        rule = lambda g, step, prev: _rprop_rule(g, step, prev, **hyper)
+        out, (steps, prev) = map_rule(rule, updates, (state.step_sizes, state.prev_updates))
+        return out, ScaleByRpropState(step_sizes=steps, prev_updates=prev)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -324,12 +324,13 @@ def rprop(
       \theta \mathrel{-}= \operatorname{sign}(g_t)\,\delta, \qquad g_{t-1} \leftarrow g_t
 
     (so after a sign change the element does not move and its stored gradient is zeroed).
-    Chain: ``[scale(-1)], split_real_and_imaginary(scale_by_rprop)``.
+    Chain: ``[scale(-1)], scale_by_rprop, scale(-1)`` (``scale_by_rprop`` already treats the
+    real and imaginary parts of complex leaves as separate reals).
 
     Args:
       lr: the initial step size, >= 0. A schedule is evaluated at 0 only: as in torch, later
         learning rates have no effect on Rprop. etas: ``(eta_minus, eta_plus)`` with
-        ``0 < eta_minus < 1 < eta_plus``. step_sizes: ``(min, max)`` with ``0 <= min <= max``.
+        ``0 < eta_minus < 1 < eta_plus``. step_sizes: ``(min, max)`` with ``0 < min <= max``.
       maximize: ascend.
 
     torch has no ``weight_decay`` for Rprop.
@@ -349,16 +350,14 @@ def rprop(
         and float(step_sizes[0]) > float(step_sizes[1])
     ):
         raise ValueError(f"`step_sizes` must be (min, max) with min <= max, got {step_sizes!r}.")
-    initial = lr(0) if callable(lr) else lr
     return optax.chain(
         *sign_flip(maximize),
-        V.split_real_and_imaginary(
-            T.scale_by_rprop(
-                initial,
-                eta_minus=etas[0],
-                eta_plus=etas[1],
-                min_step_size=step_sizes[0],
-                max_step_size=step_sizes[1],
-            )
+        T.scale_by_rprop(
+            lr,
+            eta_minus=etas[0],
+            eta_plus=etas[1],
+            min_step_size=step_sizes[0],
+            max_step_size=step_sizes[1],
         ),
+        T.scale(-1.0),
     )

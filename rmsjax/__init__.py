@@ -6,6 +6,7 @@ where optax returns NaN or overflows (each such difference is documented on the 
 
 from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 
+from rmsjax import compat
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, rprop, sgd
 from rmsjax.schedules import (
     constant_schedule,
@@ -43,22 +44,46 @@ from rmsjax.transforms import (
     trace,
 )
 from rmsjax.updates import apply_updates
+from rmsjax.variants import (
+    DampenedTraceState,
+    DecoupledWeightDecayState,
+    ScaleByAdamEpsHatState,
+    ScaleByAdamExactBiasState,
+    ScaleByAmsgradState,
+    ScaleByRssEpsOutsideState,
+    SplitRealAndImaginaryState,
+    dampened_trace,
+    decoupled_weight_decay,
+    precise_debias,
+    scale_by_adam_eps_hat,
+    scale_by_adam_exact_bias,
+    scale_by_amsgrad,
+    scale_by_rss_eps_outside,
+    split_real_and_imaginary,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AddDecayedWeightsState",
+    "DampenedTraceState",
+    "DecoupledWeightDecayState",
     "GradientTransformation",
     "GradientTransformationExtraArgs",
     "ScaleByAdaDeltaState",
+    "ScaleByAdamEpsHatState",
+    "ScaleByAdamExactBiasState",
     "ScaleByAdamState",
+    "ScaleByAmsgradState",
     "ScaleByCenteredRmsState",
     "ScaleByRStdDevState",
     "ScaleByRmsState",
     "ScaleByRpropState",
+    "ScaleByRssEpsOutsideState",
     "ScaleByRssState",
     "ScaleByScheduleState",
     "ScaleState",
+    "SplitRealAndImaginaryState",
     "TraceState",
     "adadelta",
     "adagrad",
@@ -67,26 +92,35 @@ __all__ = [
     "add_decayed_weights",
     "apply_updates",
     "chain",
+    "compat",
     "constant_schedule",
     "cosine_decay_schedule",
+    "dampened_trace",
+    "decoupled_weight_decay",
     "exponential_decay",
     "inverse_time_decay",
     "join_schedules",
     "piecewise_constant_schedule",
     "polynomial_schedule",
+    "precise_debias",
     "rmsprop",
     "rprop",
     "scale",
     "scale_by_adadelta",
     "scale_by_adam",
+    "scale_by_adam_eps_hat",
+    "scale_by_adam_exact_bias",
+    "scale_by_amsgrad",
     "scale_by_centered_rms",
     "scale_by_learning_rate",
     "scale_by_rms",
     "scale_by_rprop",
     "scale_by_rss",
+    "scale_by_rss_eps_outside",
     "scale_by_schedule",
     "scale_by_stddev",
     "sgd",
+    "split_real_and_imaginary",
     "trace",
     "warmup_cosine_decay_schedule",
 ]

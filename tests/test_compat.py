@@ -89,49 +89,86 @@ def precision(mode: str) -> Iterator[None]:
         yield
 
 
-def replay(opt: optax.GradientTransformation, start: Any, grads: Any) -> Any:
-    """Feed the stored gradients; return the parameters after each step (leading axis)."""
+def replay(opts: list[Any], starts: list[Any], grads: list[Any]) -> list[Any]:
+    """Feed each optimizer its stored gradients; return the parameters after each step.
 
-    def step(carry: Any, g: Any) -> tuple[Any, Any]:
-        p, s = carry
-        u, s = opt.update(g, s, p)
-        p = rmsjax.apply_updates(p, u)
-        return (p, s), p
+    All optimizers run side by side in ONE jitted scan (one compilation per framework and
+    precision instead of one per case keeps this file fast).
+    """
+
+    def step(carry: list[Any], gs: list[Any]) -> tuple[list[Any], list[Any]]:
+        new = []
+        for opt, (p, s), g in zip(opts, carry, gs, strict=True):
+            u, s = opt.update(g, s, p)
+            new.append((rmsjax.apply_updates(p, u), s))
+        return new, [p for p, _ in new]
 
     @jax.jit
-    def run(p0: Any, gs: Any) -> Any:
-        return jax.lax.scan(step, (p0, opt.init(p0)), gs)[1]
+    def run(p0s: list[Any], gs: list[Any]) -> list[Any]:
+        init = [(p, opt.init(p)) for opt, p in zip(opts, p0s, strict=True)]
+        return jax.lax.scan(step, init, gs)[1]
 
-    return run(start, grads)
+    return run(starts, grads)
 
 
 def runs_of(case: dict[str, Any], mode: str) -> list[dict[str, Any]]:
     return [r for r in case["runs"] if (r["dtype"] in WIDE) == (mode == "x64")]
 
 
-def scaled_error(framework: str, case: dict[str, Any], mode: str, opt: Any) -> dict[str, float]:
-    """max |rmsjax - reference| / max |reference| per run, all runs in one jitted scan.
+def scaled_errors(
+    framework: str, mode: str, items: list[tuple[dict[str, Any], Any]]
+) -> list[dict[str, float]]:
+    """For each (case, optimizer): max |rmsjax - reference| / max |reference| per run.
 
-    Runs of one dtype are stacked into one leaf (every preset is elementwise), so each case
-    compiles one small program.
+    Runs of one dtype are stacked into one leaf (every preset is elementwise).
     """
     _, arrays = load(framework)
-    by_dtype: dict[str, list[str]] = {}
-    for r in runs_of(case, mode):
-        by_dtype.setdefault(r["dtype"], []).append(r["key"])
-    ref = {d: np.stack([arrays[f"{k}/params"] for k in keys]) for d, keys in by_dtype.items()}
-    grads = {d: np.stack([arrays[f"{k}/grads"] for k in keys]) for d, keys in by_dtype.items()}
-    start = {d: jnp.asarray(ref[d][:, 0]) for d in by_dtype}
-    steps = {d: jnp.asarray(np.swapaxes(grads[d], 0, 1)) for d in by_dtype}
-    got = replay(opt, start, steps)
-    out = {}
-    for d, keys in by_dtype.items():
-        assert str(got[d].dtype) == d
-        traj = np.swapaxes(np.asarray(got[d]), 0, 1)  # (runs, steps, size)
-        for i, k in enumerate(keys):
-            err = np.abs(traj[i] - ref[d][i, 1:]).max()
-            out[k] = float(err / np.abs(ref[d][i]).max())
+    layouts, starts, grads = [], [], []
+    for case, _ in items:
+        by_dtype: dict[str, list[str]] = {}
+        for r in runs_of(case, mode):
+            by_dtype.setdefault(r["dtype"], []).append(r["key"])
+        layouts.append(by_dtype)
+        starts.append(
+            {
+                d: jnp.asarray(np.stack([arrays[f"{k}/params"][0] for k in ks]))
+                for d, ks in by_dtype.items()
+            }
+        )
+        grads.append(
+            {
+                d: jnp.asarray(np.stack([arrays[f"{k}/grads"] for k in ks], axis=1))
+                for d, ks in by_dtype.items()
+            }
+        )
+    got = replay([opt for _, opt in items], starts, grads)
+    out = []
+    for by_dtype, traj in zip(layouts, got, strict=True):
+        errors = {}
+        for d, keys in by_dtype.items():
+            assert str(traj[d].dtype) == d
+            for i, k in enumerate(keys):
+                ref = arrays[f"{k}/params"]
+                err = np.abs(np.asarray(traj[d][:, i]) - ref[1:]).max()
+                errors[k] = float(err / np.abs(ref).max())
+        out.append(errors)
     return out
+
+
+@cache
+def preset_errors(framework: str, mode: str) -> dict[str, dict[str, float]]:
+    """Errors of every preset case of one framework in one precision (computed once)."""
+    cases, _ = load(framework)
+    cases = [c for c in cases if runs_of(c, mode)]
+    with precision(mode):
+        items = []
+        for case in cases:
+            factory = getattr(MODULES[framework], case["preset"])
+            items.append(
+                (case, factory(**preset_kwargs(framework, case["preset"], case["kwargs"], mode)))
+            )
+        errors = scaled_errors(framework, mode, items)
+    return {c["name"]: e for c, e in zip(cases, errors, strict=True)}
 
 
 def all_cases() -> Iterator[Any]:
@@ -147,10 +184,7 @@ def all_cases() -> Iterator[Any]:
 
 @pytest.mark.parametrize(("framework", "case", "mode"), list(all_cases()))
 def test_preset_matches_framework(framework: str, case: dict[str, Any], mode: str) -> None:
-    with precision(mode):
-        factory = getattr(MODULES[framework], case["preset"])
-        opt = factory(**preset_kwargs(framework, case["preset"], case["kwargs"], mode))
-        errors = scaled_error(framework, case, mode, opt)
+    errors = preset_errors(framework, mode)[case["name"]]
     bad = {k: v for k, v in errors.items() if not v <= TOL[mode]}
     assert not bad, f"beyond {TOL[mode]:g} of the parameter scale: {bad}"
 
@@ -309,12 +343,20 @@ CONTRASTS = {
 }
 
 
+@cache
+def contrast_errors(framework: str, mode: str) -> dict[str, dict[str, float]]:
+    """Errors of every contrast of one framework in one precision (one compilation)."""
+    claims = [c for c, (fw, _, m, _) in CONTRASTS.items() if (fw, m) == (framework, mode)]
+    with precision(mode):
+        items = [(_case(framework, CONTRASTS[c][1]), CONTRASTS[c][3]()) for c in claims]
+        errors = scaled_errors(framework, mode, items)
+    return dict(zip(claims, errors, strict=True))
+
+
 @pytest.mark.parametrize("claim", sorted(CONTRASTS))
 def test_other_convention_misses_reference(claim: str) -> None:
-    framework, name, mode, wrong = CONTRASTS[claim]
-    case = _case(framework, name)
-    with precision(mode):
-        errors = scaled_error(framework, case, mode, wrong())
+    framework, _, mode, _ = CONTRASTS[claim]
+    errors = contrast_errors(framework, mode)[claim]
     assert max(errors.values()) > 100 * TOL[mode], errors
 
 

@@ -9,7 +9,7 @@ import optax
 from rmsjax import transforms as T
 from rmsjax.validation import check_in_range
 
-__all__ = ["check_lr", "is_static_zero", "lr_schedule_value", "sign_flip"]
+__all__ = ["check_lr", "is_static_zero", "sign_flip"]
 
 
 def is_static_zero(value: Any) -> bool:
@@ -31,7 +31,3 @@ def sign_flip(maximize: bool) -> list[optax.GradientTransformation]:
     """``[scale(-1)]`` when ``maximize`` (the raw gradient is negated first), else ``[]``."""
     return [T.scale(-1.0)] if maximize else []
 
-
-def lr_schedule_value(value: Any) -> Any:
-    """``value`` itself, or ``value(0)`` for a schedule (where only the first value is used)."""
-    return value(0) if callable(value) else value

@@ -30,4 +30,3 @@ def check_lr(name: str, value: Any) -> None:
 def sign_flip(maximize: bool) -> list[optax.GradientTransformation]:
     """``[scale(-1)]`` when ``maximize`` (the raw gradient is negated first), else ``[]``."""
     return [T.scale(-1.0)] if maximize else []
-

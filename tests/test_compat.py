@@ -464,3 +464,10 @@ def test_generator_reproduces_stored_files() -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_x64_mode_does_not_leak() -> None:
+    """The float64 comparisons switch x64 on only inside their own blocks."""
+    preset_errors("torch", "x64")
+    assert jnp.ones(1).dtype == jnp.float32
+    assert not jax.config.jax_enable_x64

@@ -17,7 +17,7 @@ __all__ = ["check_in_range", "is_concrete"]
 
 
 def is_concrete(value: Any) -> bool:
-    """True when ``value`` can be read on the host without tracing (no tracer, no callable)."""
+    """True when ``value`` can be read on the host: not None, a tracer or a callable."""
     if value is None or callable(value) or isinstance(value, jax.core.Tracer):
         return False
     return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,7 @@ def trajectory(
 
 
 def assert_trees_close(actual: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    """Same structure and every leaf close (NaN only where NaN)."""
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+    """Same structure, shapes and dtypes, and every leaf close (chex's tree assertions)."""
+    chex.assert_trees_all_equal_structs(actual, expected)
+    chex.assert_trees_all_equal_dtypes(actual, expected)
+    chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol)

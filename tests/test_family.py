@@ -4,6 +4,7 @@ learning rate, complex AdaDelta)."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -69,9 +70,7 @@ def test_sgd_matches_optax() -> None:
     cases = {
         "plain": both("sgd", 0.05),
         "momentum": both("sgd", 0.05, momentum=0.9),
-        "nesterov": both("sgd", 0.05, momentum=0.9, nesterov=True),
         "accumulator f32": both("sgd", 0.03, 0.5, accumulator_dtype=jnp.float32),
-        "schedule": both("sgd", sched(), momentum=0.8),
         "schedule nesterov": both("sgd", sched(), momentum=0.8, nesterov=True),
     }
     assert_parity(cases, mixed_tree())
@@ -80,10 +79,10 @@ def test_sgd_matches_optax() -> None:
 def test_adam_matches_optax() -> None:
     cases = {
         "defaults": both("adam", 0.05),
-        "nesterov": both("adam", 0.05, nesterov=True),
-        "betas eps_root": both("adam", 0.02, b1=0.5, b2=0.9, eps=1e-6, eps_root=1e-8),
+        "nesterov betas eps_root": both(
+            "adam", 0.02, b1=0.5, b2=0.9, eps=1e-6, eps_root=1e-8, nesterov=True
+        ),
         "schedule": both("adam", sched()),
-        "schedule nesterov": both("adam", sched(), nesterov=True),
     }
     assert_parity(cases, mixed_tree())
 
@@ -91,12 +90,14 @@ def test_adam_matches_optax() -> None:
 def test_adagrad_and_scale_by_rss_match_optax() -> None:
     cases = {
         "defaults": both("adagrad", 0.1),
-        "zero start": both("adagrad", 0.1, initial_accumulator_value=0.0, eps=1e-10),
+        "zero start, schedule": both(
+            "adagrad", sched(0.2), initial_accumulator_value=0.0, eps=1e-10
+        ),
         "big start": both("adagrad", 0.3, initial_accumulator_value=2.0, eps=0.0),
-        "schedule": both("adagrad", sched(0.2)),
+        # a large eps, so that putting it outside the square root would show
         "scale_by_rss": (
-            optax.chain(rmsjax.scale_by_rss(0.5, 1e-6), optax.scale(-0.1)),
-            optax.chain(optax.scale_by_rss(0.5, 1e-6), optax.scale(-0.1)),
+            optax.chain(rmsjax.scale_by_rss(0.5, 0.3), optax.scale(-0.1)),
+            optax.chain(optax.scale_by_rss(0.5, 0.3), optax.scale(-0.1)),
         ),
     }
     assert_parity(cases, mixed_tree())
@@ -105,9 +106,7 @@ def test_adagrad_and_scale_by_rss_match_optax() -> None:
 def test_adadelta_and_scale_by_adadelta_match_optax() -> None:
     mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
     cases = {
-        "lr 1": both("adadelta", 1.0),
-        "rho eps": both("adadelta", 0.5, rho=0.95, eps=1e-4),
-        "weight decay": both("adadelta", 0.5, weight_decay=0.05),
+        "rho eps weight decay": both("adadelta", 0.5, rho=0.95, eps=1e-4, weight_decay=0.05),
         "decay masked": both("adadelta", 0.5, weight_decay=0.05, weight_decay_mask=mask),
         "schedules": both("adadelta", sched(2.0), weight_decay=sched(0.1)),
         "scale_by_adadelta": (
@@ -134,9 +133,8 @@ def complex_tree() -> Any:
 
 
 def test_complex_parameters_match_optax_where_optax_uses_abs_squared() -> None:
-    # optax's sgd, adam and adagrad are right for complex numbers (|g|^2); the caller passes
-    # conj(jax.grad), optax's convention, which this loss does through the conjugated grad.
-    conj_loss = complex_loss
+    # optax's sgd, adam and adagrad are right for complex numbers (|g|^2). The caller passes
+    # conj(jax.grad), optax's convention for complex parameters.
     cases = {
         "sgd momentum": both("sgd", 0.02, momentum=0.9),
         "adam": both("adam", 0.05),
@@ -147,7 +145,7 @@ def test_complex_parameters_match_optax_where_optax_uses_abs_squared() -> None:
         def step(carry: Any, _: Any) -> tuple[Any, Any]:
             new = []
             for opt, (p, s) in zip(opts, carry, strict=True):
-                g = jax.tree.map(jnp.conj, jax.grad(conj_loss)(p))
+                g = jax.tree.map(jnp.conj, jax.grad(complex_loss)(p))
                 u, s = opt.update(g, s, p)
                 new.append((optax.apply_updates(p, u), s))
             return new, [p for p, _ in new]
@@ -414,3 +412,29 @@ def test_half_precision_state_and_update_dtype(name: str, args: tuple, promote_h
     u, _ = opt.update({"w": jnp.asarray([1.0, -2.0, 300.0], jnp.bfloat16), "skip": None}, state)
     assert u["w"].dtype == jnp.bfloat16 and u["skip"] is None
     assert bool(jnp.all(jnp.isfinite(u["w"].astype(jnp.float32))))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sgd",
+        "adam",
+        "adagrad",
+        "adadelta",
+        "rprop",
+        "scale_by_rss",
+        "scale_by_adadelta",
+        "scale_by_rprop",
+    ],
+)
+def test_signature_is_optax_plus_promote_half(name: str) -> None:
+    """Same argument names, order, kinds and defaults as optax 0.2.x; the one addition is the
+    keyword-only ``promote_half``."""
+    ours = inspect.signature(getattr(rmsjax, name)).parameters
+    theirs = inspect.signature(getattr(optax, name)).parameters
+    extra = [p for p in ours if p not in theirs]
+    assert extra == ["promote_half"] and ours["promote_half"].kind is inspect.Parameter.KEYWORD_ONLY
+    for pname, p in theirs.items():
+        assert ours[pname].kind == p.kind, pname
+        assert ours[pname].default == p.default, pname
+    assert [p for p in ours if p != "promote_half"] == list(theirs)

@@ -116,6 +116,7 @@ def adam(
     eps: ArrayLike = 1e-8,
     weight_decay: ArrayLike = 0,
     amsgrad: bool = False,
+    *,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
     r"""``torch.optim.Adam``.
@@ -152,6 +153,7 @@ def adamw(
     eps: ArrayLike = 1e-8,
     weight_decay: T.ScalarOrSchedule = 1e-2,
     amsgrad: bool = False,
+    *,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
     r"""``torch.optim.AdamW``: :func:`adam` with decoupled weight decay.
@@ -185,6 +187,7 @@ def sgd(
     dampening: ArrayLike = 0,
     weight_decay: ArrayLike = 0,
     nesterov: bool = False,
+    *,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
     r"""``torch.optim.SGD``.
@@ -235,6 +238,7 @@ def adagrad(
     weight_decay: ArrayLike = 0,
     initial_accumulator_value: ArrayLike = 0,
     eps: ArrayLike = 1e-10,
+    *,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
     r"""``torch.optim.Adagrad``.
@@ -276,6 +280,7 @@ def adadelta(
     rho: ArrayLike = 0.9,
     eps: ArrayLike = 1e-6,
     weight_decay: ArrayLike = 0,
+    *,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
     r"""``torch.optim.Adadelta``.
@@ -308,6 +313,7 @@ def rprop(
     lr: T.ScalarOrSchedule = 1e-2,
     etas: tuple[ArrayLike, ArrayLike] = (0.5, 1.2),
     step_sizes: tuple[ArrayLike, ArrayLike] = (1e-6, 50),
+    *,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
     r"""``torch.optim.Rprop``.

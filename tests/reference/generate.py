@@ -20,6 +20,9 @@ scales (1, 1e-6, 1e-8): with tiny gradients the placement of eps decides the tra
   needs jax's x64 mode, switched on here). Schedules are
   ``keras.optimizers.schedules.PiecewiseConstantDecay`` with float32-exact values, because Keras
   evaluates schedules and stores the learning rate in float32.
+Each file also records the framework classes' argument names, kinds and defaults
+(``signatures``), which the tests compare with the presets' signatures.
+
 * ``tf1.npz``: TF1's ``ApplyRMSProp`` / ``ApplyCenteredRMSProp`` kernels stated in NumPy, in
   float64 and float32.
 
@@ -544,6 +547,66 @@ def generate(framework: str) -> dict[str, np.ndarray]:
     return arrays
 
 
+# Arguments the presets deliberately do not take (implementation switches with the same numbers,
+# or features documented as not carried over).
+NOT_CARRIED = {
+    "params",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
+    "name",
+    "kwargs",
+}
+
+
+def signatures(framework: str) -> dict[str, list[list[Any]]]:
+    """The framework classes' own arguments: [name, kind, default] in order, per preset."""
+    import inspect
+
+    if framework == "torch":
+        import torch
+
+        classes = {
+            "rmsprop": torch.optim.RMSprop,
+            "adam": torch.optim.Adam,
+            "adamw": torch.optim.AdamW,
+            "sgd": torch.optim.SGD,
+            "adagrad": torch.optim.Adagrad,
+            "adadelta": torch.optim.Adadelta,
+            "rprop": torch.optim.Rprop,
+        }
+    elif framework == "keras":
+        import keras
+
+        classes = {
+            "rmsprop": keras.optimizers.RMSprop,
+            "adam": keras.optimizers.Adam,
+            "adamw": keras.optimizers.AdamW,
+            "sgd": keras.optimizers.SGD,
+            "adagrad": keras.optimizers.Adagrad,
+            "adadelta": keras.optimizers.Adadelta,
+        }
+    else:
+        return {}
+    out = {}
+    for preset, cls in classes.items():
+        params = inspect.signature(cls).parameters.values()
+        out[preset] = [
+            [p.name, p.kind.name, p.default] for p in params if p.name not in NOT_CARRIED
+        ]
+    return out
+
+
 def versions() -> dict[str, str]:
     import keras
     import torch
@@ -560,6 +623,7 @@ def main() -> int:
     for framework in args.only or sorted(FRAMEWORKS):
         arrays = generate(framework)
         arrays["versions"] = np.array(json.dumps(versions()))
+        arrays["signatures"] = np.array(json.dumps(signatures(framework)))
         path = HERE / f"{framework}.npz"
         if args.check:
             with np.load(path) as stored:

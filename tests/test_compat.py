@@ -338,6 +338,36 @@ CONTRASTS = {
             lr=schedule({"kind": "exponential", "init": 0.1, "gamma": 0.9}), weight_decay=0.5
         ),
     ),
+    # torch: maximize negates the raw gradient BEFORE the coupled weight decay.
+    "torch_maximize_before_weight_decay": (
+        "torch",
+        "rmsprop_all_flags",
+        "x64",
+        lambda: optax.chain(
+            rmsjax.add_decayed_weights(0.1),
+            rmsjax.scale(-1.0),
+            V.split_real_and_imaginary(rmsjax.scale_by_centered_rms(0.99, 1e-8, eps_in_sqrt=False)),
+            rmsjax.trace(decay=0.9),
+            rmsjax.scale_by_learning_rate(0.01),
+        ),
+    ),
+    # torch Adagrad: lr / (1 + (t - 1) lr_decay); ignoring lr_decay misses.
+    "torch_adagrad_lr_decay": (
+        "torch",
+        "adagrad_all_flags",
+        "x64",
+        lambda: rmsjax.compat.pytorch.adagrad(
+            lr=0.1, weight_decay=0.1, initial_accumulator_value=0.5, maximize=True
+        ),
+    ),
+    # torch Rprop: each step uses the current gradient; optax's rprop emits it one call late.
+    # (split so that optax's rprop, which fails on complex leaves, sees real ones only)
+    "torch_rprop_not_delayed": (
+        "torch",
+        "rprop_defaults",
+        "x64",
+        lambda: V.split_real_and_imaginary(optax.rprop(0.01)),
+    ),
     # torch Adagrad: eps outside the root; inside misses with tiny gradients.
     "torch_adagrad_eps_outside": (
         "torch",

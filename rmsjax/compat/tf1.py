@@ -1,0 +1,60 @@
+r"""TensorFlow 1's ``tf.compat.v1.train.RMSPropOptimizer``, as an optax-protocol transformation.
+
+Reproduces the ``ApplyRMSProp`` / ``ApplyCenteredRMSProp`` kernels (checked against a NumPy
+statement of the kernels in ``tests/reference/generate.py``, float64 and float32).
+"""
+
+from __future__ import annotations
+
+import optax
+from jax.typing import ArrayLike
+
+from rmsjax import transforms as T
+from rmsjax.compat._common import check_lr, is_static_zero
+from rmsjax.validation import check_in_range
+
+__all__ = ["rmsprop"]
+
+
+def rmsprop(
+    learning_rate: T.ScalarOrSchedule,
+    decay: ArrayLike = 0.9,
+    momentum: ArrayLike = 0.0,
+    epsilon: ArrayLike = 1e-10,
+    centered: bool = False,
+) -> optax.GradientTransformation:
+    r"""TF1 ``RMSPropOptimizer`` (``ApplyRMSProp``, ``ApplyCenteredRMSProp``).
+
+    .. math::
+      ms_t = ms_{t-1} + (g_t^2 - ms_{t-1})(1-\rho) \quad (ms_0 = 1), \qquad
+      mg_t = mg_{t-1} + (g_t - mg_{t-1})(1-\rho) \quad (mg_0 = 0)
+
+      mom_t = \beta\,mom_{t-1} + \eta_t\, g_t / \sqrt{ms_t + \epsilon}
+      \quad\text{(centered: } \sqrt{ms_t - mg_t^2 + \epsilon}), \qquad
+      \theta \mathrel{-}= mom_t
+
+    The mean square starts at ONE (optax, torch and Keras start at 0): the first steps are
+    much smaller than :math:`\eta`, and with tiny gradients the run barely moves for about
+    :math:`\log(\epsilon\text{-scale})/\log\rho` steps. ``epsilon`` is inside the root and the
+    learning rate inside the momentum buffer. This is ``rmsjax.rmsprop(learning_rate, decay,
+    epsilon, initial_scale=1.0, centered=centered, momentum=momentum)``. Chain:
+    ``scale_by_rms | scale_by_centered_rms (initial_scale=1), scale_by_learning_rate,
+    [trace(momentum)]``.
+
+    Args:
+      learning_rate: >= 0 or a schedule ``count -> lr`` (TF1: a tensor computed from the
+        global step, which counts 0, 1, 2, ... as here).
+      decay: :math:`\rho`, in [0, 1). momentum: :math:`\beta`, in [0, 1]. epsilon: >= 0.
+      centered: divide by the estimated standard deviation.
+
+    TF1 always keeps a momentum slot; here a ``momentum`` given as the Python number 0 keeps
+    none (same numbers). Difference from TF1: the centered variance is clamped at 0.
+    """
+    check_lr("learning_rate", learning_rate)
+    check_in_range("momentum", momentum, low=0.0, high=1.0)
+    scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
+    return optax.chain(
+        scaler(decay=decay, eps=epsilon, initial_scale=1.0, eps_in_sqrt=True),
+        T.scale_by_learning_rate(learning_rate),
+        *([] if is_static_zero(momentum) else [T.trace(decay=momentum)]),
+    )

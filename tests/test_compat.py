@@ -1,0 +1,527 @@
+"""Framework presets against trajectories of the real frameworks.
+
+``tests/reference/*.npz`` hold parameter trajectories of ``torch.optim``, ``keras.optimizers``
+and a NumPy statement of TF1's RMSProp kernels, with the gradients that were fed; they are
+written by ``tests/reference/generate.py`` (needs torch and keras, which these tests do not).
+Each preset is fed the same gradients and must walk the same trajectory: float64 (and
+complex128) to 1e-12 of the parameter scale, float32 (and complex64) to 2e-6 of it.
+
+float64 runs switch on jax's x64 mode only inside ``jax.enable_x64(True)`` blocks, so nothing
+leaks into other test files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsjax
+import rmsjax.compat.keras
+import rmsjax.compat.pytorch
+import rmsjax.compat.tf1
+from rmsjax import variants as V
+
+REF = Path(__file__).parent / "reference"
+MODULES = {
+    "torch": rmsjax.compat.pytorch,
+    "keras": rmsjax.compat.keras,
+    "tf1": rmsjax.compat.tf1,
+}
+WIDE = ("float64", "complex128")
+TOL = {"x64": 1e-12, "x32": 2e-6}
+
+
+@cache
+def load(framework: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    with np.load(REF / f"{framework}.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.pop("versions", None)
+    return json.loads(str(arrays.pop("cases"))), arrays
+
+
+@cache
+def framework_signatures(framework: str) -> dict[str, list[list[Any]]]:
+    with np.load(REF / f"{framework}.npz") as z:
+        return json.loads(str(z["signatures"]))
+
+
+def schedule(spec: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
+    """The jax form of a schedule stored by the generator (count 0, 1, 2, ...)."""
+    if spec["kind"] == "exponential":
+        return lambda count: spec["init"] * spec["gamma"] ** count
+    boundaries, values = spec["boundaries"], spec["values"]
+
+    def piecewise(count: jax.Array) -> jax.Array:
+        out = jnp.asarray(values[-1])
+        for boundary, value in reversed(list(zip(boundaries, values, strict=False))):
+            out = jnp.where(count <= boundary, value, out)
+        return out
+
+    return piecewise
+
+
+def preset_kwargs(framework: str, preset: str, kwargs: dict[str, Any], mode: str) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    if framework == "keras" and "learning_rate" not in kwargs:
+        signature = inspect.signature(getattr(MODULES[framework], preset))
+        kwargs["learning_rate"] = signature.parameters["learning_rate"].default
+    out = {}
+    for name, value in kwargs.items():
+        if isinstance(value, dict):
+            value = schedule(value["schedule"])
+        elif isinstance(value, list):
+            value = tuple(value)
+        elif framework == "keras" and name == "learning_rate" and mode == "x64":
+            # Keras keeps the learning rate in a float32 variable, also for float64 weights:
+            # give rmsjax the value Keras actually used.
+            value = float(np.float32(value))
+        out[name] = value
+    return out
+
+
+@contextmanager
+def precision(mode: str) -> Iterator[None]:
+    with jax.enable_x64(mode == "x64"):
+        yield
+
+
+def replay(opts: list[Any], starts: list[Any], grads: list[Any]) -> list[Any]:
+    """Feed each optimizer its stored gradients; return the parameters after each step.
+
+    All optimizers run side by side in ONE jitted scan (one compilation per framework and
+    precision instead of one per case keeps this file fast).
+    """
+
+    def step(carry: list[Any], gs: list[Any]) -> tuple[list[Any], list[Any]]:
+        new = []
+        for opt, (p, s), g in zip(opts, carry, gs, strict=True):
+            u, s = opt.update(g, s, p)
+            new.append((rmsjax.apply_updates(p, u), s))
+        return new, [p for p, _ in new]
+
+    @jax.jit
+    def run(p0s: list[Any], gs: list[Any]) -> list[Any]:
+        init = [(p, opt.init(p)) for opt, p in zip(opts, p0s, strict=True)]
+        return jax.lax.scan(step, init, gs)[1]
+
+    return run(starts, grads)
+
+
+def runs_of(case: dict[str, Any], mode: str) -> list[dict[str, Any]]:
+    return [r for r in case["runs"] if (r["dtype"] in WIDE) == (mode == "x64")]
+
+
+def scaled_errors(
+    framework: str, mode: str, items: list[tuple[dict[str, Any], Any]]
+) -> list[dict[str, float]]:
+    """For each (case, optimizer): max |rmsjax - reference| / max |reference| per run.
+
+    Runs of one dtype are stacked into one leaf (every preset is elementwise).
+    """
+    _, arrays = load(framework)
+    layouts, starts, grads = [], [], []
+    for case, _ in items:
+        by_dtype: dict[str, list[str]] = {}
+        for r in runs_of(case, mode):
+            by_dtype.setdefault(r["dtype"], []).append(r["key"])
+        layouts.append(by_dtype)
+        starts.append(
+            {
+                d: jnp.asarray(np.stack([arrays[f"{k}/params"][0] for k in ks]))
+                for d, ks in by_dtype.items()
+            }
+        )
+        grads.append(
+            {
+                d: jnp.asarray(np.stack([arrays[f"{k}/grads"] for k in ks], axis=1))
+                for d, ks in by_dtype.items()
+            }
+        )
+    got = replay([opt for _, opt in items], starts, grads)
+    out = []
+    for by_dtype, traj in zip(layouts, got, strict=True):
+        errors = {}
+        for d, keys in by_dtype.items():
+            assert str(traj[d].dtype) == d
+            for i, k in enumerate(keys):
+                ref = arrays[f"{k}/params"]
+                err = np.abs(np.asarray(traj[d][:, i]) - ref[1:]).max()
+                errors[k] = float(err / np.abs(ref).max())
+        out.append(errors)
+    return out
+
+
+@cache
+def preset_errors(framework: str, mode: str) -> dict[str, dict[str, float]]:
+    """Errors of every preset case of one framework in one precision (computed once)."""
+    cases, _ = load(framework)
+    cases = [c for c in cases if runs_of(c, mode)]
+    with precision(mode):
+        items = []
+        for case in cases:
+            factory = getattr(MODULES[framework], case["preset"])
+            items.append(
+                (case, factory(**preset_kwargs(framework, case["preset"], case["kwargs"], mode)))
+            )
+        errors = scaled_errors(framework, mode, items)
+    return {c["name"]: e for c, e in zip(cases, errors, strict=True)}
+
+
+def all_cases() -> Iterator[Any]:
+    for framework in MODULES:
+        cases, _ = load(framework)
+        for case in cases:
+            for mode in ("x64", "x32"):
+                if runs_of(case, mode):
+                    yield pytest.param(
+                        framework, case, mode, id=f"{framework}-{case['name']}-{mode}"
+                    )
+
+
+@pytest.mark.parametrize(("framework", "case", "mode"), list(all_cases()))
+def test_preset_matches_framework(framework: str, case: dict[str, Any], mode: str) -> None:
+    errors = preset_errors(framework, mode)[case["name"]]
+    bad = {k: v for k, v in errors.items() if not v <= TOL[mode]}
+    assert not bad, f"beyond {TOL[mode]:g} of the parameter scale: {bad}"
+
+
+def test_references_cover_the_issue() -> None:
+    """Every preset, >= 25 steps, float32/float64, complex64 for torch, tiny gradients, and
+    float32 runs that move far more than the tolerance (so each comparison can fail)."""
+    for framework, module in MODULES.items():
+        cases, arrays = load(framework)
+        presets = {c["preset"] for c in cases}
+        assert presets == set(module.__all__), framework
+        runs = [r for c in cases for r in c["runs"]]
+        dtypes = {r["dtype"] for r in runs}
+        assert {"float32", "float64"} <= dtypes
+        if framework == "torch":
+            assert "complex64" in dtypes
+        assert {1e-6, 1e-8} <= {r["scale"] for r in runs}
+        for r in runs:
+            params = arrays[f"{r['key']}/params"]
+            assert params.shape[0] - 1 >= 25
+            assert str(params.dtype) == r["dtype"]
+            if r["dtype"] not in WIDE:
+                moved = np.abs(params[-1] - params[0]).max() / np.abs(params).max()
+                assert moved > 10 * TOL["x32"], r["key"]
+    total = sum((REF / f"{fw}.npz").stat().st_size for fw in MODULES)
+    assert total < 2_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# Each convention matters: the "other framework's" choice misses the stored trajectory.
+# These back the claims of docs/conventions.md.
+# --------------------------------------------------------------------------------------------
+
+
+def _case(framework: str, name: str) -> dict[str, Any]:
+    return next(c for c in load(framework)[0] if c["name"] == name)
+
+
+CONTRASTS = {
+    # torch RMSprop: eps outside the root; eps inside misses with tiny gradients.
+    "torch_rmsprop_eps_outside": (
+        "torch",
+        "rmsprop_tiny",
+        "x32",
+        lambda: rmsjax.rmsprop(0.01, decay=0.9, eps=1e-8, eps_in_sqrt=True),
+    ),
+    # Keras RMSprop: eps inside; eps outside misses.
+    "keras_rmsprop_eps_inside": (
+        "keras",
+        "rmsprop_tiny",
+        "x32",
+        lambda: rmsjax.rmsprop(1.0, decay=0.9, eps=1e-7, eps_in_sqrt=False),
+    ),
+    # torch RMSprop: lr outside the momentum buffer; lr inside misses under a schedule.
+    "torch_rmsprop_lr_outside_buffer": (
+        "torch",
+        "rmsprop_schedule",
+        "x64",
+        lambda: rmsjax.rmsprop(
+            schedule({"kind": "exponential", "init": 0.05, "gamma": 0.85}),
+            decay=0.99,
+            eps=1e-8,
+            eps_in_sqrt=False,
+            centered=True,
+            momentum=0.9,
+        ),
+    ),
+    # Keras RMSprop: lr inside the buffer; lr outside misses under a schedule.
+    "keras_rmsprop_lr_inside_buffer": (
+        "keras",
+        "rmsprop_schedule",
+        "x64",
+        lambda: optax.chain(
+            rmsjax.scale_by_rms(decay=0.9, eps=1e-7),
+            rmsjax.trace(decay=0.9),
+            rmsjax.scale_by_learning_rate(
+                schedule(
+                    {"kind": "piecewise", "boundaries": [9, 19], "values": [2**-5, 2**-7, 2**-9]}
+                )
+            ),
+        ),
+    ),
+    # TF1: the mean square starts at one; starting at zero misses.
+    "tf1_ms_starts_at_one": (
+        "tf1",
+        "rmsprop_defaults",
+        "x64",
+        lambda: rmsjax.rmsprop(0.01, decay=0.9, eps=1e-10, initial_scale=0.0),
+    ),
+    # torch SGD: first step copies g undamped; dampening from the first step misses.
+    "torch_sgd_first_step_undamped": (
+        "torch",
+        "sgd_all_flags",
+        "x64",
+        lambda: optax.chain(
+            rmsjax.scale(-1.0),
+            rmsjax.add_decayed_weights(0.1),
+            rmsjax.scale(0.7),  # (1 - dampening) g on every step, first included
+            rmsjax.trace(decay=0.9),
+            rmsjax.scale_by_learning_rate(0.05),
+        ),
+    ),
+    # torch AMSGrad: max over the raw second moment; optax's corrected max misses.
+    "torch_amsgrad_raw_max": (
+        "torch",
+        "adam_amsgrad",
+        "x64",
+        lambda: optax.chain(
+            V.scale_by_amsgrad(max_before_correction=False), rmsjax.scale_by_learning_rate(0.1)
+        ),
+    ),
+    # Keras Adam: epsilon hat; torch's eps placement misses with tiny gradients.
+    "keras_adam_eps_hat": (
+        "keras",
+        "adam_tiny",
+        "x32",
+        lambda: optax.chain(rmsjax.scale_by_adam(eps=1e-7), rmsjax.scale_by_learning_rate(0.1)),
+    ),
+    # torch complex: per-component moments; optax's |g|^2 moments miss.
+    "torch_complex_per_component": (
+        "torch",
+        "rmsprop_defaults",
+        "x32",
+        lambda: rmsjax.rmsprop(0.01, decay=0.99, eps=1e-8, eps_in_sqrt=False),
+    ),
+    # Keras weight decay: decoupled, lr-scaled; coupled (torch-style L2) misses.
+    "keras_weight_decay_decoupled": (
+        "keras",
+        "rmsprop_all_flags",
+        "x64",
+        lambda: optax.chain(
+            rmsjax.add_decayed_weights(0.1),
+            rmsjax.scale_by_centered_rms(decay=0.9, eps=1e-7),
+            rmsjax.scale_by_learning_rate(float(np.float32(0.01))),
+            rmsjax.trace(decay=0.9),
+        ),
+    ),
+    # torch AdamW: decoupled; torch Adam's coupled weight decay misses.
+    "torch_adamw_decoupled": (
+        "torch",
+        "adamw_schedule",
+        "x64",
+        lambda: rmsjax.compat.pytorch.adam(
+            lr=schedule({"kind": "exponential", "init": 0.1, "gamma": 0.9}), weight_decay=0.5
+        ),
+    ),
+    # torch: maximize negates the raw gradient BEFORE the coupled weight decay.
+    "torch_maximize_before_weight_decay": (
+        "torch",
+        "rmsprop_all_flags",
+        "x64",
+        lambda: optax.chain(
+            rmsjax.add_decayed_weights(0.1),
+            rmsjax.scale(-1.0),
+            V.split_real_and_imaginary(rmsjax.scale_by_centered_rms(0.99, 1e-8, eps_in_sqrt=False)),
+            rmsjax.trace(decay=0.9),
+            rmsjax.scale_by_learning_rate(0.01),
+        ),
+    ),
+    # torch Adagrad: lr / (1 + (t - 1) lr_decay); ignoring lr_decay misses.
+    "torch_adagrad_lr_decay": (
+        "torch",
+        "adagrad_all_flags",
+        "x64",
+        lambda: rmsjax.compat.pytorch.adagrad(
+            lr=0.1, weight_decay=0.1, initial_accumulator_value=0.5, maximize=True
+        ),
+    ),
+    # torch Rprop: each step uses the current gradient; optax's rprop emits it one call late.
+    # (split so that optax's rprop, which fails on complex leaves, sees real ones only)
+    "torch_rprop_not_delayed": (
+        "torch",
+        "rprop_defaults",
+        "x64",
+        lambda: V.split_real_and_imaginary(optax.rprop(0.01)),
+    ),
+    # torch Adagrad: eps outside the root; inside misses with tiny gradients.
+    "torch_adagrad_eps_outside": (
+        "torch",
+        "adagrad_tiny",
+        "x32",
+        lambda: rmsjax.compat.keras.adagrad(
+            learning_rate=0.05, initial_accumulator_value=0.0, epsilon=1e-10
+        ),
+    ),
+}
+
+
+@cache
+def contrast_errors(framework: str, mode: str) -> dict[str, dict[str, float]]:
+    """Errors of every contrast of one framework in one precision (one compilation)."""
+    claims = [c for c, (fw, _, m, _) in CONTRASTS.items() if (fw, m) == (framework, mode)]
+    with precision(mode):
+        items = [(_case(framework, CONTRASTS[c][1]), CONTRASTS[c][3]()) for c in claims]
+        errors = scaled_errors(framework, mode, items)
+    return dict(zip(claims, errors, strict=True))
+
+
+@pytest.mark.parametrize("claim", sorted(CONTRASTS))
+def test_other_convention_misses_reference(claim: str) -> None:
+    framework, _, mode, _ = CONTRASTS[claim]
+    errors = contrast_errors(framework, mode)[claim]
+    assert max(errors.values()) > 100 * TOL[mode], errors
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and tracing
+# --------------------------------------------------------------------------------------------
+
+P, K, F = rmsjax.compat.pytorch, rmsjax.compat.keras, rmsjax.compat.tf1
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "names"),
+    [
+        (P.rmsprop, {"lr": -1.0}, "`lr`"),
+        (P.rmsprop, {"eps": -1e-8}, "`eps`"),
+        (P.rmsprop, {"momentum": -0.1}, "`momentum`"),
+        (P.rmsprop, {"weight_decay": -0.1}, "`weight_decay`"),
+        (P.rmsprop, {"alpha": -0.5}, "`alpha`"),
+        (P.adam, {"lr": -1e-3}, "`lr`"),
+        (P.adam, {"betas": (1.0, 0.999)}, "`betas[0]`"),
+        (P.adam, {"betas": (0.9, -0.1)}, "`betas[1]`"),
+        (P.adam, {"eps": -1.0}, "`eps`"),
+        (P.adamw, {"weight_decay": -1.0}, "`weight_decay`"),
+        (P.sgd, {"lr": -0.1}, "`lr`"),
+        (P.sgd, {"nesterov": True}, "Nesterov"),
+        (P.sgd, {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, "Nesterov"),
+        (P.sgd, {"momentum": -0.9}, "`momentum`"),
+        (P.adagrad, {"lr_decay": -1.0}, "`lr_decay`"),
+        (P.adagrad, {"initial_accumulator_value": -1.0}, "`initial_accumulator_value`"),
+        (P.adagrad, {"eps": -1.0}, "`eps`"),
+        (P.adadelta, {"rho": 1.5}, "`rho`"),
+        (P.adadelta, {"lr": -1.0}, "`lr`"),
+        (P.rprop, {"etas": (1.5, 1.2)}, "`etas[0]`"),
+        (P.rprop, {"etas": (0.5, 0.9)}, "`etas[1]`"),
+        (P.rprop, {"step_sizes": (1.0, 0.5)}, "step_sizes"),
+        (K.rmsprop, {"rho": 1.0}, "`rho`"),
+        (K.rmsprop, {"learning_rate": -1.0}, "`learning_rate`"),
+        (K.adam, {"beta_1": 1.0}, "`b1`"),
+        (K.adamw, {"weight_decay": None}, "`weight_decay`"),
+        (K.sgd, {"momentum": 1.5}, "`momentum`"),
+        (K.adagrad, {"initial_accumulator_value": -0.1}, "`initial_accumulator_value`"),
+        (K.adadelta, {"epsilon": -1.0}, "`eps"),
+        (F.rmsprop, {"learning_rate": -1.0}, "`learning_rate`"),
+        (F.rmsprop, {"learning_rate": 0.1, "decay": 1.0}, "`decay`"),
+    ],
+)
+def test_invalid_hyperparameters_raise_value_error(
+    factory: Callable[..., Any], kwargs: dict[str, Any], names: str
+) -> None:
+    with pytest.raises(ValueError, match=names.replace("[", r"\[").replace("]", r"\]")):
+        factory(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("factory", "hyper"),
+    [
+        (P.rmsprop, {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.1}),
+        (P.sgd, {"lr": 0.01, "momentum": 0.9, "dampening": 0.2}),
+        (P.adagrad, {"lr": 0.1, "lr_decay": 0.1}),
+        (K.rmsprop, {"learning_rate": 0.01, "momentum": 0.9}),
+        (F.rmsprop, {"learning_rate": 0.01, "momentum": 0.9}),
+    ],
+)
+def test_presets_work_under_inject_hyperparams(
+    factory: Callable[..., Any], hyper: dict[str, float]
+) -> None:
+    """Hyperparameters may be traced: no Python branching on their values, same numbers."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 5)}
+    grads = [{"w": jnp.cos(jnp.arange(5.0) + i)} for i in range(4)]
+    plain = factory(**hyper)
+    injected = optax.inject_hyperparams(factory)(**hyper)
+
+    def run(opt: Any) -> Any:
+        step = jax.jit(opt.update)
+        p, s = params, opt.init(params)
+        for g in grads:
+            u, s = step(g, s, p)
+            p = rmsjax.apply_updates(p, u)
+        return p
+
+    np.testing.assert_allclose(run(injected)["w"], run(plain)["w"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_signatures_are_the_frameworks(framework: str) -> None:
+    """Argument names, order, keyword-only-ness and defaults of the real classes (recorded by
+    the generator; arguments listed in its NOT_CARRIED are left out of the presets)."""
+    recorded = framework_signatures(framework)
+    module = MODULES[framework]
+    assert set(recorded) == set(module.__all__)
+    for preset, expected in recorded.items():
+        params = inspect.signature(getattr(module, preset)).parameters.values()
+        got = [[p.name, p.kind.name, p.default] for p in params]
+        got = [[n, k, list(d) if isinstance(d, tuple) else d] for n, k, d in got]
+        assert got == expected, preset
+
+
+def test_compat_is_importable_as_documented() -> None:
+    import rmsjax.compat as compat
+
+    assert compat.pytorch is P and compat.keras is K and compat.tf1 is F
+    for module in (P, K, F):
+        for name in module.__all__:
+            opt = getattr(module, name)(**({"learning_rate": 0.1} if module is F else {}))
+            assert isinstance(opt, optax.GradientTransformation)
+
+
+def test_generator_reproduces_stored_files() -> None:
+    """Optional: needs torch and keras (the ``reference`` extra); skipped without them."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    missing = [m for m in ("torch", "keras") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs the `reference` extra (missing: {', '.join(missing)})")
+
+    result = subprocess.run(
+        [sys.executable, str(REF / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_x64_mode_does_not_leak() -> None:
+    """The float64 comparisons switch x64 on only inside their own blocks."""
+    preset_errors("torch", "x64")
+    assert jnp.ones(1).dtype == jnp.float32
+    assert not jax.config.jax_enable_x64

@@ -27,6 +27,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rmsjax
+import rmsjax.compat.keras
+import rmsjax.compat.pytorch
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 8
@@ -70,6 +72,8 @@ def optimizers() -> dict[str, Any]:
         "adagrad": rmsjax.adagrad(0.01),
         "adadelta": rmsjax.adadelta(1.0, weight_decay=1e-4),
         "rprop": rmsjax.rprop(0.01),
+        "torch_rmsprop": rmsjax.compat.pytorch.rmsprop(lr=0.01, momentum=0.9, centered=True),
+        "keras_adam": rmsjax.compat.keras.adam(),
     }
 
 

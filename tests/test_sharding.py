@@ -72,6 +72,8 @@ CHECKS = [
             "adagrad",
             "adadelta",
             "rprop",
+            "torch_rmsprop",
+            "keras_adam",
         )
     ),
     *(

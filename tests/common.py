@@ -55,7 +55,7 @@ def trajectory(
         _, ps = jax.lax.scan(step, (p, opt.init(p)), None, length=steps)
         return ps
 
-    stacked = run(params)
+    stacked = jax.tree.map(np.asarray, run(params))  # one transfer; slicing below is NumPy's
     return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(steps)]
 
 

@@ -148,9 +148,7 @@ def _load() -> None:
     try:
         path = build()
         lib = ctypes.CDLL(str(path))
-        jax.ffi.register_ffi_target(
-            TARGET, jax.ffi.pycapsule(lib.RmsjaxFusedStep), platform="cpu"
-        )
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RmsjaxFusedStep), platform="cpu")
     except Exception as err:  # any failure means: stay on the pure-JAX path, and say why
         _state.update(ok=False, why=f"{type(err).__name__}: {err}")
         return

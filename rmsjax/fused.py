@@ -63,6 +63,10 @@ __all__ = ["FusedOptimizer", "adam", "adamw", "inject_hyperparams", "rmsprop", "
 
 _BACKENDS = ("auto", "native", "jax")
 _KIND_RMS, _KIND_ADAM, _KIND_SGD = 0, 1, 2
+# XLA's compile time grows faster than linearly with the operand count of one custom call
+# (1024 leaves in one call: ~40 s), so a large tree is updated by several calls of at most
+# this many leaves; each call is still a single pass over its leaves.
+_LEAVES_PER_CALL = 32
 
 
 class FusedOptimizer(NamedTuple):
@@ -241,6 +245,30 @@ def _is_dynamic(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray, np.generic)) and not isinstance(value, bool)
 
 
+def _kernel_call(spec: _Spec, scalars: Any, p_list: Any, g_list: Any, slot_lists: Any) -> Any:
+    """One FFI call updating the leaves ``p_list`` (and their state) in place."""
+    n_in, n_out = 2 + len(slot_lists), 1 + len(slot_lists)
+    operands: list[Any] = [scalars]
+    results: list[Any] = []
+    aliases: dict[int, int] = {}
+    for k, (p, g) in enumerate(zip(p_list, g_list, strict=True)):
+        leaf_in = [p, g, *(s[k] for s in slot_lists)]
+        leaf_out = [leaf_in[0], *leaf_in[2:]]
+        base_in, base_out = 1 + k * n_in, k * n_out
+        operands += leaf_in
+        results += [jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32) for x in leaf_out]
+        aliases[base_in] = base_out
+        for j in range(len(slot_lists)):
+            aliases[base_in + 2 + j] = base_out + 1 + j
+    call = jax.ffi.ffi_call(
+        native.TARGET, results, input_output_aliases=aliases, vmap_method="sequential"
+    )
+    outs = call(*operands, **spec.attrs)
+    p_new = [outs[k * n_out] for k in range(len(p_list))]
+    s_new = [[outs[k * n_out + 1 + j] for k in range(len(p_list))] for j in range(n_out - 1)]
+    return p_new, s_new
+
+
 def _core(make: Callable[[dict[str, Any]], _Spec], hp_static: dict[str, Any]) -> Callable:
     """``core(hp_dyn, sub_state, p_list, g_list) -> (p_list, slot_lists)`` for eligible leaves.
 
@@ -259,25 +287,16 @@ def _core(make: Callable[[dict[str, Any]], _Spec], hp_static: dict[str, Any]) ->
         assert spec.scalars is not None
         scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in spec.scalars(sub_state)])
         slot_lists = [_get_slot(sub_state, slot) for slot in spec.slots]
-        n_in, n_out = 2 + len(slot_lists), 1 + len(slot_lists)
-        operands: list[Any] = [scalars]
-        results: list[Any] = []
-        aliases: dict[int, int] = {}
-        for k, (p, g) in enumerate(zip(p_list, g_list, strict=True)):
-            leaf_in = [p, g, *(s[k] for s in slot_lists)]
-            leaf_out = [leaf_in[0], *leaf_in[2:]]
-            base_in, base_out = 1 + k * n_in, k * n_out
-            operands += leaf_in
-            results += [jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32) for x in leaf_out]
-            aliases[base_in] = base_out
-            for j in range(len(slot_lists)):
-                aliases[base_in + 2 + j] = base_out + 1 + j
-        call = jax.ffi.ffi_call(
-            native.TARGET, results, input_output_aliases=aliases, vmap_method="sequential"
-        )
-        outs = call(*operands, **spec.attrs)
-        p_new = [outs[k * n_out] for k in range(len(p_list))]
-        s_new = [[outs[k * n_out + 1 + j] for k in range(len(p_list))] for j in range(n_out - 1)]
+        n_slots = len(slot_lists)
+        p_new: list[Any] = []
+        s_new: list[list[Any]] = [[] for _ in range(n_slots)]
+        for lo in range(0, len(p_list), _LEAVES_PER_CALL):
+            hi = min(len(p_list), lo + _LEAVES_PER_CALL)
+            window = [s[lo:hi] for s in slot_lists]
+            pp, ss = _kernel_call(spec, scalars, p_list[lo:hi], g_list[lo:hi], window)
+            p_new += pp
+            for j in range(n_slots):
+                s_new[j] += ss[j]
         return p_new, s_new
 
     kernel_v = jax.custom_batching.custom_vmap(kernel)
@@ -289,11 +308,25 @@ def _core(make: Callable[[dict[str, Any]], _Spec], hp_static: dict[str, Any]) ->
         return out, jax.tree.map(lambda _: True, out)
 
     def dispatch(*args: Any) -> Any:
+        if not _accelerator_present():
+            return kernel_v(*args)  # CPU-only process: skip tracing the unused pure branch
         return jax.lax.platform_dependent(*args, cpu=kernel_v, default=pure)
 
     core = jax.custom_jvp(dispatch)
     core.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
     return core
+
+
+@functools.cache
+def _accelerator_present() -> bool:
+    """True when this process can also run on a non-CPU backend (GPU, TPU, ...)."""
+    for name in ("gpu", "tpu", "METAL"):
+        try:
+            if jax.devices(name):
+                return True
+        except RuntimeError:
+            continue
+    return False
 
 
 def _single_device(trees: Iterable[Any]) -> bool:

@@ -10,10 +10,15 @@
 // Operands: scalars f32[k], then per leaf: p, g, state_1 .. state_n   (all float32, same size)
 // Results:  per leaf: p, state_1 .. state_n                          (aliased to the operands)
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -165,6 +170,77 @@ int MaxThreads() {
   return n;
 }
 
+// A persistent pool of worker threads (a step may be split over several calls, so starting
+// threads per call would cost more than the work on small trees). One job at a time: a call
+// that finds the pool busy (XLA running two calls concurrently) does its work on its own.
+class Pool {
+ public:
+  explicit Pool(int workers) {
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { Loop(i); });
+    for (auto& t : threads_) t.detach();
+  }
+
+  int size() const { return static_cast<int>(threads_.size()) + 1; }
+
+  void Run(int n, const std::function<void(int)>& f) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || n <= 1 || n > size()) {
+      for (int t = 0; t < n; ++t) f(t);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      job_ = &f;
+      n_ = n;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    cv_.notify_all();
+    f(0);
+    std::unique_lock<std::mutex> lk(m_);
+    done_.wait(lk, [this] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void Loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* job;
+      {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (id + 1 >= n_) continue;
+        job = job_;
+      }
+      (*job)(id + 1);
+      std::lock_guard<std::mutex> lk(m_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex busy_, m_;
+  std::condition_variable cv_, done_;
+  const std::function<void(int)>* job_ = nullptr;
+  int n_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+};
+
+Pool& GetPool() {
+  // Leaked on purpose (no join at exit); re-created in a forked child, which has no workers.
+  static std::mutex mu;
+  static Pool* pool = nullptr;
+  static pid_t owner = 0;
+  std::lock_guard<std::mutex> lk(mu);
+  if (pool == nullptr || owner != getpid()) {
+    pool = new Pool(MaxThreads() - 1);
+    owner = getpid();
+  }
+  return *pool;
+}
+
 // Process the global element range [lo, hi) of the concatenation of all leaves.
 void RunRange(const std::vector<Leaf>& leaves, const std::vector<int64_t>& starts, int64_t lo,
               int64_t hi, KernelFn fn, const float* sc) {
@@ -251,10 +327,10 @@ ffi::Error FusedStepImpl(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
   }
   const int64_t total = starts[n_leaves];
   const float* sc = scalars.typed_data();
-  // One thread per 64K elements at most: below that, starting a thread costs more than it saves.
+  // One thread per 64K elements at most: below that, waking a thread costs more than it saves.
   const int64_t grain = int64_t{1} << 16;
   const int threads = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(MaxThreads(), (total + grain - 1) / grain)));
+      std::max<int64_t>(1, std::min<int64_t>(GetPool().size(), (total + grain - 1) / grain)));
   if (threads == 1) {
     RunRange(leaves, starts, 0, total, fn, sc);
     return ffi::Error::Success();
@@ -264,13 +340,7 @@ ffi::Error FusedStepImpl(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
   for (int t = 0; t <= threads; ++t) {
     cut[t] = t == threads ? total : (total / threads * t) & ~int64_t{15};
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) {
-    pool.emplace_back(RunRange, std::cref(leaves), std::cref(starts), cut[t], cut[t + 1], fn, sc);
-  }
-  RunRange(leaves, starts, cut[0], cut[1], fn, sc);
-  for (auto& th : pool) th.join();
+  GetPool().Run(threads, [&](int t) { RunRange(leaves, starts, cut[t], cut[t + 1], fn, sc); });
   return ffi::Error::Success();
 }
 

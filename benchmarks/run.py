@@ -388,6 +388,44 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(rows: list[dict[str, Any]]) -> str:
+    """One line per case: optax's time, the others as ratios (the README table)."""
+    cases: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        cases.setdefault((r["config"], r["tree"], r["params"]), {})[r["impl"]] = r
+    has_torch = any(r["impl"].startswith("torch") for r in rows)
+    head = (
+        "| optimizer | tree | params | optax ms | rmsjax / optax | fused / optax "
+        "| fused % ceiling | compile s optax / fused | peak MiB optax / fused |"
+    )
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|"
+    if has_torch:
+        head += " torch foreach / optax | torch fused / optax |"
+        rule += "---:|---:|"
+    lines = [head, rule]
+    for (cfg, tree, n), impls in cases.items():
+        o, f = impls["optax"], impls["rmsjax.fused"]
+        r = next(v for k, v in impls.items() if k.startswith("rmsjax") and k != "rmsjax.fused")
+        peak = (
+            f"{o['peak_mib']:.0f} / {f['peak_mib']:.0f}"
+            if o["peak_mib"] is not None and f["peak_mib"] is not None
+            else ""
+        )
+        line = (
+            f"| {cfg} | {tree} | {n / MiB:.0f}M | {o['step_ms']:.2f} "
+            f"| {r['ratio_vs_optax']:.2f} | **{f['ratio_vs_optax']:.2f}** "
+            f"| {100 * f['frac_of_ceiling']:.0f}% | {o['compile_s']:.2f} / {f['compile_s']:.2f} "
+            f"| {peak} |"
+        )
+        if has_torch:
+            tf = impls.get("torch.foreach")
+            tu = impls.get("torch.fused")
+            line += f" {tf['ratio_vs_optax']:.2f} |" if tf else " |"
+            line += f" {tu['ratio_vs_optax']:.2f} |" if tu else " |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -410,7 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=None, help="comma-separated optimizer names")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--summarize", default=None, help="only print the summary of a results.json")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(summary(json.loads(Path(args.summarize).read_text())["rows"]), end="")
+        return 0
 
     tree_names = {"1": "1 leaf", "64": "64 leaves", "1024": "1024 leaves"}
     tree_names["transformer"] = "transformer"
@@ -457,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (out / "results.md").write_text(markdown(rows, meta))
+    (out / "results.md").write_text(markdown(rows, meta) + "\n" + summary(rows))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'} in {meta['wall_s']:.0f} s")
     return 0
 

@@ -6,6 +6,7 @@ where optax returns NaN or overflows (each such difference is documented on the 
 
 from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 
+from rmsjax import fused, native
 from rmsjax.optimizers import adamw, rmsprop
 from rmsjax.transforms import (
     AddDecayedWeightsState,
@@ -45,6 +46,8 @@ __all__ = [
     "adamw",
     "apply_updates",
     "chain",
+    "fused",
+    "native",
     "rmsprop",
     "scale",
     "scale_by_adam",

@@ -324,7 +324,7 @@ def _accelerator_present() -> bool:
         try:
             if jax.devices(name):
                 return True
-        except RuntimeError:
+        except Exception:  # unknown or uninitialisable backend: not present
             continue
     return False
 
@@ -334,9 +334,8 @@ def _single_device(trees: Iterable[Any]) -> bool:
         return False
     for tree in trees:
         for leaf in jax.tree.leaves(tree):
-            sharding = getattr(leaf, "sharding", None)
-            if sharding is not None and not isinstance(leaf, jax.core.Tracer):
-                if len(sharding.device_set) > 1:
+            if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+                if len(leaf.sharding.device_set) > 1:
                     return False
     return True
 

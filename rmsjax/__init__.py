@@ -4,9 +4,11 @@ Swap ``optax.`` for ``rmsjax.``: names, signatures, defaults and numbers are opt
 where optax returns NaN or overflows (each such difference is documented on the function).
 """
 
+import importlib
+from typing import Any
+
 from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 
-from rmsjax import fused, native
 from rmsjax.optimizers import adamw, rmsprop
 from rmsjax.transforms import (
     AddDecayedWeightsState,
@@ -30,6 +32,15 @@ from rmsjax.transforms import (
 from rmsjax.updates import apply_updates
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # rmsjax.fused and rmsjax.native load on first use (and `python -m rmsjax.native` runs
+    # without the module having been imported already).
+    if name in ("fused", "native"):
+        return importlib.import_module(f"rmsjax.{name}")
+    raise AttributeError(f"module 'rmsjax' has no attribute {name!r}")
+
 
 __all__ = [
     "AddDecayedWeightsState",

@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     tree_names = {"1": "1 leaf", "64": "64 leaves", "1024": "1024 leaves"}
     tree_names["transformer"] = "transformer"
     if args.quick:
-        sizes, trees, reps, target = [4], ["1", "64"], args.reps or 5, 0.02
+        sizes, trees, reps, target = [4], ["1", "64"], 3, 0.015
     else:
         sizes, trees, reps, target = [4, 32], ["1", "64", "1024", "transformer"], 9, 0.05
     if args.sizes:

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -335,12 +336,17 @@ ffi::Error FusedStepImpl(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
     RunRange(leaves, starts, 0, total, fn, sc);
     return ffi::Error::Success();
   }
-  // Split the concatenated range into equal parts, aligned to 16 floats (one cache line).
-  std::vector<int64_t> cut(threads + 1);
-  for (int t = 0; t <= threads; ++t) {
-    cut[t] = t == threads ? total : (total / threads * t) & ~int64_t{15};
-  }
-  GetPool().Run(threads, [&](int t) { RunRange(leaves, starts, cut[t], cut[t + 1], fn, sc); });
+  // Threads claim blocks of 32K elements (128 KiB per array) from a shared counter, so a core
+  // that is busy with something else simply takes fewer blocks (no static split to wait for).
+  const int64_t block = int64_t{1} << 15;
+  std::atomic<int64_t> next{0};
+  GetPool().Run(threads, [&](int) {
+    for (;;) {
+      const int64_t lo = next.fetch_add(block, std::memory_order_relaxed);
+      if (lo >= total) break;
+      RunRange(leaves, starts, lo, std::min(total, lo + block), fn, sc);
+    }
+  });
   return ffi::Error::Success();
 }
 

@@ -324,3 +324,20 @@ def test_several_devices_fall_back_to_pure_jax():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["centered_momentum", "adamw"])
+def test_large_leaves_split_over_threads(name):
+    # Above 64K elements the kernel splits the work over threads in 32K-element blocks that
+    # cross leaf boundaries; odd sizes check the block edges.
+    rng = np.random.default_rng(4)
+    f32 = lambda n: jnp.asarray(rng.normal(size=n), jnp.float32)
+    params = {"a": f32(300_001), "b": f32(70_003), "c": f32(5)}
+    grads = {k: f32(v.size) for k, v in params.items()}
+    opt, ref = CONFIGS[name]("auto"), CONFIGS[name]("jax")
+    state = opt.init(params)
+    for _ in range(2):
+        got = jax.jit(opt.step)(params, grads, state)
+        want = jax.jit(ref.step)(params, grads, state)
+        assert_close(got, want)
+        params, state = want

@@ -130,7 +130,6 @@ def test_native_matches_pure_jax(name):
     "name, shape",
     [
         ("centered_momentum", "single_array"),
-        ("centered_momentum", "scalar"),
         ("centered_momentum", "many_leaves"),
         ("adamw", "many_leaves"),
         ("adamw", "all_none_but_one"),

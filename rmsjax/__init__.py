@@ -4,6 +4,9 @@ Swap ``optax.`` for ``rmsjax.``: names, signatures, defaults and numbers are opt
 where optax returns NaN or overflows (each such difference is documented on the function).
 """
 
+import importlib
+from typing import Any
+
 from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 
 from rmsjax import compat
@@ -65,6 +68,14 @@ from rmsjax.variants import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    # rmsjax.fused and rmsjax.native load on first use (and `python -m rmsjax.native` runs
+    # without the module having been imported already).
+    if name in ("fused", "native"):
+        return importlib.import_module(f"rmsjax.{name}")
+    raise AttributeError(f"module 'rmsjax' has no attribute {name!r}")
+
 __all__ = [
     "AddDecayedWeightsState",
     "DampenedTraceState",
@@ -99,8 +110,10 @@ __all__ = [
     "dampened_trace",
     "decoupled_weight_decay",
     "exponential_decay",
+    "fused",
     "inverse_time_decay",
     "join_schedules",
+    "native",
     "piecewise_constant_schedule",
     "polynomial_schedule",
     "precise_debias",

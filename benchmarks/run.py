@@ -1,0 +1,508 @@
+"""Optimizer-step benchmark: rmsjax (protocol and fused) against optax, and torch if installed.
+
+One process, one case at a time, implementations interleaved (their order rotates every
+repetition) so that machine noise hits all of them alike. Each JAX step is
+``jax.jit(step, donate_argnums=(0, 2))`` with ``step(params, grads, state) -> (params, state)``:
+
+* ``optax``         ``tx.update`` + ``optax.apply_updates`` (optax's own optimizer)
+* ``rmsjax``        the same with rmsjax's optax-protocol optimizer (pure JAX)
+* ``rmsjax.fused``  ``rmsjax.fused.<opt>(...).step`` (native kernel on CPU when available)
+* ``torch.foreach`` / ``torch.fused``  ``torch.optim.<Opt>(..., foreach=True | fused=True)``
+  ``.step()`` on tensors with ``.grad`` set (only when torch can be imported)
+
+Reported per case: median step time, its ratio to optax, compile time (trace + lower +
+compile), GB/s at the ideal bytes of the step (each parameter, gradient and state element read
+once and each new parameter and state element written once) next to a bandwidth ceiling
+measured in the same interleaving (a donated, in-place XLA stream ``a <- a * b + c``, 16 B per
+element), and peak memory of the compiled step from XLA's memory analysis (arguments +
+outputs - aliased + temporaries). The process RSS high-water mark is recorded too.
+
+Usage::
+
+  python benchmarks/run.py            # full: 5 optimizers x 4 trees x {4M, 32M} params
+  python benchmarks/run.py --quick    # 4M params, 1 and 64 leaves, fewer repetitions (< 1 min)
+
+Writes ``<out>/results.json`` and ``<out>/results.md`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import rmsjax
+from rmsjax import fused, native
+from rmsjax import transforms as T
+
+try:  # optional
+    import torch  # type: ignore[import-not-found]
+except Exception:  # pragma: no cover - torch is not a dependency
+    torch = None
+
+LR = 1e-3
+MiB = 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer configurations: (optax, rmsjax protocol, rmsjax fused, torch factory, ideal B/param)
+# --------------------------------------------------------------------------------------------
+
+
+def _rmsjax_adam() -> tuple[str, optax.GradientTransformation]:
+    if hasattr(rmsjax, "adam"):
+        return "rmsjax", rmsjax.adam(LR)
+    return "rmsjax(chain)", optax.chain(T.scale_by_adam(), T.scale_by_learning_rate(LR))
+
+
+def _rmsjax_sgd() -> tuple[str, optax.GradientTransformation]:
+    if hasattr(rmsjax, "sgd"):
+        return "rmsjax", rmsjax.sgd(LR, momentum=0.9)
+    return "rmsjax(chain)", optax.chain(T.trace(decay=0.9), T.scale_by_learning_rate(LR))
+
+
+def configs() -> dict[str, dict[str, Any]]:
+    adam_name, adam_tx = _rmsjax_adam()
+    sgd_name, sgd_tx = _rmsjax_sgd()
+    t = torch
+    return {
+        "rmsprop": dict(
+            optax=optax.rmsprop(LR),
+            rmsjax=("rmsjax", rmsjax.rmsprop(LR)),
+            fused=fused.rmsprop(LR),
+            torch=lambda ps, **kw: t.optim.RMSprop(ps, lr=LR, alpha=0.9, eps=1e-8, **kw),
+            torch_fused=False,
+            bytes=20,  # read p, g, nu; write p, nu
+        ),
+        "centered+momentum": dict(
+            optax=optax.rmsprop(LR, centered=True, momentum=0.9),
+            rmsjax=("rmsjax", rmsjax.rmsprop(LR, centered=True, momentum=0.9)),
+            fused=fused.rmsprop(LR, centered=True, momentum=0.9),
+            torch=lambda ps, **kw: t.optim.RMSprop(
+                ps, lr=LR, alpha=0.9, eps=1e-8, centered=True, momentum=0.9, **kw
+            ),
+            torch_fused=False,
+            bytes=36,  # read p, g, mu, nu, m; write p, mu, nu, m
+        ),
+        "adamw": dict(
+            optax=optax.adamw(LR, weight_decay=1e-4),
+            rmsjax=("rmsjax", rmsjax.adamw(LR, weight_decay=1e-4)),
+            fused=fused.adamw(LR, weight_decay=1e-4),
+            torch=lambda ps, **kw: t.optim.AdamW(ps, lr=LR, weight_decay=1e-4, **kw),
+            torch_fused=True,
+            bytes=28,  # read p, g, mu, nu; write p, mu, nu
+        ),
+        "adam": dict(
+            optax=optax.adam(LR),
+            rmsjax=(adam_name, adam_tx),
+            fused=fused.adam(LR),
+            torch=lambda ps, **kw: t.optim.Adam(ps, lr=LR, **kw),
+            torch_fused=True,
+            bytes=28,
+        ),
+        "sgd-momentum": dict(
+            optax=optax.sgd(LR, momentum=0.9),
+            rmsjax=(sgd_name, sgd_tx),
+            fused=fused.sgd(LR, momentum=0.9),
+            torch=lambda ps, **kw: t.optim.SGD(ps, lr=LR, momentum=0.9, **kw),
+            torch_fused=True,
+            bytes=20,  # read p, g, m; write p, m
+        ),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Trees
+# --------------------------------------------------------------------------------------------
+
+
+def tree_shapes(kind: str, n: int) -> dict[str, tuple[int, ...]]:
+    """Leaf shapes (float32) totalling about ``n`` parameters."""
+    if kind == "1 leaf":
+        return {"w": (n,)}
+    if kind in ("64 leaves", "1024 leaves"):
+        k = int(kind.split()[0])
+        return {f"w{i:04d}": (n // k,) for i in range(k)}
+    if kind == "transformer":
+        # GPT-style blocks (attention qkv/out, 4x MLP, two layer norms) plus an embedding that
+        # brings the total to n.
+        d, layers = (256, 4) if n <= 8 * MiB else (512, 8)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i in range(layers):
+            b = f"block{i:02d}"
+            shapes |= {
+                f"{b}.ln1.scale": (d,),
+                f"{b}.ln1.bias": (d,),
+                f"{b}.attn.qkv.w": (d, 3 * d),
+                f"{b}.attn.qkv.b": (3 * d,),
+                f"{b}.attn.out.w": (d, d),
+                f"{b}.attn.out.b": (d,),
+                f"{b}.ln2.scale": (d,),
+                f"{b}.ln2.bias": (d,),
+                f"{b}.mlp.up.w": (d, 4 * d),
+                f"{b}.mlp.up.b": (4 * d,),
+                f"{b}.mlp.down.w": (4 * d, d),
+                f"{b}.mlp.down.b": (d,),
+            }
+        shapes |= {"ln_f.scale": (d,), "ln_f.bias": (d,)}
+        used = sum(int(np.prod(s)) for s in shapes.values())
+        shapes["embed"] = (max(1, (n - used) // d), d)
+        return shapes
+    raise ValueError(kind)
+
+
+def make_tree(shapes: dict[str, tuple[int, ...]], key: jax.Array, scale: float) -> Any:
+    keys = jax.random.split(key, len(shapes))
+    return {
+        name: scale * jax.random.normal(k, shape, jnp.float32)
+        for (name, shape), k in zip(shapes.items(), keys, strict=True)
+    }
+
+
+def n_params(tree: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+# --------------------------------------------------------------------------------------------
+# Runners: each has .setup() (compile, returns seconds), .run(k) (k steps), .peak (bytes|None)
+# --------------------------------------------------------------------------------------------
+
+
+def _peak(compiled: Any) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+            + m.temp_size_in_bytes
+        )
+    except Exception:
+        return None
+
+
+class JaxRunner:
+    def __init__(self, name: str, step: Callable, params: Any, grads: Any, state: Any):
+        self.name, self._step = name, step
+        self.p, self.g, self.s = params, grads, state
+        self.peak: int | None = None
+
+    def setup(self) -> float:
+        t0 = time.perf_counter()
+        jitted = jax.jit(self._step, donate_argnums=(0, 2))
+        self.compiled = jitted.lower(self.p, self.g, self.s).compile()
+        secs = time.perf_counter() - t0
+        self.peak = _peak(self.compiled)
+        self.run(1)  # warm-up (first touch of the output buffers)
+        return secs
+
+    def run(self, k: int) -> float:
+        t0 = time.perf_counter()
+        p, s = self.p, self.s
+        for _ in range(k):
+            p, s = self.compiled(p, self.g, s)
+        jax.block_until_ready((p, s))
+        self.p, self.s = p, s
+        return (time.perf_counter() - t0) / k
+
+    def close(self) -> None:
+        self.p = self.s = self.compiled = None
+
+
+def protocol_step(tx: optax.GradientTransformation, apply: Callable) -> Callable:
+    def step(params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
+        updates, state = tx.update(grads, state, params)
+        return apply(params, updates), state
+
+    return step
+
+
+class StreamRunner(JaxRunner):
+    """The bandwidth ceiling: a <- a * b + c in place (16 B per element)."""
+
+    def __init__(self, n: int):
+        key = jax.random.key(7)
+        a, b, c = (jax.random.normal(k, (n,), jnp.float32) for k in jax.random.split(key, 3))
+        super().__init__("stream a=a*b+c", None, a, (b, c), None)  # type: ignore[arg-type]
+
+    def setup(self) -> float:
+        f = jax.jit(lambda a, bc: a * bc[0] + bc[1], donate_argnums=0)
+        self.compiled = f.lower(self.p, self.g).compile()
+        self.peak = _peak(self.compiled)
+        self.run(1)
+        return 0.0
+
+    def run(self, k: int) -> float:
+        t0 = time.perf_counter()
+        a = self.p
+        for _ in range(k):
+            a = self.compiled(a, self.g)
+        jax.block_until_ready(a)
+        self.p = a
+        return (time.perf_counter() - t0) / k
+
+
+class TorchRunner:
+    def __init__(self, name: str, factory: Callable, params: Any, grads: Any, **kw: Any):
+        self.name, self.peak = name, None
+        self.tp = [torch.from_numpy(np.array(x)).reshape(-1) for x in jax.tree.leaves(params)]
+        for p, g in zip(self.tp, jax.tree.leaves(grads), strict=True):
+            p.grad = torch.from_numpy(np.array(g)).reshape(-1)
+        self.opt = factory(self.tp, **kw)
+
+    def setup(self) -> float:
+        self.run(1)
+        return 0.0
+
+    def run(self, k: int) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(k):
+                self.opt.step()
+        return (time.perf_counter() - t0) / k
+
+    def close(self) -> None:
+        self.tp = self.opt = None
+
+
+# --------------------------------------------------------------------------------------------
+# One case
+# --------------------------------------------------------------------------------------------
+
+
+def bench_case(
+    cfg_name: str, cfg: dict[str, Any], tree: str, n: int, reps: int, target_s: float
+) -> list[dict[str, Any]]:
+    shapes = tree_shapes(tree, n)
+    key = jax.random.key(0)
+    params = make_tree(shapes, key, 1.0)
+    grads = make_tree(shapes, jax.random.fold_in(key, 1), 1e-2)
+    size = n_params(params)
+    copy = lambda t: jax.tree.map(jnp.copy, t)
+
+    runners: list[Any] = [StreamRunner(size)]
+    tx = cfg["optax"]
+    runners.append(
+        JaxRunner(
+            "optax", protocol_step(tx, optax.apply_updates), copy(params), grads, tx.init(params)
+        )
+    )
+    label, rtx = cfg["rmsjax"]
+    runners.append(
+        JaxRunner(
+            label, protocol_step(rtx, rmsjax.apply_updates), copy(params), grads, rtx.init(params)
+        )
+    )
+    fo = cfg["fused"]
+    runners.append(JaxRunner("rmsjax.fused", fo.step, copy(params), grads, fo.init(params)))
+    if torch is not None:
+        runners.append(TorchRunner("torch.foreach", cfg["torch"], params, grads, foreach=True))
+        if cfg["torch_fused"]:
+            runners.append(TorchRunner("torch.fused", cfg["torch"], params, grads, fused=True))
+    del params
+
+    compile_s = {r.name: r.setup() for r in runners}
+    # Steps per timing so that one timing lasts about target_s.
+    ks = {r.name: max(1, int(target_s / max(r.run(1), 1e-6))) for r in runners}
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for rep in range(reps):
+        order = runners[rep % len(runners) :] + runners[: rep % len(runners)]
+        for r in order:
+            times[r.name].append(r.run(ks[r.name]))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    ceiling_gbs = 16 * size / med[runners[0].name] / 1e9
+    rows = []
+    for r in runners[1:]:
+        t = med[r.name]
+        gbs = cfg["bytes"] * size / t / 1e9
+        rows.append(
+            dict(
+                config=cfg_name,
+                tree=tree,
+                leaves=len(shapes),
+                params=size,
+                impl=r.name,
+                native=(r.name == "rmsjax.fused" and native.available()),
+                step_ms=1e3 * t,
+                step_ms_all=[1e3 * x for x in times[r.name]],
+                ratio_vs_optax=t / med["optax"],
+                compile_s=compile_s[r.name] if r.name.startswith(("optax", "rmsjax")) else None,
+                ideal_bytes_per_param=cfg["bytes"],
+                gbs=gbs,
+                ceiling_gbs=ceiling_gbs,
+                frac_of_ceiling=gbs / ceiling_gbs,
+                peak_mib=None if r.peak is None else r.peak / MiB,
+            )
+        )
+    for r in runners:
+        r.close()
+    del runners
+    gc.collect()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {meta['machine']}; jax {meta['jax']}, optax {meta['optax']}, "
+        f"torch {meta['torch']}; native kernel: {meta['native']}.",
+        f"Median of {meta['reps']} interleaved timings per implementation; ratio = step time / "
+        "optax's step time in the same case (lower is better); GB/s at the ideal bytes of the "
+        "step; ceiling = in-place XLA stream `a = a*b + c` measured in the same case; peak = "
+        "XLA memory analysis of the compiled step.",
+        "",
+        "| optimizer | tree | params | impl | step ms | vs optax | GB/s | % ceiling "
+        "| compile s | peak MiB |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        comp = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(
+            f"| {r['config']} | {r['tree']} | {r['params'] / MiB:.0f}M | {r['impl']} "
+            f"| {r['step_ms']:.2f} | {r['ratio_vs_optax']:.2f} | {r['gbs']:.1f} "
+            f"| {100 * r['frac_of_ceiling']:.0f}% | {comp} | {peak} |"
+        )
+    lines.append("")
+    lines.append(f"Process RSS high-water mark: {meta['rss_peak_mib']:.0f} MiB.")
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """One line per case: optax's time, the others as ratios (the README table)."""
+    cases: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        cases.setdefault((r["config"], r["tree"], r["params"]), {})[r["impl"]] = r
+    has_torch = any(r["impl"].startswith("torch") for r in rows)
+    head = (
+        "| optimizer | tree | params | optax ms | rmsjax / optax | fused / optax "
+        "| fused % ceiling | compile s optax / fused | peak MiB optax / fused |"
+    )
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|"
+    if has_torch:
+        head += " torch foreach / optax | torch fused / optax |"
+        rule += "---:|---:|"
+    lines = [head, rule]
+    for (cfg, tree, n), impls in cases.items():
+        o, f = impls["optax"], impls["rmsjax.fused"]
+        r = next(v for k, v in impls.items() if k.startswith("rmsjax") and k != "rmsjax.fused")
+        peak = (
+            f"{o['peak_mib']:.0f} / {f['peak_mib']:.0f}"
+            if o["peak_mib"] is not None and f["peak_mib"] is not None
+            else ""
+        )
+        line = (
+            f"| {cfg} | {tree} | {n / MiB:.0f}M | {o['step_ms']:.2f} "
+            f"| {r['ratio_vs_optax']:.2f} | **{f['ratio_vs_optax']:.2f}** "
+            f"| {100 * f['frac_of_ceiling']:.0f}% | {o['compile_s']:.2f} / {f['compile_s']:.2f} "
+            f"| {peak} |"
+        )
+        if has_torch:
+            tf = impls.get("torch.foreach")
+            tu = impls.get("torch.fused")
+            line += f" {tf['ratio_vs_optax']:.2f} |" if tf else " |"
+            line += f" {tu['ratio_vs_optax']:.2f} |" if tu else " |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    devices = ", ".join(sorted({d.platform for d in jax.devices()}))
+    return f"{model}, {os.cpu_count()} cores, jax devices: {devices}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4M params, 1 and 64 leaves (< 1 min)")
+    ap.add_argument("--sizes", default=None, help="comma-separated M params, e.g. 4,32")
+    ap.add_argument("--trees", default=None, help="comma-separated: 1,64,1024,transformer")
+    ap.add_argument("--configs", default=None, help="comma-separated optimizer names")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--summarize", default=None, help="only print the summary of a results.json")
+    args = ap.parse_args(argv)
+    if args.summarize:
+        print(summary(json.loads(Path(args.summarize).read_text())["rows"]), end="")
+        return 0
+
+    tree_names = {"1": "1 leaf", "64": "64 leaves", "1024": "1024 leaves"}
+    tree_names["transformer"] = "transformer"
+    if args.quick:
+        sizes, trees, reps, target = [4], ["1", "64"], 3, 0.015
+    else:
+        sizes, trees, reps, target = [4, 32], ["1", "64", "1024", "transformer"], 9, 0.05
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    if args.trees:
+        trees = args.trees.split(",")
+    reps = args.reps or reps
+    all_cfgs = configs()
+    names = args.configs.split(",") if args.configs else list(all_cfgs)
+
+    print(native.status(), file=sys.stderr)
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for size in sizes:
+        for tree in trees:
+            for name in names:
+                case = bench_case(name, all_cfgs[name], tree_names[tree], size * MiB, reps, target)
+                for r in case:
+                    print(
+                        f"{name:18s} {r['tree']:12s} {size:3d}M {r['impl']:14s} "
+                        f"{r['step_ms']:8.2f} ms  x{r['ratio_vs_optax']:.2f}  "
+                        f"{r['gbs']:6.1f} GB/s ({100 * r['frac_of_ceiling']:.0f}% of "
+                        f"{r['ceiling_gbs']:.1f})  compile "
+                        + ("-" if r["compile_s"] is None else f"{r['compile_s']:.2f}s"),
+                        file=sys.stderr,
+                    )
+                rows += case
+    meta = dict(
+        machine=machine(),
+        jax=jax.__version__,
+        optax=optax.__version__,
+        torch=None if torch is None else torch.__version__,
+        native=native.status(),
+        reps=reps,
+        wall_s=time.perf_counter() - t_start,
+        rss_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        argv=sys.argv[1:] if argv is None else argv,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (out / "results.md").write_text(markdown(rows, meta) + "\n" + summary(rows))
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'} in {meta['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

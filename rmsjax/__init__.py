@@ -76,6 +76,7 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"rmsjax.{name}")
     raise AttributeError(f"module 'rmsjax' has no attribute {name!r}")
 
+
 __all__ = [
     "AddDecayedWeightsState",
     "DampenedTraceState",

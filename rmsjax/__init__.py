@@ -50,7 +50,6 @@ from rmsjax.variants import (
     ScaleByAdamEpsHatState,
     ScaleByAdamExactBiasState,
     ScaleByAmsgradState,
-    ScaleByRssEpsOutsideState,
     SplitRealAndImaginaryState,
     dampened_trace,
     decoupled_weight_decay,
@@ -58,7 +57,6 @@ from rmsjax.variants import (
     scale_by_adam_eps_hat,
     scale_by_adam_exact_bias,
     scale_by_amsgrad,
-    scale_by_rss_eps_outside,
     split_real_and_imaginary,
 )
 
@@ -79,7 +77,6 @@ __all__ = [
     "ScaleByRStdDevState",
     "ScaleByRmsState",
     "ScaleByRpropState",
-    "ScaleByRssEpsOutsideState",
     "ScaleByRssState",
     "ScaleByScheduleState",
     "ScaleState",
@@ -116,7 +113,6 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rprop",
     "scale_by_rss",
-    "scale_by_rss_eps_outside",
     "scale_by_schedule",
     "scale_by_stddev",
     "sgd",

@@ -13,8 +13,6 @@ here are the building blocks optax has no exact counterpart for:
   float64 host arithmetic, AMSGrad over the raw second moment.
 * :func:`scale_by_adam_eps_hat` -- Keras' Adam: the bias correction of the second moment is
   folded into the step size, so :math:`\hat\epsilon` is added to the uncorrected root.
-* :func:`scale_by_rss_eps_outside` -- PyTorch's AdaGrad: :math:`\epsilon` added outside the
-  root of the sum of squares.
 * :func:`decoupled_weight_decay` -- :math:`u \mathrel{-}= \eta_t \lambda \theta`, added after
   the learning rate (and after any momentum buffer): PyTorch's AdamW and Keras'
   ``weight_decay``.
@@ -55,7 +53,6 @@ __all__ = [
     "ScaleByAdamEpsHatState",
     "ScaleByAdamExactBiasState",
     "ScaleByAmsgradState",
-    "ScaleByRssEpsOutsideState",
     "SplitRealAndImaginaryState",
     "dampened_trace",
     "decoupled_weight_decay",
@@ -63,7 +60,6 @@ __all__ = [
     "scale_by_adam_eps_hat",
     "scale_by_adam_exact_bias",
     "scale_by_amsgrad",
-    "scale_by_rss_eps_outside",
     "split_real_and_imaginary",
 ]
 
@@ -482,65 +478,6 @@ def decoupled_weight_decay(
 
     transform = optax.GradientTransformation(init_fn, update_fn)
     return transform if mask is None else optax.masked(transform, mask)
-
-
-# --------------------------------------------------------------------------------------------
-# scale_by_rss_eps_outside (PyTorch's Adagrad)
-# --------------------------------------------------------------------------------------------
-
-
-class ScaleByRssEpsOutsideState(NamedTuple):
-    """State of :func:`scale_by_rss_eps_outside`: the sum of squared updates."""
-
-    sum_of_squares: Any
-
-
-def _rss_eps_outside_rule(
-    g: jax.Array, s: jax.Array, *, eps: ArrayLike
-) -> tuple[jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, s))
-    s = s + abs_sq(g)
-    return safe_div(g, jnp.sqrt(s) + eps), s
-
-
-def scale_by_rss_eps_outside(
-    initial_accumulator_value: ArrayLike = 0.0,
-    eps: ArrayLike = 1e-10,
-    *,
-    promote_half: bool = True,
-) -> optax.GradientTransformation:
-    r"""AdaGrad's accumulator with :math:`\epsilon` OUTSIDE the root (``torch.optim.Adagrad``).
-
-    .. math::
-      s_t = s_{t-1} + |g_t|^2, \qquad u_t = g_t / (\sqrt{s_t} + \epsilon)
-
-    with :math:`s_0` = ``initial_accumulator_value``. optax's (and Keras')
-    ``scale_by_rss`` divides by :math:`\sqrt{s_t + \epsilon}` instead; the two differ where
-    :math:`s_t` is comparable to :math:`\epsilon` (tiny gradients, or a zero start).
-
-    Args:
-      initial_accumulator_value: :math:`s_0`, >= 0 (torch's default 0).
-      eps: :math:`\epsilon`, >= 0 (torch's default 1e-10).
-      promote_half: keep :math:`s` of float16/bfloat16 leaves in float32 (default).
-
-    A zero divisor (:math:`s_t = 0` and :math:`\epsilon = 0`) gives 0, where torch gives NaN.
-    """
-    _check_nonneg("initial_accumulator_value", initial_accumulator_value)
-    _check_nonneg("eps", eps)
-
-    def init_fn(params: Any) -> ScaleByRssEpsOutsideState:
-        s = state_like(params, initial_accumulator_value, promote_half=promote_half, real=True)
-        return ScaleByRssEpsOutsideState(sum_of_squares=s)
-
-    def update_fn(
-        updates: Any, state: ScaleByRssEpsOutsideState, params: Any = None
-    ) -> tuple[Any, Any]:
-        del params
-        rule = lambda g, s: _rss_eps_outside_rule(g, s, eps=eps)
-        out, (s,) = map_rule(rule, updates, (state.sum_of_squares,))
-        return out, ScaleByRssEpsOutsideState(sum_of_squares=s)
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 # --------------------------------------------------------------------------------------------

@@ -466,7 +466,7 @@ class AddDecayedWeightsState(NamedTuple):
     count: jax.Array
 
 
-def _decay_rule(g: jax.Array, p: jax.Array, *, weight_decay: ArrayLike) -> tuple[jax.Array]:
+def _decay_rule(g: jax.Array, p: jax.Array, weight_decay: ArrayLike) -> tuple[jax.Array]:
     return (g + weight_decay * p,)
 
 
@@ -492,23 +492,33 @@ def add_decayed_weights(
     """
     if not callable(weight_decay):
         _check_nonneg("weight_decay", weight_decay)
+    coefficient = weight_decay if callable(weight_decay) else lambda count: weight_decay
+    return _params_rule_transform(
+        _decay_rule, coefficient, AddDecayedWeightsState, "add_decayed_weights", mask
+    )
 
-    def init_fn(params: Any) -> AddDecayedWeightsState:
+
+def _params_rule_transform(
+    rule: Callable[[jax.Array, jax.Array, ArrayLike], tuple[jax.Array]],
+    coefficient: Callable[[jax.Array], ArrayLike],
+    state_cls: Callable[..., Any],
+    name: str,
+    mask: Any | Callable[[Any], Any] | None,
+) -> optax.GradientTransformation:
+    """``u_t = rule(g_t, params, coefficient(count))`` (count 0, 1, 2, ...) with state
+    ``state_cls(count)``, optionally masked; shared by :func:`add_decayed_weights` and
+    :func:`rmsjax.decoupled_weight_decay`. ``name`` is the public name used in errors."""
+
+    def init_fn(params: Any) -> Any:
         del params
-        return AddDecayedWeightsState(count=_zero_count())
+        return state_cls(count=_zero_count())
 
-    def update_fn(
-        updates: Any, state: AddDecayedWeightsState, params: Any = None
-    ) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
-            raise ValueError(
-                "add_decayed_weights needs the parameters: call `update(grads, state, params)`."
-            )
-        wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
-        out, _ = map_rule(
-            lambda g, p: _decay_rule(g, p, weight_decay=wd), updates, extras=(params,)
-        )
-        return out, AddDecayedWeightsState(count=_increment(state.count))
+            raise ValueError(f"{name} needs the parameters: call `update(grads, state, params)`.")
+        c = coefficient(state.count)
+        out, _ = map_rule(lambda g, p: rule(g, p, c), updates, extras=(params,))
+        return out, state_cls(count=_increment(state.count))
 
     transform = optax.GradientTransformation(init_fn, update_fn)
     return transform if mask is None else optax.masked(transform, mask)

@@ -38,6 +38,7 @@ from rmsjax.transforms import (
     _check_learning_rate,
     _check_nonneg,
     _increment,
+    _params_rule_transform,
     _zero_count,
     abs_sq,
     debias,
@@ -526,7 +527,7 @@ class DecoupledWeightDecayState(NamedTuple):
     count: jax.Array
 
 
-def _decoupled_decay_rule(g: jax.Array, p: jax.Array, *, factor: ArrayLike) -> tuple[jax.Array]:
+def _decoupled_decay_rule(g: jax.Array, p: jax.Array, factor: ArrayLike) -> tuple[jax.Array]:
     return (g - factor * p,)
 
 
@@ -561,24 +562,15 @@ def decoupled_weight_decay(
     if not callable(learning_rate):
         _check_learning_rate("learning_rate", learning_rate)
 
-    def init_fn(params: Any) -> DecoupledWeightDecayState:
-        del params
-        return DecoupledWeightDecayState(count=_zero_count())
+    def coefficient(count: jax.Array) -> Any:
+        wd = weight_decay(count) if callable(weight_decay) else weight_decay
+        lr = learning_rate(count) if callable(learning_rate) else learning_rate
+        return lr * wd
 
-    def update_fn(
-        updates: Any, state: DecoupledWeightDecayState, params: Any = None
-    ) -> tuple[Any, Any]:
-        if params is None:
-            raise ValueError(
-                "decoupled_weight_decay needs the parameters: call `update(grads, state, params)`."
-            )
-        wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        factor = lr * wd
-        out, _ = map_rule(
-            lambda g, p: _decoupled_decay_rule(g, p, factor=factor), updates, extras=(params,)
-        )
-        return out, DecoupledWeightDecayState(count=_increment(state.count))
-
-    transform = optax.GradientTransformation(init_fn, update_fn)
-    return transform if mask is None else optax.masked(transform, mask)
+    return _params_rule_transform(
+        _decoupled_decay_rule,
+        coefficient,
+        DecoupledWeightDecayState,
+        "decoupled_weight_decay",
+        mask,
+    )

@@ -259,10 +259,10 @@ class ScaleByAdamEpsHatState(NamedTuple):
 
 def _adam_moments(
     g: jax.Array, mu: jax.Array, nu: jax.Array, b1: ArrayLike, b2: ArrayLike
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``g`` in the moments' compute dtype, and Adam's two updated moments."""
+) -> tuple[jax.Array, jax.Array]:
+    """Adam's two updated moments, with ``g`` taken in the moments' compute dtype."""
     g = g.astype(jnp.result_type(g, mu, nu))
-    return g, ema(g, mu, b1), ema(abs_sq(g), nu, b2)
+    return ema(g, mu, b1), ema(abs_sq(g), nu, b2)
 
 
 def _amsgrad_rule(
@@ -280,7 +280,7 @@ def _amsgrad_rule(
 ) -> tuple[jax.Array, ...]:
     """``(m/c1) / (sqrt(v + eps_root) + eps)``; ``v`` is ``nu/c2`` without a ``nu_max`` leaf,
     else the running max of ``nu`` then ``/c2`` (max_before_correction) or of ``nu/c2``."""
-    g, mu, nu = _adam_moments(g, mu, nu, b1, b2)
+    mu, nu = _adam_moments(g, mu, nu, b1, b2)
     if not nu_max:
         return safe_div(mu / c1, jnp.sqrt(nu / c2 + eps_root) + eps), mu, nu
     if max_before_correction:
@@ -304,7 +304,7 @@ def _adam_eps_hat_rule(
 ) -> tuple[jax.Array, ...]:
     """``alpha * m / (sqrt(v) + eps)``; ``v`` is ``nu``, or the running max of the raw ``nu``
     when a ``nu_max`` leaf is given."""
-    g, mu, nu = _adam_moments(g, mu, nu, b1, b2)
+    mu, nu = _adam_moments(g, mu, nu, b1, b2)
     if nu_max:
         new_max = jnp.maximum(nu_max[0], nu)
         return safe_div(mu * alpha, jnp.sqrt(new_max) + eps), mu, nu, new_max
@@ -312,7 +312,7 @@ def _adam_eps_hat_rule(
 
 
 def _adam_with_max(
-    state_cls: Any,
+    state_cls: Callable[..., Any],
     rule: Callable[..., tuple[jax.Array, ...]],
     step_args: Callable[[jax.Array], dict[str, Any]],
     *,

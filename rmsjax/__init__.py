@@ -54,7 +54,6 @@ from rmsjax.variants import (
     ScaleByAdamEpsHatState,
     ScaleByAdamExactBiasState,
     ScaleByAmsgradState,
-    ScaleByRssEpsOutsideState,
     SplitRealAndImaginaryState,
     dampened_trace,
     decoupled_weight_decay,
@@ -62,7 +61,6 @@ from rmsjax.variants import (
     scale_by_adam_eps_hat,
     scale_by_adam_exact_bias,
     scale_by_amsgrad,
-    scale_by_rss_eps_outside,
     split_real_and_imaginary,
 )
 
@@ -92,7 +90,6 @@ __all__ = [
     "ScaleByRStdDevState",
     "ScaleByRmsState",
     "ScaleByRpropState",
-    "ScaleByRssEpsOutsideState",
     "ScaleByRssState",
     "ScaleByScheduleState",
     "ScaleState",
@@ -131,7 +128,6 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rprop",
     "scale_by_rss",
-    "scale_by_rss_eps_outside",
     "scale_by_schedule",
     "scale_by_stddev",
     "sgd",

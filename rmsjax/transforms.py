@@ -466,7 +466,7 @@ class AddDecayedWeightsState(NamedTuple):
     count: jax.Array
 
 
-def _decay_rule(g: jax.Array, p: jax.Array, *, weight_decay: ArrayLike) -> tuple[jax.Array]:
+def _decay_rule(g: jax.Array, p: jax.Array, weight_decay: ArrayLike) -> tuple[jax.Array]:
     return (g + weight_decay * p,)
 
 
@@ -492,23 +492,33 @@ def add_decayed_weights(
     """
     if not callable(weight_decay):
         _check_nonneg("weight_decay", weight_decay)
+    coefficient = weight_decay if callable(weight_decay) else lambda count: weight_decay
+    return _params_rule_transform(
+        _decay_rule, coefficient, AddDecayedWeightsState, "add_decayed_weights", mask
+    )
 
-    def init_fn(params: Any) -> AddDecayedWeightsState:
+
+def _params_rule_transform(
+    rule: Callable[[jax.Array, jax.Array, ArrayLike], tuple[jax.Array]],
+    coefficient: Callable[[jax.Array], ArrayLike],
+    state_cls: Callable[..., Any],
+    name: str,
+    mask: Any | Callable[[Any], Any] | None,
+) -> optax.GradientTransformation:
+    """``u_t = rule(g_t, params, coefficient(count))`` (count 0, 1, 2, ...) with state
+    ``state_cls(count)``, optionally masked; shared by :func:`add_decayed_weights` and
+    :func:`rmsjax.decoupled_weight_decay`. ``name`` is the public name used in errors."""
+
+    def init_fn(params: Any) -> Any:
         del params
-        return AddDecayedWeightsState(count=_zero_count())
+        return state_cls(count=_zero_count())
 
-    def update_fn(
-        updates: Any, state: AddDecayedWeightsState, params: Any = None
-    ) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
-            raise ValueError(
-                "add_decayed_weights needs the parameters: call `update(grads, state, params)`."
-            )
-        wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
-        out, _ = map_rule(
-            lambda g, p: _decay_rule(g, p, weight_decay=wd), updates, extras=(params,)
-        )
-        return out, AddDecayedWeightsState(count=_increment(state.count))
+            raise ValueError(f"{name} needs the parameters: call `update(grads, state, params)`.")
+        c = coefficient(state.count)
+        out, _ = map_rule(lambda g, p: rule(g, p, c), updates, extras=(params,))
+        return out, state_cls(count=_increment(state.count))
 
     transform = optax.GradientTransformation(init_fn, update_fn)
     return transform if mask is None else optax.masked(transform, mask)
@@ -628,39 +638,48 @@ class ScaleByRssState(NamedTuple):
     sum_of_squares: Any
 
 
-def _rss_rule(g: jax.Array, s: jax.Array, *, eps: ArrayLike) -> tuple[jax.Array, jax.Array]:
+def _rss_rule(
+    g: jax.Array, s: jax.Array, *, eps: ArrayLike, eps_in_sqrt: bool
+) -> tuple[jax.Array, jax.Array]:
     g = g.astype(jnp.result_type(g, s))
     s = s + abs_sq(g)
-    return safe_rsqrt_scale(g, s + eps), s
+    return rms_scale(g, s, eps, eps_in_sqrt=eps_in_sqrt), s
 
 
 def scale_by_rss(
     initial_accumulator_value: ArrayLike = 0.1,
     eps: ArrayLike = 1e-7,
     *,
+    eps_in_sqrt: bool = True,
     promote_half: bool = True,
 ) -> optax.GradientTransformation:
     r"""Divide updates by the root of the sum of all past squared updates (AdaGrad's core).
 
     .. math::
       s_t = s_{t-1} + |g_t|^2, \qquad u_t = g_t / \sqrt{s_t + \epsilon}
+      \text{ (eps\_in\_sqrt) } \quad\text{or}\quad u_t = g_t / (\sqrt{s_t} + \epsilon)
 
     with :math:`s_0` = ``initial_accumulator_value``. The sum only grows, so the step only
     shrinks; :func:`scale_by_rms` replaces it by a moving average.
 
     Args:
       initial_accumulator_value: :math:`s_0`, >= 0 (optax and Keras 0.1, torch 0).
-      eps: :math:`\epsilon` inside the square root, >= 0 (torch puts it outside, see
-        ``rmsjax.compat.pytorch``).
+      eps: :math:`\epsilon`, >= 0 (optax and Keras 1e-7, torch 1e-10).
+      eps_in_sqrt: put :math:`\epsilon` inside the square root (optax, Keras; the default) or
+        outside it (``torch.optim.Adagrad``, used by ``rmsjax.compat.pytorch.adagrad``). The
+        two differ where :math:`s_t` is comparable to :math:`\epsilon` (tiny gradients, or a
+        zero start).
       promote_half: keep :math:`s` of float16/bfloat16 leaves in float32 (default); False
         stores it in the leaf's dtype, as optax does (float16 overflows once the sum passes
         65504).
 
-    Same numbers as ``optax.scale_by_rss``. Differences: complex leaves keep :math:`s` in the
-    real dtype (optax stores a complex array with zero imaginary part), half precision state is
-    float32 by default, the update has the gradient's dtype, and where :math:`s_t + \epsilon`
-    is exactly 0 the update is 0 (optax tests :math:`s_t > 0` instead, which differs only when
-    :math:`|g|^2` underflows to 0 while :math:`g \ne 0`).
+    Same numbers as ``optax.scale_by_rss`` with the default ``eps_in_sqrt=True`` (optax has no
+    eps-outside form). Differences: complex leaves keep :math:`s` in the real dtype (optax
+    stores a complex array with zero imaginary part), half precision state is float32 by
+    default, the update has the gradient's dtype, and where :math:`s_t + \epsilon` is exactly 0
+    the update is 0 (optax tests :math:`s_t > 0` instead, which differs only when
+    :math:`|g|^2` underflows to 0 while :math:`g \ne 0`). With ``eps_in_sqrt=False`` a zero
+    divisor (:math:`s_t = 0` and :math:`\epsilon = 0`) gives 0, where torch gives NaN.
     """
     _check_nonneg("initial_accumulator_value", initial_accumulator_value)
     _check_nonneg("eps", eps)
@@ -672,7 +691,9 @@ def scale_by_rss(
     def update_fn(updates: Any, state: ScaleByRssState, params: Any = None) -> tuple[Any, Any]:
         del params
         out, (s,) = map_rule(
-            lambda g, s: _rss_rule(g, s, eps=eps), updates, (state.sum_of_squares,)
+            lambda g, s: _rss_rule(g, s, eps=eps, eps_in_sqrt=eps_in_sqrt),
+            updates,
+            (state.sum_of_squares,),
         )
         return out, ScaleByRssState(sum_of_squares=s)
 

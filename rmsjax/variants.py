@@ -13,8 +13,6 @@ here are the building blocks optax has no exact counterpart for:
   float64 host arithmetic, AMSGrad over the raw second moment.
 * :func:`scale_by_adam_eps_hat` -- Keras' Adam: the bias correction of the second moment is
   folded into the step size, so :math:`\hat\epsilon` is added to the uncorrected root.
-* :func:`scale_by_rss_eps_outside` -- PyTorch's AdaGrad: :math:`\epsilon` added outside the
-  root of the sum of squares.
 * :func:`decoupled_weight_decay` -- :math:`u \mathrel{-}= \eta_t \lambda \theta`, added after
   the learning rate (and after any momentum buffer): PyTorch's AdamW and Keras'
   ``weight_decay``.
@@ -40,6 +38,7 @@ from rmsjax.transforms import (
     _check_learning_rate,
     _check_nonneg,
     _increment,
+    _params_rule_transform,
     _zero_count,
     abs_sq,
     debias,
@@ -55,7 +54,6 @@ __all__ = [
     "ScaleByAdamEpsHatState",
     "ScaleByAdamExactBiasState",
     "ScaleByAmsgradState",
-    "ScaleByRssEpsOutsideState",
     "SplitRealAndImaginaryState",
     "dampened_trace",
     "decoupled_weight_decay",
@@ -63,7 +61,6 @@ __all__ = [
     "scale_by_adam_eps_hat",
     "scale_by_adam_exact_bias",
     "scale_by_amsgrad",
-    "scale_by_rss_eps_outside",
     "split_real_and_imaginary",
 ]
 
@@ -206,8 +203,25 @@ def dampened_trace(
 
 
 # --------------------------------------------------------------------------------------------
-# scale_by_amsgrad
+# Adam with an optional running maximum of nu (AMSGrad): optax's, PyTorch's and Keras' forms
 # --------------------------------------------------------------------------------------------
+
+
+def precise_debias(decay: ArrayLike, count: jax.Array) -> jax.Array:
+    r""":math:`1 - \beta^t` to the precision of the compute dtype, as ``-expm1(t log beta)``.
+
+    ``1 - beta**t`` in float32 loses up to :math:`10^{-5}` relative for :math:`\beta = 0.999`:
+    ``0.999`` itself rounds to ``0.99900001`` in float32, and the subtraction cancels. Here
+    :math:`\log\beta` of a concrete :math:`\beta` is taken on the host in float64 (PyTorch
+    computes the whole correction on the host in float64); a traced :math:`\beta` falls back
+    to ``jnp.log`` in the compute dtype.
+    """
+    if is_concrete(decay):
+        d = float(np.asarray(decay))
+        log_decay: Any = math.log(d) if d > 0 else -math.inf
+    else:
+        log_decay = jnp.log(decay)
+    return -jnp.expm1(count * log_decay)
 
 
 class ScaleByAmsgradState(NamedTuple):
@@ -219,12 +233,43 @@ class ScaleByAmsgradState(NamedTuple):
     nu_max: Any
 
 
+class ScaleByAdamExactBiasState(NamedTuple):
+    """State of :func:`scale_by_adam_exact_bias`: count, moments, running max of nu.
+
+    ``nu_max`` is an empty tuple when ``amsgrad=False``.
+    """
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+class ScaleByAdamEpsHatState(NamedTuple):
+    """State of :func:`scale_by_adam_eps_hat`: count, moments, running max of nu (AMSGrad).
+
+    ``nu_max`` is an empty tuple when ``amsgrad=False``.
+    """
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+def _adam_moments(
+    g: jax.Array, mu: jax.Array, nu: jax.Array, b1: ArrayLike, b2: ArrayLike
+) -> tuple[jax.Array, jax.Array]:
+    """Adam's two updated moments, with ``g`` taken in the moments' compute dtype."""
+    g = g.astype(jnp.result_type(g, mu, nu))
+    return ema(g, mu, b1), ema(abs_sq(g), nu, b2)
+
+
 def _amsgrad_rule(
     g: jax.Array,
     mu: jax.Array,
     nu: jax.Array,
-    nu_max: jax.Array,
-    *,
+    *nu_max: jax.Array,
     b1: ArrayLike,
     b2: ArrayLike,
     eps: ArrayLike,
@@ -232,17 +277,71 @@ def _amsgrad_rule(
     c1: ArrayLike,
     c2: ArrayLike,
     max_before_correction: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, mu, nu))
-    mu = ema(g, mu, b1)
-    nu = ema(abs_sq(g), nu, b2)
+) -> tuple[jax.Array, ...]:
+    """``(m/c1) / (sqrt(v + eps_root) + eps)``; ``v`` is ``nu/c2`` without a ``nu_max`` leaf,
+    else the running max of ``nu`` then ``/c2`` (max_before_correction) or of ``nu/c2``."""
+    mu, nu = _adam_moments(g, mu, nu, b1, b2)
+    if not nu_max:
+        return safe_div(mu / c1, jnp.sqrt(nu / c2 + eps_root) + eps), mu, nu
     if max_before_correction:
-        nu_max = jnp.maximum(nu_max, nu)
-        nu_hat = nu_max / c2
+        new_max = jnp.maximum(nu_max[0], nu)
+        nu_hat = new_max / c2
     else:
-        nu_max = jnp.maximum(nu_max, nu / c2)
-        nu_hat = nu_max
-    return safe_div(mu / c1, jnp.sqrt(nu_hat + eps_root) + eps), mu, nu, nu_max
+        new_max = jnp.maximum(nu_max[0], nu / c2)
+        nu_hat = new_max
+    return safe_div(mu / c1, jnp.sqrt(nu_hat + eps_root) + eps), mu, nu, new_max
+
+
+def _adam_eps_hat_rule(
+    g: jax.Array,
+    mu: jax.Array,
+    nu: jax.Array,
+    *nu_max: jax.Array,
+    b1: ArrayLike,
+    b2: ArrayLike,
+    eps: ArrayLike,
+    alpha: ArrayLike,
+) -> tuple[jax.Array, ...]:
+    """``alpha * m / (sqrt(v) + eps)``; ``v`` is ``nu``, or the running max of the raw ``nu``
+    when a ``nu_max`` leaf is given."""
+    mu, nu = _adam_moments(g, mu, nu, b1, b2)
+    if nu_max:
+        new_max = jnp.maximum(nu_max[0], nu)
+        return safe_div(mu * alpha, jnp.sqrt(new_max) + eps), mu, nu, new_max
+    return safe_div(mu * alpha, jnp.sqrt(nu) + eps), mu, nu
+
+
+def _adam_with_max(
+    state_cls: Callable[..., Any],
+    rule: Callable[..., tuple[jax.Array, ...]],
+    step_args: Callable[[jax.Array], dict[str, Any]],
+    *,
+    track_max: bool,
+    mu_dtype: DTypeLike | None,
+    promote_half: bool,
+) -> optax.GradientTransformation:
+    """The init/update shared by the Adam forms above.
+
+    State ``state_cls(count, mu, nu, nu_max)``, with ``nu_max = ()`` unless ``track_max``;
+    each step, ``rule(g, mu, nu, [nu_max], **step_args(count))`` with the incremented count.
+    """
+
+    def init_fn(params: Any) -> Any:
+        mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half)
+        nu = state_like(params, 0.0, promote_half=promote_half, real=True)
+        nu_max = state_like(params, 0.0, promote_half=promote_half, real=True) if track_max else ()
+        return state_cls(count=_zero_count(), mu=mu, nu=nu, nu_max=nu_max)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        count = _increment(state.count)
+        kwargs = step_args(count)
+        states = (state.mu, state.nu, state.nu_max) if track_max else (state.mu, state.nu)
+        out, (mu, nu, *mx) = map_rule(lambda *a: rule(*a, **kwargs), updates, states)
+        nu_max = mx[0] if track_max else ()
+        return out, state_cls(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_amsgrad(
@@ -290,70 +389,81 @@ def scale_by_amsgrad(
     _check_nonneg("eps", eps)
     _check_nonneg("eps_root", eps_root)
 
-    def init_fn(params: Any) -> ScaleByAmsgradState:
-        mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half)
-        nu = state_like(params, 0.0, promote_half=promote_half, real=True)
-        nu_max = state_like(params, 0.0, promote_half=promote_half, real=True)
-        return ScaleByAmsgradState(count=_zero_count(), mu=mu, nu=nu, nu_max=nu_max)
-
-    def update_fn(updates: Any, state: ScaleByAmsgradState, params: Any = None) -> tuple[Any, Any]:
-        del params
-        count = _increment(state.count)
-        c1 = debias(b1, count) if bias_correction_mu else 1.0
-        c2 = debias(b2, count) if bias_correction_nu else 1.0
-        rule = lambda g, mu, nu, nu_max: _amsgrad_rule(
-            g,
-            mu,
-            nu,
-            nu_max,
+    def step_args(count: jax.Array) -> dict[str, Any]:
+        return dict(
             b1=b1,
             b2=b2,
             eps=eps,
             eps_root=eps_root,
-            c1=c1,
-            c2=c2,
+            c1=debias(b1, count) if bias_correction_mu else 1.0,
+            c2=debias(b2, count) if bias_correction_nu else 1.0,
             max_before_correction=max_before_correction,
         )
-        out, (mu, nu, nu_max) = map_rule(rule, updates, (state.mu, state.nu, state.nu_max))
-        return out, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _adam_with_max(
+        ScaleByAmsgradState,
+        _amsgrad_rule,
+        step_args,
+        track_max=True,
+        mu_dtype=mu_dtype,
+        promote_half=promote_half,
+    )
 
 
-# --------------------------------------------------------------------------------------------
-# scale_by_adam_eps_hat (Keras' Adam)
-# --------------------------------------------------------------------------------------------
+def scale_by_adam_exact_bias(
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    *,
+    amsgrad: bool = False,
+    promote_half: bool = True,
+) -> optax.GradientTransformation:
+    r"""Adam / AMSGrad with bias corrections accurate to the last bit (``torch.optim.Adam``).
 
+    .. math::
+      m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+      \nu_t = \beta_2 \nu_{t-1} + (1-\beta_2) |g_t|^2, \quad c_k = 1 - \beta_k^t
 
-class ScaleByAdamEpsHatState(NamedTuple):
-    """State of :func:`scale_by_adam_eps_hat`: count, moments, running max of nu (AMSGrad).
+      u_t = \frac{m_t / c_1}{\sqrt{v_t / c_2} + \epsilon}
 
-    ``nu_max`` is an empty tuple when ``amsgrad=False``.
+    with :math:`v_t = \nu_t`, or with ``amsgrad`` the running maximum of the RAW
+    :math:`\nu_s` (corrected afterwards with the current :math:`c_2`, as torch and Keras do;
+    optax's ``scale_by_amsgrad`` maximises :math:`\nu_s / c_2(s)`). :math:`c_k` comes from
+    :func:`precise_debias`.
+
+    Args:
+      b1, b2: moment decays, in [0, 1).
+      eps: :math:`\epsilon`, >= 0, outside the root.
+      amsgrad: AMSGrad on the raw second moment.
+      promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
+
+    Versus :func:`rmsjax.scale_by_adam` (optax's numbers): identical in float64; in float32,
+    optax's ``1 - b2**t`` is off by up to 1.3e-5 relative in the first steps, which moves a
+    float32 trajectory by ~1e-5 of the parameter scale away from torch's.
     """
+    _check_decay("b1", b1)
+    _check_decay("b2", b2)
+    _check_nonneg("eps", eps)
 
-    count: jax.Array
-    mu: Any
-    nu: Any
-    nu_max: Any
+    def step_args(count: jax.Array) -> dict[str, Any]:
+        return dict(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=0.0,
+            c1=precise_debias(b1, count),
+            c2=precise_debias(b2, count),
+            max_before_correction=True,
+        )
 
-
-def _adam_eps_hat_rule(
-    g: jax.Array,
-    mu: jax.Array,
-    nu: jax.Array,
-    *nu_max: jax.Array,
-    b1: ArrayLike,
-    b2: ArrayLike,
-    eps: ArrayLike,
-    alpha: ArrayLike,
-) -> tuple[jax.Array, ...]:
-    g = g.astype(jnp.result_type(g, mu, nu))
-    mu = ema(g, mu, b1)
-    nu = ema(abs_sq(g), nu, b2)
-    if nu_max:
-        new_max = jnp.maximum(nu_max[0], nu)
-        return safe_div(mu * alpha, jnp.sqrt(new_max) + eps), mu, nu, new_max
-    return safe_div(mu * alpha, jnp.sqrt(nu) + eps), mu, nu
+    return _adam_with_max(
+        ScaleByAdamExactBiasState,
+        _amsgrad_rule,
+        step_args,
+        track_max=amsgrad,
+        mu_dtype=None,
+        promote_half=promote_half,
+    )
 
 
 def scale_by_adam_eps_hat(
@@ -392,27 +502,18 @@ def scale_by_adam_eps_hat(
     _check_decay("b2", b2)
     _check_nonneg("eps", eps)
 
-    def init_fn(params: Any) -> ScaleByAdamEpsHatState:
-        mu = state_like(params, 0.0, promote_half=promote_half)
-        nu = state_like(params, 0.0, promote_half=promote_half, real=True)
-        nu_max = state_like(params, 0.0, promote_half=promote_half, real=True) if amsgrad else ()
-        return ScaleByAdamEpsHatState(count=_zero_count(), mu=mu, nu=nu, nu_max=nu_max)
-
-    def update_fn(
-        updates: Any, state: ScaleByAdamEpsHatState, params: Any = None
-    ) -> tuple[Any, Any]:
-        del params
-        count = _increment(state.count)
+    def step_args(count: jax.Array) -> dict[str, Any]:
         alpha = jnp.sqrt(debias(b2, count)) / debias(b1, count)
-        rule = lambda g, mu, nu, *mx: _adam_eps_hat_rule(
-            g, mu, nu, *mx, b1=b1, b2=b2, eps=eps, alpha=alpha
-        )
-        states = (state.mu, state.nu, state.nu_max) if amsgrad else (state.mu, state.nu)
-        out, (mu, nu, *mx) = map_rule(rule, updates, states)
-        nu_max = mx[0] if amsgrad else ()
-        return out, ScaleByAdamEpsHatState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+        return dict(b1=b1, b2=b2, eps=eps, alpha=alpha)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _adam_with_max(
+        ScaleByAdamEpsHatState,
+        _adam_eps_hat_rule,
+        step_args,
+        track_max=amsgrad,
+        mu_dtype=None,
+        promote_half=promote_half,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +527,7 @@ class DecoupledWeightDecayState(NamedTuple):
     count: jax.Array
 
 
-def _decoupled_decay_rule(g: jax.Array, p: jax.Array, *, factor: ArrayLike) -> tuple[jax.Array]:
+def _decoupled_decay_rule(g: jax.Array, p: jax.Array, factor: ArrayLike) -> tuple[jax.Array]:
     return (g - factor * p,)
 
 
@@ -461,195 +562,15 @@ def decoupled_weight_decay(
     if not callable(learning_rate):
         _check_learning_rate("learning_rate", learning_rate)
 
-    def init_fn(params: Any) -> DecoupledWeightDecayState:
-        del params
-        return DecoupledWeightDecayState(count=_zero_count())
+    def coefficient(count: jax.Array) -> Any:
+        wd = weight_decay(count) if callable(weight_decay) else weight_decay
+        lr = learning_rate(count) if callable(learning_rate) else learning_rate
+        return lr * wd
 
-    def update_fn(
-        updates: Any, state: DecoupledWeightDecayState, params: Any = None
-    ) -> tuple[Any, Any]:
-        if params is None:
-            raise ValueError(
-                "decoupled_weight_decay needs the parameters: call `update(grads, state, params)`."
-            )
-        wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        factor = lr * wd
-        out, _ = map_rule(
-            lambda g, p: _decoupled_decay_rule(g, p, factor=factor), updates, extras=(params,)
-        )
-        return out, DecoupledWeightDecayState(count=_increment(state.count))
-
-    transform = optax.GradientTransformation(init_fn, update_fn)
-    return transform if mask is None else optax.masked(transform, mask)
-
-
-# --------------------------------------------------------------------------------------------
-# scale_by_rss_eps_outside (PyTorch's Adagrad)
-# --------------------------------------------------------------------------------------------
-
-
-class ScaleByRssEpsOutsideState(NamedTuple):
-    """State of :func:`scale_by_rss_eps_outside`: the sum of squared updates."""
-
-    sum_of_squares: Any
-
-
-def _rss_eps_outside_rule(
-    g: jax.Array, s: jax.Array, *, eps: ArrayLike
-) -> tuple[jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, s))
-    s = s + abs_sq(g)
-    return safe_div(g, jnp.sqrt(s) + eps), s
-
-
-def scale_by_rss_eps_outside(
-    initial_accumulator_value: ArrayLike = 0.0,
-    eps: ArrayLike = 1e-10,
-    *,
-    promote_half: bool = True,
-) -> optax.GradientTransformation:
-    r"""AdaGrad's accumulator with :math:`\epsilon` OUTSIDE the root (``torch.optim.Adagrad``).
-
-    .. math::
-      s_t = s_{t-1} + |g_t|^2, \qquad u_t = g_t / (\sqrt{s_t} + \epsilon)
-
-    with :math:`s_0` = ``initial_accumulator_value``. optax's (and Keras')
-    ``scale_by_rss`` divides by :math:`\sqrt{s_t + \epsilon}` instead; the two differ where
-    :math:`s_t` is comparable to :math:`\epsilon` (tiny gradients, or a zero start).
-
-    Args:
-      initial_accumulator_value: :math:`s_0`, >= 0 (torch's default 0).
-      eps: :math:`\epsilon`, >= 0 (torch's default 1e-10).
-      promote_half: keep :math:`s` of float16/bfloat16 leaves in float32 (default).
-
-    A zero divisor (:math:`s_t = 0` and :math:`\epsilon = 0`) gives 0, where torch gives NaN.
-    """
-    _check_nonneg("initial_accumulator_value", initial_accumulator_value)
-    _check_nonneg("eps", eps)
-
-    def init_fn(params: Any) -> ScaleByRssEpsOutsideState:
-        s = state_like(params, initial_accumulator_value, promote_half=promote_half, real=True)
-        return ScaleByRssEpsOutsideState(sum_of_squares=s)
-
-    def update_fn(
-        updates: Any, state: ScaleByRssEpsOutsideState, params: Any = None
-    ) -> tuple[Any, Any]:
-        del params
-        rule = lambda g, s: _rss_eps_outside_rule(g, s, eps=eps)
-        out, (s,) = map_rule(rule, updates, (state.sum_of_squares,))
-        return out, ScaleByRssEpsOutsideState(sum_of_squares=s)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------------------------
-# scale_by_adam_exact_bias (PyTorch's Adam / AMSGrad)
-# --------------------------------------------------------------------------------------------
-
-
-def precise_debias(decay: ArrayLike, count: jax.Array) -> jax.Array:
-    r""":math:`1 - \beta^t` to the precision of the compute dtype, as ``-expm1(t log beta)``.
-
-    ``1 - beta**t`` in float32 loses up to :math:`10^{-5}` relative for :math:`\beta = 0.999`:
-    ``0.999`` itself rounds to ``0.99900001`` in float32, and the subtraction cancels. Here
-    :math:`\log\beta` of a concrete :math:`\beta` is taken on the host in float64 (PyTorch
-    computes the whole correction on the host in float64); a traced :math:`\beta` falls back
-    to ``jnp.log`` in the compute dtype.
-    """
-    if is_concrete(decay):
-        d = float(np.asarray(decay))
-        log_decay: Any = math.log(d) if d > 0 else -math.inf
-    else:
-        log_decay = jnp.log(decay)
-    return -jnp.expm1(count * log_decay)
-
-
-class ScaleByAdamExactBiasState(NamedTuple):
-    """State of :func:`scale_by_adam_exact_bias`: count, moments, running max of nu.
-
-    ``nu_max`` is an empty tuple when ``amsgrad=False``.
-    """
-
-    count: jax.Array
-    mu: Any
-    nu: Any
-    nu_max: Any
-
-
-def _adam_exact_bias_rule(
-    g: jax.Array,
-    mu: jax.Array,
-    nu: jax.Array,
-    *nu_max: jax.Array,
-    b1: ArrayLike,
-    b2: ArrayLike,
-    eps: ArrayLike,
-    c1: ArrayLike,
-    c2: ArrayLike,
-) -> tuple[jax.Array, ...]:
-    g = g.astype(jnp.result_type(g, mu, nu))
-    mu = ema(g, mu, b1)
-    nu = ema(abs_sq(g), nu, b2)
-    if nu_max:
-        new_max = jnp.maximum(nu_max[0], nu)
-        return safe_div(mu / c1, jnp.sqrt(new_max / c2) + eps), mu, nu, new_max
-    return safe_div(mu / c1, jnp.sqrt(nu / c2) + eps), mu, nu
-
-
-def scale_by_adam_exact_bias(
-    b1: ArrayLike = 0.9,
-    b2: ArrayLike = 0.999,
-    eps: ArrayLike = 1e-8,
-    *,
-    amsgrad: bool = False,
-    promote_half: bool = True,
-) -> optax.GradientTransformation:
-    r"""Adam / AMSGrad with bias corrections accurate to the last bit (``torch.optim.Adam``).
-
-    .. math::
-      m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
-      \nu_t = \beta_2 \nu_{t-1} + (1-\beta_2) |g_t|^2, \quad c_k = 1 - \beta_k^t
-
-      u_t = \frac{m_t / c_1}{\sqrt{v_t / c_2} + \epsilon}
-
-    with :math:`v_t = \nu_t`, or with ``amsgrad`` the running maximum of the RAW
-    :math:`\nu_s` (corrected afterwards with the current :math:`c_2`, as torch and Keras do;
-    optax's ``scale_by_amsgrad`` maximises :math:`\nu_s / c_2(s)`). :math:`c_k` comes from
-    :func:`precise_debias`.
-
-    Args:
-      b1, b2: moment decays, in [0, 1).
-      eps: :math:`\epsilon`, >= 0, outside the root.
-      amsgrad: AMSGrad on the raw second moment.
-      promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
-
-    Versus :func:`rmsjax.scale_by_adam` (optax's numbers): identical in float64; in float32,
-    optax's ``1 - b2**t`` is off by up to 1.3e-5 relative in the first steps, which moves a
-    float32 trajectory by ~1e-5 of the parameter scale away from torch's.
-    """
-    _check_decay("b1", b1)
-    _check_decay("b2", b2)
-    _check_nonneg("eps", eps)
-
-    def init_fn(params: Any) -> ScaleByAdamExactBiasState:
-        mu = state_like(params, 0.0, promote_half=promote_half)
-        nu = state_like(params, 0.0, promote_half=promote_half, real=True)
-        nu_max = state_like(params, 0.0, promote_half=promote_half, real=True) if amsgrad else ()
-        return ScaleByAdamExactBiasState(count=_zero_count(), mu=mu, nu=nu, nu_max=nu_max)
-
-    def update_fn(
-        updates: Any, state: ScaleByAdamExactBiasState, params: Any = None
-    ) -> tuple[Any, Any]:
-        del params
-        count = _increment(state.count)
-        c1, c2 = precise_debias(b1, count), precise_debias(b2, count)
-        rule = lambda g, mu, nu, *mx: _adam_exact_bias_rule(
-            g, mu, nu, *mx, b1=b1, b2=b2, eps=eps, c1=c1, c2=c2
-        )
-        states = (state.mu, state.nu, state.nu_max) if amsgrad else (state.mu, state.nu)
-        out, (mu, nu, *mx) = map_rule(rule, updates, states)
-        nu_max = mx[0] if amsgrad else ()
-        return out, ScaleByAdamExactBiasState(count=count, mu=mu, nu=nu, nu_max=nu_max)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _params_rule_transform(
+        _decoupled_decay_rule,
+        coefficient,
+        DecoupledWeightDecayState,
+        "decoupled_weight_decay",
+        mask,
+    )

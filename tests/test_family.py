@@ -428,13 +428,16 @@ def test_half_precision_state_and_update_dtype(name: str, args: tuple, promote_h
     ],
 )
 def test_signature_is_optax_plus_promote_half(name: str) -> None:
-    """Same argument names, order, kinds and defaults as optax 0.2.x; the one addition is the
-    keyword-only ``promote_half``."""
+    """Same argument names, order, kinds and defaults as optax 0.2.x; the additions are the
+    keyword-only ``promote_half`` and, for ``scale_by_rss``, the keyword-only ``eps_in_sqrt``
+    (torch's AdaGrad puts eps outside the root)."""
     ours = inspect.signature(getattr(rmsjax, name)).parameters
     theirs = inspect.signature(getattr(optax, name)).parameters
     extra = [p for p in ours if p not in theirs]
-    assert extra == ["promote_half"] and ours["promote_half"].kind is inspect.Parameter.KEYWORD_ONLY
+    want = ["eps_in_sqrt", "promote_half"] if name == "scale_by_rss" else ["promote_half"]
+    assert extra == want
+    assert all(ours[p].kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
     for pname, p in theirs.items():
         assert ours[pname].kind == p.kind, pname
         assert ours[pname].default == p.default, pname
-    assert [p for p in ours if p != "promote_half"] == list(theirs)
+    assert [p for p in ours if p not in extra] == list(theirs)

@@ -175,7 +175,7 @@ def test_scale_by_adam_eps_hat_matches_keras_equations(amsgrad: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# scale_by_rss_eps_outside (torch Adagrad) and decoupled_weight_decay
+# scale_by_rss(eps_in_sqrt=False) (torch Adagrad) and decoupled_weight_decay
 # --------------------------------------------------------------------------------------------
 
 
@@ -185,7 +185,8 @@ def test_scale_by_rss_eps_outside_matches_torch_equations() -> None:
     for gt in g.astype(np.float64):
         s = s + gt**2
         expected.append(gt / (np.sqrt(s) + 1e-10))
-    close(outputs(V.scale_by_rss_eps_outside(), g), np.array(expected))
+    torch_form = rmsjax.scale_by_rss(initial_accumulator_value=0.0, eps=1e-10, eps_in_sqrt=False)
+    close(outputs(torch_form, g), np.array(expected))
     # eps inside the root (optax / Keras) is far off for tiny gradients.
     inside = outputs(rmsjax.scale_by_rss(initial_accumulator_value=0.0, eps=1e-10), g)
     assert np.abs(inside - np.array(expected)).max() > 0.1
@@ -216,7 +217,11 @@ def test_decoupled_weight_decay_with_schedules_and_mask() -> None:
         (V.scale_by_amsgrad, {"b2": 1.0}, "b2"),
         (V.scale_by_adam_exact_bias, {"b1": -0.1}, "b1"),
         (V.scale_by_adam_eps_hat, {"eps": -1.0}, "eps"),
-        (V.scale_by_rss_eps_outside, {"initial_accumulator_value": -1.0}, "initial_accumulator"),
+        (
+            rmsjax.scale_by_rss,
+            {"initial_accumulator_value": -1.0, "eps_in_sqrt": False},
+            "initial_accumulator",
+        ),
         (V.decoupled_weight_decay, {"weight_decay": -1.0, "learning_rate": 0.1}, "weight_decay"),
         (V.decoupled_weight_decay, {"weight_decay": 0.1, "learning_rate": -0.1}, "learning_rate"),
     ],

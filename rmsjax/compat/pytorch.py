@@ -251,7 +251,7 @@ def adagrad(
 
     with :math:`\delta` = ``lr_decay``. ``eps`` is OUTSIDE the root (optax's and Keras'
     ``adagrad`` put it inside and start the sum at 0.1). Chain: ``[scale(-1)],
-    [add_decayed_weights], split_real_and_imaginary(scale_by_rss_eps_outside),
+    [add_decayed_weights], split_real_and_imaginary(scale_by_rss(eps_in_sqrt=False)),
     scale_by_learning_rate(count -> lr(count) / (1 + count * lr_decay))``.
 
     Args:
@@ -269,7 +269,7 @@ def adagrad(
         *sign_flip(maximize),
         *_coupled_decay(weight_decay),
         V.split_real_and_imaginary(
-            V.scale_by_rss_eps_outside(initial_accumulator_value=initial_accumulator_value, eps=eps)
+            T.scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=False)
         ),
         T.scale_by_learning_rate(decayed_lr),
     )

@@ -81,28 +81,58 @@ def ema(new: jax.Array, old: jax.Array, decay: ArrayLike) -> jax.Array:
     return (1 - decay) * new + decay * old
 
 
-def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-    """``num / den``, and 0 where ``den == 0`` (no NaN/Inf from 0/0 or x/0, gradients too)."""
-    ok = den > 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+def _select(ok: jax.Array, x: jax.Array, fill: float) -> jax.Array:
+    """``where(ok, x, fill)``; a bare ``lax.select`` when shapes agree, which keeps the traced
+    program (and so the compile time of trees with thousands of leaves) small."""
+    if ok.shape != jnp.shape(x):
+        return jnp.where(ok, x, fill)
+    return jax.lax.select(ok, x, jax.lax.full_like(x, fill))
 
 
-def safe_rsqrt_scale(g: jax.Array, den2: jax.Array) -> jax.Array:
-    """``g / sqrt(den2)`` computed as ``g * rsqrt(den2)``, and 0 where ``den2 <= 0``."""
-    ok = den2 > 0
-    return jnp.where(ok, g * jax.lax.rsqrt(jnp.where(ok, den2, 1)), 0)
+def safe_div(num: jax.Array, den: jax.Array, *, den_positive: bool = False) -> jax.Array:
+    """``num / den``, and 0 where ``den == 0`` (no NaN/Inf from 0/0 or x/0, gradients too).
+
+    A NaN divisor still gives NaN (a broken run must not look healthy). ``den_positive=True``
+    says the caller knows ``den > 0`` (e.g. it adds a concrete positive eps): plain division.
+    """
+    if den_positive:
+        return num / den
+    ok = den != 0
+    return _select(ok, num / _select(ok, den, 1), 0)
+
+
+def safe_rsqrt_scale(g: jax.Array, den2: jax.Array, *, den_positive: bool = False) -> jax.Array:
+    """``g / sqrt(den2)`` computed as ``g * rsqrt(den2)``, and 0 where ``den2 == 0``."""
+    if den_positive:
+        return g * jax.lax.rsqrt(den2)
+    ok = den2 != 0
+    return _select(ok, g * jax.lax.rsqrt(_select(ok, den2, 1)), 0)
+
+
+def is_positive(value: Any) -> bool:
+    """True when ``value`` is concrete (not traced, not a schedule) and every element is > 0."""
+    return is_concrete(value) and bool(np.all(np.asarray(value) > 0))
 
 
 def rms_scale(g: jax.Array, second: jax.Array, eps: ArrayLike, *, eps_in_sqrt: bool) -> jax.Array:
-    """Divide ``g`` by ``sqrt(second + eps)`` or by ``sqrt(second) + eps``; 0 on a zero divisor."""
+    """Divide ``g`` by ``sqrt(second + eps)`` or by ``sqrt(second) + eps`` (``second >= 0``).
+
+    A zero divisor (only possible with ``eps = 0``) gives 0; with a concrete ``eps > 0`` the
+    divisor cannot be zero and no guard is emitted (same numbers, smaller program).
+    """
     if eps_in_sqrt:
-        return safe_rsqrt_scale(g, second + eps)
-    return safe_div(g, jnp.sqrt(second) + eps)
+        return safe_rsqrt_scale(g, second + eps, den_positive=is_positive(eps))
+    return safe_div(g, jnp.sqrt(second) + eps, den_positive=is_positive(eps))
 
 
 def debias(decay: ArrayLike, count: jax.Array) -> jax.Array:
     """``1 - decay**count``: what a zero-started EMA is divided by to remove its bias."""
     return 1 - decay**count
+
+
+def _unbias(moment: jax.Array, correction: ArrayLike | None) -> jax.Array:
+    """``moment / correction`` (see :func:`debias`); ``None`` means no correction."""
+    return moment if correction is None else moment / correction
 
 
 def _increment(count: jax.Array) -> jax.Array:
@@ -248,12 +278,12 @@ def _rms_rule(
     *,
     decay: ArrayLike,
     eps: ArrayLike,
-    correction: ArrayLike,
+    correction: ArrayLike | None,
     eps_in_sqrt: bool,
 ) -> tuple[jax.Array, jax.Array]:
     g = g.astype(jnp.result_type(g, nu))
     nu = ema(abs_sq(g), nu, decay)
-    return rms_scale(g, nu / correction, eps, eps_in_sqrt=eps_in_sqrt), nu
+    return rms_scale(g, _unbias(nu, correction), eps, eps_in_sqrt=eps_in_sqrt), nu
 
 
 def _centered_rms_rule(
@@ -263,13 +293,13 @@ def _centered_rms_rule(
     *,
     decay: ArrayLike,
     eps: ArrayLike,
-    correction: ArrayLike,
+    correction: ArrayLike | None,
     eps_in_sqrt: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     g = g.astype(jnp.result_type(g, mu, nu))
     mu = ema(g, mu, decay)
     nu = ema(abs_sq(g), nu, decay)
-    variance = jnp.maximum(nu / correction - abs_sq(mu / correction), 0)
+    variance = jnp.maximum(_unbias(nu, correction) - abs_sq(_unbias(mu, correction)), 0)
     return rms_scale(g, variance, eps, eps_in_sqrt=eps_in_sqrt), mu, nu
 
 
@@ -325,7 +355,7 @@ def scale_by_rms(
     def update_fn(updates: Any, state: ScaleByRmsState, params: Any = None) -> tuple[Any, Any]:
         del params
         count = _increment(state.count)
-        correction = debias(decay, count) if bias_correction else 1.0
+        correction = debias(decay, count) if bias_correction else None
         rule = lambda g, nu: _rms_rule(
             g, nu, decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt
         )
@@ -385,7 +415,7 @@ def scale_by_centered_rms(
     ) -> tuple[Any, Any]:
         del params
         count = _increment(state.count)
-        correction = debias(decay, count) if bias_correction else 1.0
+        correction = debias(decay, count) if bias_correction else None
         rule = lambda g, mu, nu: _centered_rms_rule(
             g, mu, nu, decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt
         )
@@ -555,7 +585,8 @@ def _adam_rule(
     mu = ema(g, mu, b1)
     nu = ema(abs_sq(g), nu, b2)
     mu_hat = b1 * (mu / c1_next) + (1 - b1) * (g / c1) if nesterov else mu / c1
-    return safe_div(mu_hat, jnp.sqrt(nu / c2 + eps_root) + eps), mu, nu
+    den = jnp.sqrt(nu / c2 + eps_root) + eps
+    return safe_div(mu_hat, den, den_positive=is_positive(eps)), mu, nu
 
 
 def scale_by_adam(

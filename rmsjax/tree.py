@@ -104,6 +104,13 @@ def _leaves_like(updates: Any, treedef: Any, tree: Any, what: str) -> list[Any]:
     return leaves
 
 
+def _cast_like(x: Any, like: Any) -> jax.Array:
+    """``x`` as an array of ``like``'s dtype (no conversion emitted when it already is)."""
+    dtype = like.dtype if hasattr(like, "dtype") else jnp.result_type(like)
+    x = jnp.asarray(x)
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 def _check_gradient(path: Any, g: Any) -> None:
     dtype = jnp.result_type(g)
     if not jnp.issubdtype(dtype, jnp.inexact):
@@ -152,9 +159,9 @@ def map_rule(
                     what, updates, states[0], f"{jax.tree_util.keystr(path)} has no state"
                 )
         u, *news = rule(g, *olds, *(leaves[i] for leaves in extra_leaves))
-        out_updates.append(jnp.asarray(u).astype(jnp.result_type(g)))
+        out_updates.append(_cast_like(u, g))
         for acc, old, new in zip(out_states, olds, news, strict=True):
-            acc.append(jnp.asarray(new).astype(jnp.result_type(old)))
+            acc.append(_cast_like(new, old))
     return (
         treedef.unflatten(out_updates),
         tuple(treedef.unflatten(leaves) for leaves in out_states),

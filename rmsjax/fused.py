@@ -34,8 +34,10 @@ When the pure-JAX path runs instead (same numbers, the XLA-compiled chain):
 * under ``jax.vmap`` (a ``custom_vmap`` rule), and to differentiate the step (a ``custom_jvp``
   rule: the tangents are the pure-JAX rule's);
 * for leaves that are not float32 (float16/bfloat16/float64/complex parameters, a non-float32
-  ``mu_dtype``), leaves whose gradient is ``None``, and AdamW with a weight-decay ``mask``.
-  Such leaves go through the pure-JAX chain while the other leaves still use the kernel.
+  ``mu_dtype``), leaves whose gradient is ``None``, leaves of fewer than 16384 elements
+  (biases, norms: there the compiled chain is faster, see ``_MIN_NATIVE_ELEMENTS``), and AdamW
+  with a weight-decay ``mask``. Such leaves go through the pure-JAX chain while the other
+  leaves still use the kernel.
 
 ``backend="native"`` raises ``RuntimeError`` at the first step when the kernel is unavailable
 instead of falling back silently. To see which path a step takes, look for ``ffi_call`` in
@@ -45,6 +47,7 @@ instead of falling back silently. To see which path a step takes, look for ``ffi
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -67,6 +70,11 @@ _KIND_RMS, _KIND_ADAM, _KIND_SGD = 0, 1, 2
 # (1024 leaves in one call: ~40 s), so a large tree is updated by several calls of at most
 # this many leaves; each call is still a single pass over its leaves.
 _LEAVES_PER_CALL = 32
+# Leaves smaller than this many elements are left to the XLA-compiled pure-JAX rule: for them a
+# step costs per-array overhead, not bandwidth, and benchmarks/run.py measured the kernel slower
+# than the compiled chain on trees of 4K-element leaves (1024 leaves, 4M parameters) and faster
+# from 32K-element leaves up. Set to 0 to send every float32 leaf to the kernel.
+_MIN_NATIVE_ELEMENTS = 16384
 
 
 class FusedOptimizer(NamedTuple):
@@ -344,6 +352,8 @@ def _eligible(p: Any, g: Any, states: list[Any]) -> bool:
     if g is None or p is None or not hasattr(p, "dtype") or not hasattr(g, "dtype"):
         return False
     shape = jnp.shape(p)
+    if math.prod(shape) < _MIN_NATIVE_ELEMENTS:
+        return False
     for x in (p, g, *states):
         if x is None or not hasattr(x, "dtype") or jnp.result_type(x) != jnp.float32:
             return False

@@ -23,6 +23,16 @@ from rmsjax import fused, native
 from tests.common import loss
 
 NATIVE = native.available()
+DEFAULT_MIN_ELEMENTS = fused._MIN_NATIVE_ELEMENTS
+
+
+@pytest.fixture(autouse=True)
+def _kernel_for_small_leaves(monkeypatch):
+    """The trees here are small; send every float32 leaf to the kernel so it is what is tested
+    (by default leaves under ``fused._MIN_NATIVE_ELEMENTS`` take the compiled pure-JAX rule)."""
+    monkeypatch.setattr(fused, "_MIN_NATIVE_ELEMENTS", 0)
+
+
 needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernel off: {native.status()}")
 
 SCHED = optax.exponential_decay(0.05, transition_steps=3, decay_rate=0.5)
@@ -340,3 +350,14 @@ def test_large_leaves_split_over_threads(name):
         want = jax.jit(ref.step)(params, grads, state)
         assert_close(got, want)
         params, state = want
+
+
+def test_small_leaves_take_the_compiled_rule_by_default(monkeypatch):
+    monkeypatch.setattr(fused, "_MIN_NATIVE_ELEMENTS", DEFAULT_MIN_ELEMENTS)
+    opt = CONFIGS["centered_momentum"]("auto")
+    small = {"bias": jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32)}
+    big = {**small, "w": jnp.linspace(-1.0, 1.0, DEFAULT_MIN_ELEMENTS, dtype=jnp.float32)}
+    assert not uses_kernel(opt, small)
+    if NATIVE:
+        assert uses_kernel(opt, big)
+    assert_close(run_fused(opt, big), run_fused(CONFIGS["centered_momentum"]("jax"), big))

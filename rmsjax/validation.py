@@ -18,9 +18,7 @@ __all__ = ["check_in_range", "is_concrete"]
 
 def is_concrete(value: Any) -> bool:
     """True when ``value`` can be read on the host: not None, a tracer or a callable."""
-    if value is None or callable(value) or isinstance(value, jax.core.Tracer):
-        return False
-    return True
+    return not (value is None or callable(value) or isinstance(value, jax.core.Tracer))
 
 
 def _describe(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
@@ -63,8 +61,9 @@ def check_in_range(
     if high is not None:
         bad |= (arr >= high) if high_open else (arr > high)
     if np.any(bad):
-        shown = arr.item() if arr.ndim == 0 else f"an array holding {arr[bad].ravel()[0].item()!r}"
+        first_bad = arr[bad].ravel()[0].item()
+        shown = repr(arr.item()) if arr.ndim == 0 else f"an array holding {first_bad!r}"
         raise ValueError(
-            f"`{name}` must be a finite number in {interval}, got {shown!r}."
+            f"`{name}` must be a finite number in {interval}, got {shown}."
             + (f" {hint}" if hint else "")
         )

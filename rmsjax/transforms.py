@@ -281,7 +281,6 @@ def _rms_rule(
     correction: ArrayLike | None,
     eps_in_sqrt: bool,
 ) -> tuple[jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, nu))
     nu = ema(abs_sq(g), nu, decay)
     return rms_scale(g, _unbias(nu, correction), eps, eps_in_sqrt=eps_in_sqrt), nu
 
@@ -296,7 +295,6 @@ def _centered_rms_rule(
     correction: ArrayLike | None,
     eps_in_sqrt: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, mu, nu))
     mu = ema(g, mu, decay)
     nu = ema(abs_sq(g), nu, decay)
     variance = jnp.maximum(_unbias(nu, correction) - abs_sq(_unbias(mu, correction)), 0)
@@ -442,7 +440,6 @@ class TraceState(NamedTuple):
 def _trace_rule(
     g: jax.Array, m: jax.Array, *, decay: ArrayLike, nesterov: bool
 ) -> tuple[jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, m))
     m = g + decay * m
     return (g + decay * m if nesterov else m), m
 
@@ -581,7 +578,6 @@ def _adam_rule(
     c2: ArrayLike,
     nesterov: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, mu, nu))
     mu = ema(g, mu, b1)
     nu = ema(abs_sq(g), nu, b2)
     mu_hat = b1 * (mu / c1_next) + (1 - b1) * (g / c1) if nesterov else mu / c1
@@ -672,7 +668,6 @@ class ScaleByRssState(NamedTuple):
 def _rss_rule(
     g: jax.Array, s: jax.Array, *, eps: ArrayLike, eps_in_sqrt: bool
 ) -> tuple[jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, s))
     s = s + abs_sq(g)
     return rms_scale(g, s, eps, eps_in_sqrt=eps_in_sqrt), s
 
@@ -746,7 +741,6 @@ class ScaleByAdaDeltaState(NamedTuple):
 def _adadelta_rule(
     g: jax.Array, e_g: jax.Array, e_x: jax.Array, *, rho: ArrayLike, eps: ArrayLike
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, e_g, e_x))
     e_g = ema(abs_sq(g), e_g, rho)
     u = safe_div(jnp.sqrt(e_x + eps), jnp.sqrt(e_g + eps)) * g
     e_x = ema(abs_sq(u), e_x, rho)
@@ -843,7 +837,6 @@ def _rprop_real_rule(
 def _rprop_rule(
     g: jax.Array, step: jax.Array, prev: jax.Array, **hyper: ArrayLike
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, step, prev))
     if not jnp.iscomplexobj(g):
         return _rprop_real_rule(g, step, prev, **hyper)
     # Complex: the real and imaginary parts are independent reals (torch's view_as_real).

@@ -8,7 +8,9 @@ everywhere:
 * ``None`` gradient leaves pass through: the update is ``None`` and the state leaf is kept.
 * The gradient tree must have the state's structure; if not, the error shows both structures.
 * Integer and boolean gradient leaves raise ``TypeError`` naming the leaf.
-* The update always has the gradient's dtype, and every state leaf keeps its own dtype.
+* The rule sees the gradient promoted to the common dtype of the gradient and its state leaves
+  (a float16 gradient with float32 moments is computed in float32); the update it returns is
+  cast back to the gradient's dtype, and every state leaf keeps its own dtype.
 
 :func:`state_like` builds state leaves with the dtype policy shared by all transformations:
 moments of float16/bfloat16 parameters are kept in float32 unless asked otherwise.
@@ -105,8 +107,12 @@ def _leaves_like(updates: Any, treedef: Any, tree: Any, what: str) -> list[Any]:
 
 
 def _cast_like(x: Any, like: Any) -> jax.Array:
-    """``x`` as an array of ``like``'s dtype (no conversion emitted when it already is)."""
-    dtype = like.dtype if hasattr(like, "dtype") else jnp.result_type(like)
+    """``x`` as an array of ``like``'s dtype, ``like`` an array or a dtype (no conversion
+    emitted when ``x`` already has it)."""
+    if isinstance(like, np.dtype):
+        dtype = like
+    else:
+        dtype = like.dtype if hasattr(like, "dtype") else jnp.result_type(like)
     x = jnp.asarray(x)
     return x if x.dtype == dtype else x.astype(dtype)
 
@@ -158,7 +164,8 @@ def map_rule(
                 raise _structure_error(
                     what, updates, states[0], f"{jax.tree_util.keystr(path)} has no state"
                 )
-        u, *news = rule(g, *olds, *(leaves[i] for leaves in extra_leaves))
+        g_in = _cast_like(g, jnp.result_type(g, *olds)) if olds else g
+        u, *news = rule(g_in, *olds, *(leaves[i] for leaves in extra_leaves))
         out_updates.append(_cast_like(u, g))
         for acc, old, new in zip(out_states, olds, news, strict=True):
             acc.append(_cast_like(new, old))

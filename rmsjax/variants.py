@@ -151,7 +151,6 @@ def _dampened_trace_rule(
     dampening: ArrayLike,
     nesterov: bool,
 ) -> tuple[jax.Array, jax.Array]:
-    g = g.astype(jnp.result_type(g, b))
     b = jnp.where(first, g, decay * b + (1 - dampening) * g)
     return (g + decay * b if nesterov else b), b
 
@@ -260,8 +259,7 @@ class ScaleByAdamEpsHatState(NamedTuple):
 def _adam_moments(
     g: jax.Array, mu: jax.Array, nu: jax.Array, b1: ArrayLike, b2: ArrayLike
 ) -> tuple[jax.Array, jax.Array]:
-    """Adam's two updated moments, with ``g`` taken in the moments' compute dtype."""
-    g = g.astype(jnp.result_type(g, mu, nu))
+    """Adam's two updated moments (``g`` arrives in the moments' dtype, see ``map_rule``)."""
     return ema(g, mu, b1), ema(abs_sq(g), nu, b2)
 
 

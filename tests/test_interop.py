@@ -122,11 +122,10 @@ def test_inject_hyperparams_every_numeric_hyperparameter(name, hparams, extra, j
 
 def test_inject_hyperparams_initial_scale_is_injectable() -> None:
     params = mixed_tree()
-    for lib in (rmsjax,):
-        opt = optax.inject_hyperparams(lib.rmsprop)(learning_rate=0.1, initial_scale=2.0)
-        state = opt.init(params)
-        nu = state.inner_state[0].nu
-        assert all(bool(jnp.all(leaf == 2.0)) for leaf in jax.tree.leaves(nu))
+    opt = optax.inject_hyperparams(rmsjax.rmsprop)(learning_rate=0.1, initial_scale=2.0)
+    state = opt.init(params)
+    nu = state.inner_state[0].nu
+    assert all(bool(jnp.all(leaf == 2.0)) for leaf in jax.tree.leaves(nu))
 
 
 def test_multisteps() -> None:

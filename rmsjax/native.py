@@ -104,6 +104,10 @@ def build(*, force: bool = False, verbose: bool = False) -> Path:
     """Compile the kernel into the cache (if not there yet) and return the library's path.
 
     Raises ``RuntimeError`` saying what went wrong when there is no compiler or it fails.
+
+    Args:
+      force: recompile even when a cached library exists.
+      verbose: print the compiler command (to stderr); its errors are in the exception.
     """
     import jax
 

@@ -207,6 +207,10 @@ def scale_by_schedule(step_size_fn: Schedule) -> optax.GradientTransformation:
     r"""Multiply updates by ``step_size_fn(count)``, count = 0, 1, 2, ... (int32).
 
     :math:`u_t = s(t - 1)\,g_t`. Same as ``optax.scale_by_schedule``.
+
+    Args:
+      step_size_fn: a callable ``count -> step size`` (any real value, jit-safe); a
+        non-callable raises ``TypeError``.
     """
     if not callable(step_size_fn):
         raise TypeError(

@@ -15,6 +15,11 @@ def apply_updates(params: Any, updates: Any) -> Any:
     ``None`` leaves (in either tree) stay ``None``. The update tree must have the params'
     structure; if not, the error shows both. Same as ``optax.apply_updates``, whose sum is
     likewise cast back to the parameter dtype.
+
+    Args:
+      params: the parameter tree :math:`\theta`.
+      updates: a tree with the params' structure (``None`` leaves allowed): the output of an
+        optimizer's ``update``.
     """
 
     # Lift "p + u" with the shared helper: the params play the part of the state tree, so a

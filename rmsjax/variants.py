@@ -112,6 +112,9 @@ def split_real_and_imaginary(inner: optax.GradientTransformation) -> optax.Gradi
 
     Same numbers and same name as ``optax.contrib.split_real_and_imaginary``; the merge is
     exact (``lax.complex``) and ``None`` leaves pass through.
+
+    Args:
+      inner: any gradient transformation; it only ever sees real leaves.
     """
 
     def init_fn(params: Any) -> SplitRealAndImaginaryState:
@@ -214,6 +217,10 @@ def precise_debias(decay: ArrayLike, count: jax.Array) -> jax.Array:
     :math:`\log\beta` of a concrete :math:`\beta` is taken on the host in float64 (PyTorch
     computes the whole correction on the host in float64); a traced :math:`\beta` falls back
     to ``jnp.log`` in the compute dtype.
+
+    Args:
+      decay: :math:`\beta`, in [0, 1) (validated by the transformations that call this).
+      count: :math:`t`, the int32 step count after increment (>= 1).
     """
     if is_concrete(decay):
         d = float(np.asarray(decay))

@@ -4,18 +4,23 @@ One process, one case at a time, implementations interleaved (their order rotate
 repetition) so that machine noise hits all of them alike. Each JAX step is
 ``jax.jit(step, donate_argnums=(0, 2))`` with ``step(params, grads, state) -> (params, state)``:
 
+* ``floor (no-op)``  returns params and state untouched: no arithmetic, only the cost of
+  passing these trees through a donated ``jit`` call, which every implementation also pays
 * ``optax``         ``tx.update`` + ``optax.apply_updates`` (optax's own optimizer)
 * ``rmsjax``        the same with rmsjax's optax-protocol optimizer (pure JAX)
 * ``rmsjax.fused``  ``rmsjax.fused.<opt>(...).step`` (native kernel on CPU when available)
 * ``torch.foreach`` / ``torch.fused``  ``torch.optim.<Opt>(..., foreach=True | fused=True)``
   ``.step()`` on tensors with ``.grad`` set (only when torch can be imported)
 
-Reported per case: median step time, its ratio to optax, compile time (trace + lower +
-compile), GB/s at the ideal bytes of the step (each parameter, gradient and state element read
-once and each new parameter and state element written once) next to a bandwidth ceiling
-measured in the same interleaving (a donated, in-place XLA stream ``a <- a * b + c``, 16 B per
-element), and peak memory of the compiled step from XLA's memory analysis (arguments +
-outputs - aliased + temporaries). The process RSS high-water mark is recorded too.
+Reported per case: median step time; the ratio to optax as the median, over repetitions, of the
+ratio within one repetition (adjacent in time, so slow drifts of the machine cancel), with its
+quartiles; compile time (trace + lower + compile); GB/s at the ideal bytes of the step (each
+parameter, gradient and state element read once and each new parameter and state element
+written once) next to a bandwidth ceiling measured in the same interleaving (the faster of two
+donated, in-place streams: XLA's ``a <- a * b + c``, 16 B per element, and the native kernel's
+``p <- p - lr * g``, 12 B per element); and peak memory of the compiled step from XLA's memory
+analysis (arguments + outputs - aliased + temporaries). The process RSS high-water mark is
+recorded too.
 
 Usage::
 
@@ -58,6 +63,7 @@ except Exception:  # pragma: no cover - torch is not a dependency
 
 LR = 1e-3
 MiB = 2**20
+FLOOR = "floor (no-op)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,12 +240,12 @@ def protocol_step(tx: optax.GradientTransformation, apply: Callable) -> Callable
 
 
 class StreamRunner(JaxRunner):
-    """The bandwidth ceiling: a <- a * b + c in place (16 B per element)."""
+    """XLA's in-place stream a <- a * b + c (16 B per element), one of the two ceilings."""
 
     def __init__(self, n: int):
         key = jax.random.key(7)
         a, b, c = (jax.random.normal(k, (n,), jnp.float32) for k in jax.random.split(key, 3))
-        super().__init__("stream a=a*b+c", None, a, (b, c), None)  # type: ignore[arg-type]
+        super().__init__("stream (XLA)", None, a, (b, c), None)  # type: ignore[arg-type]
 
     def setup(self) -> float:
         f = jax.jit(lambda a, bc: a * bc[0] + bc[1], donate_argnums=0)
@@ -256,6 +262,22 @@ class StreamRunner(JaxRunner):
         jax.block_until_ready(a)
         self.p = a
         return (time.perf_counter() - t0) / k
+
+
+def floor_step(params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
+    """No arithmetic: what any step with this signature pays to pass the trees through jit."""
+    del grads
+    return params, state
+
+
+def native_stream(n: int) -> JaxRunner | None:
+    """The native kernel's own in-place stream, p <- p - lr * g (12 B per element), or None."""
+    if not native.available():
+        return None
+    key = jax.random.key(11)
+    p, g = (jax.random.normal(k, (n,), jnp.float32) for k in jax.random.split(key))
+    opt = fused.sgd(LR, backend="native")
+    return JaxRunner("stream (native)", opt.step, p, g, opt.init(p))
 
 
 class TorchRunner:
@@ -296,13 +318,20 @@ def bench_case(
     size = n_params(params)
     copy = lambda t: jax.tree.map(jnp.copy, t)
 
-    runners: list[Any] = [StreamRunner(size)]
+    # Ceilings first (XLA's and the native kernel's in-place streams), then the floor: a step
+    # over the same trees that does no arithmetic.
+    streams: list[Any] = [StreamRunner(size)]
+    ns = native_stream(size)
+    if ns is not None:
+        streams.append(ns)
     tx = cfg["optax"]
-    runners.append(
+    runners: list[Any] = [
+        *streams,
+        JaxRunner(FLOOR, floor_step, copy(params), grads, tx.init(params)),
         JaxRunner(
             "optax", protocol_step(tx, optax.apply_updates), copy(params), grads, tx.init(params)
-        )
-    )
+        ),
+    ]
     label, rtx = cfg["rmsjax"]
     runners.append(
         JaxRunner(
@@ -326,11 +355,17 @@ def bench_case(
         for r in order:
             times[r.name].append(r.run(ks[r.name]))
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    ceiling_gbs = 16 * size / med[runners[0].name] / 1e9
+    stream_gbs = {"stream (XLA)": 16, "stream (native)": 12}
+    ceilings = {r.name: stream_gbs[r.name] * size / med[r.name] / 1e9 for r in streams}
+    ceiling_gbs = max(ceilings.values())
     rows = []
-    for r in runners[1:]:
+    for r in runners[len(streams) :]:
         t = med[r.name]
-        gbs = cfg["bytes"] * size / t / 1e9
+        # Paired ratio: each repetition times every implementation back to back, so the ratio
+        # within a repetition cancels slow drifts of the machine; report its median and quartiles.
+        paired = sorted(a / b for a, b in zip(times[r.name], times["optax"], strict=True))
+        q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+        gbs = cfg["bytes"] * size / t / 1e9 if r.name != FLOOR else 0.0
         rows.append(
             dict(
                 config=cfg_name,
@@ -341,11 +376,15 @@ def bench_case(
                 native=(r.name == "rmsjax.fused" and native.available()),
                 step_ms=1e3 * t,
                 step_ms_all=[1e3 * x for x in times[r.name]],
-                ratio_vs_optax=t / med["optax"],
-                compile_s=compile_s[r.name] if r.name.startswith(("optax", "rmsjax")) else None,
+                ratio_vs_optax=statistics.median(paired),
+                ratio_q1=q1,
+                ratio_q3=q3,
+                ratio_of_medians=t / med["optax"],
+                compile_s=compile_s[r.name] if not r.name.startswith("torch") else None,
                 ideal_bytes_per_param=cfg["bytes"],
                 gbs=gbs,
                 ceiling_gbs=ceiling_gbs,
+                ceilings_gbs=ceilings,
                 frac_of_ceiling=gbs / ceiling_gbs,
                 peak_mib=None if r.peak is None else r.peak / MiB,
             )
@@ -362,14 +401,23 @@ def bench_case(
 # --------------------------------------------------------------------------------------------
 
 
+def _ratio(r: dict[str, Any]) -> str:
+    return f"{r['ratio_vs_optax']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})"
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Machine: {meta['machine']}; jax {meta['jax']}, optax {meta['optax']}, "
         f"torch {meta['torch']}; native kernel: {meta['native']}.",
-        f"Median of {meta['reps']} interleaved timings per implementation; ratio = step time / "
-        "optax's step time in the same case (lower is better); GB/s at the ideal bytes of the "
-        "step; ceiling = in-place XLA stream `a = a*b + c` measured in the same case; peak = "
-        "XLA memory analysis of the compiled step.",
+        "",
+        f"Step time: median of {meta['reps']} interleaved timings. Ratio: median over those "
+        "repetitions of (step time / optax's step time in the same repetition), with the "
+        "quartiles in brackets; lower is better. GB/s at the ideal bytes of the step. Ceiling: "
+        "the faster of two in-place streams timed in the same case, XLA's `a = a*b + c` "
+        "(16 B/element) and the native kernel's `p = p - lr*g` (12 B/element). "
+        f"`{FLOOR}`: a jitted, donated step over the same trees that returns them untouched, "
+        "the cost of passing them through `jit` that every implementation pays. Peak: XLA "
+        "memory analysis of the compiled step. Compile: trace + lower + compile.",
         "",
         "| optimizer | tree | params | impl | step ms | vs optax | GB/s | % ceiling "
         "| compile s | peak MiB |",
@@ -378,10 +426,17 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in rows:
         comp = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        bw = (
+            ("", "")
+            if r["impl"] == FLOOR
+            else (
+                f"{r['gbs']:.1f}",
+                f"{100 * r['frac_of_ceiling']:.0f}%",
+            )
+        )
         lines.append(
             f"| {r['config']} | {r['tree']} | {r['params'] / MiB:.0f}M | {r['impl']} "
-            f"| {r['step_ms']:.2f} | {r['ratio_vs_optax']:.2f} | {r['gbs']:.1f} "
-            f"| {100 * r['frac_of_ceiling']:.0f}% | {comp} | {peak} |"
+            f"| {r['step_ms']:.2f} | {_ratio(r)} | {bw[0]} | {bw[1]} | {comp} | {peak} |"
         )
     lines.append("")
     lines.append(f"Process RSS high-water mark: {meta['rss_peak_mib']:.0f} MiB.")
@@ -395,16 +450,17 @@ def summary(rows: list[dict[str, Any]]) -> str:
         cases.setdefault((r["config"], r["tree"], r["params"]), {})[r["impl"]] = r
     has_torch = any(r["impl"].startswith("torch") for r in rows)
     head = (
-        "| optimizer | tree | params | optax ms | rmsjax / optax | fused / optax "
-        "| fused % ceiling | compile s optax / fused | peak MiB optax / fused |"
+        "| optimizer | tree | params | optax ms | floor / optax | rmsjax / optax "
+        "| fused / optax | fused % ceiling | compile s optax / fused / floor "
+        "| peak MiB optax / fused |"
     )
-    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|"
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
     if has_torch:
         head += " torch foreach / optax | torch fused / optax |"
         rule += "---:|---:|"
     lines = [head, rule]
     for (cfg, tree, n), impls in cases.items():
-        o, f = impls["optax"], impls["rmsjax.fused"]
+        o, f, z = impls["optax"], impls["rmsjax.fused"], impls[FLOOR]
         r = next(v for k, v in impls.items() if k.startswith("rmsjax") and k != "rmsjax.fused")
         peak = (
             f"{o['peak_mib']:.0f} / {f['peak_mib']:.0f}"
@@ -413,9 +469,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
         )
         line = (
             f"| {cfg} | {tree} | {n / MiB:.0f}M | {o['step_ms']:.2f} "
-            f"| {r['ratio_vs_optax']:.2f} | **{f['ratio_vs_optax']:.2f}** "
-            f"| {100 * f['frac_of_ceiling']:.0f}% | {o['compile_s']:.2f} / {f['compile_s']:.2f} "
-            f"| {peak} |"
+            f"| {z['ratio_vs_optax']:.2f} | {r['ratio_vs_optax']:.2f} | **{_ratio(f)}** "
+            f"| {100 * f['frac_of_ceiling']:.0f}% "
+            f"| {o['compile_s']:.2f} / {f['compile_s']:.2f} / {z['compile_s']:.2f} | {peak} |"
         )
         if has_torch:
             tf = impls.get("torch.foreach")
@@ -478,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                 for r in case:
                     print(
                         f"{name:18s} {r['tree']:12s} {size:3d}M {r['impl']:14s} "
-                        f"{r['step_ms']:8.2f} ms  x{r['ratio_vs_optax']:.2f}  "
+                        f"{r['step_ms']:8.2f} ms  x{r['ratio_vs_optax']:.2f} "
+                        f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})  "
                         f"{r['gbs']:6.1f} GB/s ({100 * r['frac_of_ceiling']:.0f}% of "
                         f"{r['ceiling_gbs']:.1f})  compile "
                         + ("-" if r["compile_s"] is None else f"{r['compile_s']:.2f}s"),

@@ -15,8 +15,8 @@ library is looked for, in this order:
    path and :func:`status` says why.
 
 Both builds are portable (no ``-march=native``): the kernel carries a baseline and an AVX2+FMA
-version of each loop and picks one at run time; each rounds like XLA's own CPU code on such a
-CPU (FMA contraction where the CPU has FMA), and :func:`status` says which one runs.
+version of each loop and picks one at run time; like XLA's own CPU code, the kernel contracts
+``a * b + c`` into FMA where the CPU has FMA. :func:`status` says which version runs.
 
 Environment variables:
 
@@ -183,7 +183,8 @@ def available() -> bool:
 
 
 def status() -> str:
-    """One line: which native library is active and how it got there, or why the path is off.
+    """Which native library is active and how it got there, or why the path is off (one line,
+    plus the compiler's output when a build failed).
 
     ``"native (installed): <path> [avx2+fma kernels]"``, ``"native (built on first use):
     <path> [...]"`` (followed by why an installed library was not used, if there was one), or

@@ -12,7 +12,6 @@ instruction set and for AVX2+FMA, choosing at run time.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
 import os
 import shlex
@@ -30,7 +29,6 @@ __all__ = [
     "compiler_command",
     "ffi_include_dir",
     "find_compiler",
-    "jaxlib_version",
     "require_compiler",
     "source_id",
 ]
@@ -103,14 +101,6 @@ def ffi_include_dir() -> Path | None:
         if (include / "xla" / "ffi" / "api" / "ffi.h").is_file():
             return include
     return None
-
-
-def jaxlib_version() -> str | None:
-    """The installed jaxlib's version (from its metadata, without importing it), or ``None``."""
-    try:
-        return importlib.metadata.version("jaxlib")
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def source_id(source: Path = SOURCE) -> str:

@@ -1,21 +1,35 @@
-"""The optional native CPU kernel behind :mod:`rmsjax.fused`: build, load, report.
+"""The optional native CPU kernel behind :mod:`rmsjax.fused`: find or build, load, report.
 
-The kernel (``rmsjax/_native/fused_step.cc``) is an XLA FFI handler written in C++. It is
-compiled on first use, with the system C++ compiler, against the FFI headers that ship with
-jaxlib (``jax.ffi.include_dir()``), and cached as a shared library keyed by the source, the
-jaxlib version, the compiler and the CPU. Nothing is compiled at ``pip install`` time, so
-installing rmsjax never needs a compiler; without one (or when the build fails) every fused
-step runs the pure-JAX path and :func:`available` says why the native path is off.
+The kernel (``rmsjax/_native/fused_step.cc``) is an XLA FFI handler written in C++, compiled
+by one recipe (:mod:`rmsjax._native.build`) against the FFI headers that ship with jaxlib. The
+library is looked for, in this order:
+
+1. ``RMSJAX_NATIVE=0`` turns the native path off (the pure-JAX path is used everywhere).
+2. **Installed**: ``pip install`` (regular or editable) compiles the kernel when a C++
+   compiler is available and puts ``rmsjax/_native/_fused_step*.so`` next to this module. A
+   failed compile never fails the install; pip only prints a warning.
+3. **Built on first use**: otherwise (or when the installed library cannot be loaded, or was
+   built from a different ``fused_step.cc``) the first fused step compiles the kernel with
+   the same recipe and caches it, keyed by the source, the jaxlib version, the compiler and the
+   flags. Without a compiler (or when that build fails too) every fused step runs the pure-JAX
+   path and :func:`status` says why.
+
+Both builds are portable (no ``-march=native``): the kernel carries a baseline and an AVX2+FMA
+version of each loop and picks one at run time; like XLA's own CPU code, the kernel contracts
+``a * b + c`` into FMA where the CPU has FMA. :func:`status` says which version runs.
 
 Environment variables:
 
-* ``RMSJAX_NATIVE=0`` turns the native path off (the pure-JAX path is used everywhere).
-* ``RMSJAX_NATIVE_CACHE=<dir>`` where the compiled library is kept (default
+* ``RMSJAX_NATIVE=0`` turns the native path off.
+* ``RMSJAX_NATIVE_CACHE=<dir>`` where the first-use build is kept (default
   ``$XDG_CACHE_HOME/rmsjax`` or ``~/.cache/rmsjax``).
-* ``CXX`` the compiler to use (default ``c++``, then ``g++``, then ``clang++``).
+* ``CXX`` the compiler to use, at install time and on first use (default ``c++``, then
+  ``g++``, then ``clang++``).
 * ``RMSJAX_NATIVE_THREADS=<n>`` threads the kernel may use (default: all cores).
+* ``RMSJAX_NATIVE_ISA=baseline`` makes the kernel use its baseline loops even where AVX2+FMA
+  is available (for testing; read once per process).
 
-Build ahead of time, and check the status, with ``python -m rmsjax.native``.
+Check which path is active (and build it if needed) with ``python -m rmsjax.native``.
 """
 
 from __future__ import annotations
@@ -24,42 +38,23 @@ import ctypes
 import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
+import sysconfig
 import threading
 from pathlib import Path
+from typing import Any
+
+from rmsjax._native import build as _recipe
 
 __all__ = ["TARGET", "available", "build", "library_path", "status"]
 
 TARGET = "rmsjax_fused_step"
-_SOURCE = Path(__file__).with_name("_native") / "fused_step.cc"
-_FLAGS = (
-    "-O3",
-    "-march=native",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-    "-std=c++17",
-    "-shared",
-    "-fPIC",
-    "-pthread",
-    "-w",
-)
+_NATIVE_DIR = Path(__file__).with_name("_native")
+_SOURCE = _recipe.SOURCE
+_INSTALLED_STEM = "_fused_step"  # setup.py's extension rmsjax._native._fused_step
 
 _lock = threading.Lock()
-_state: dict[str, object] = {"tried": False, "ok": False, "why": "not built yet", "path": None}
-
-
-def _compiler() -> str | None:
-    env = os.environ.get("CXX")
-    if env:
-        return shutil.which(env) or None
-    for name in ("c++", "g++", "clang++"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
+_state: dict[str, Any] = {"tried": False, "ok": False, "why": "not built yet", "path": None}
 
 
 def _cache_dir() -> Path:
@@ -70,28 +65,21 @@ def _cache_dir() -> Path:
     return Path(base) / "rmsjax"
 
 
-def _cpu_tag() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def library_path() -> Path:
-    """Where the compiled kernel for this source, jaxlib, compiler and CPU is cached."""
+    """Where the first-use build for this source, jaxlib, compiler and flags is cached.
+
+    (The library installed with the package, when there is one, is used instead; :func:`status`
+    names the library actually loaded.)
+    """
     import jaxlib
 
+    cxx = _recipe.find_compiler()
     key = hashlib.sha256()
     for part in (
         _SOURCE.read_bytes() if _SOURCE.exists() else b"",
         jaxlib.__version__.encode(),
-        str(_compiler()).encode(),
-        " ".join(_FLAGS).encode(),
-        _cpu_tag().encode(),
+        " ".join(cxx or ["none"]).encode(),
+        " ".join(_recipe.FLAGS).encode(),
         platform.machine().encode(),
     ):
         key.update(part)
@@ -103,7 +91,9 @@ def library_path() -> Path:
 def build(*, force: bool = False, verbose: bool = False) -> Path:
     """Compile the kernel into the cache (if not there yet) and return the library's path.
 
-    Raises ``RuntimeError`` saying what went wrong when there is no compiler or it fails.
+    This is the first-use build; it runs the same recipe as ``pip install``
+    (:func:`rmsjax._native.build.compile_kernel`). Raises ``RuntimeError`` saying what went
+    wrong when there is no compiler, no FFI headers, or the compiler fails.
 
     Args:
       force: recompile even when a cached library exists.
@@ -113,58 +103,77 @@ def build(*, force: bool = False, verbose: bool = False) -> Path:
 
     if not _SOURCE.exists():
         raise RuntimeError(f"the kernel source {_SOURCE} is missing from this installation")
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError(
-            "no C++ compiler found (tried $CXX, c++, g++, clang++); install one (e.g. g++) "
-            "to enable the native CPU path"
-        )
+    _recipe.require_compiler()  # before the cache is looked at: no compiler, no build
     out = library_path()
     if out.exists() and not force:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a private file, then rename: concurrent first uses never see a partial file.
-    fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
-    if verbose:
-        print("rmsjax.native: " + " ".join(cmd), file=sys.stderr)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"compiling the native kernel failed ({cxx} exit {proc.returncode}):\n"
-                + proc.stderr[-2000:]
-            )
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return _recipe.compile_kernel(out, include_dir=Path(jax.ffi.include_dir()), verbose=verbose)
+
+
+def _installed_library() -> Path | None:
+    """The library ``pip install`` put next to this module, if any (this interpreter's
+    extension suffix first, then any other ``_fused_step*`` library: it has no Python ABI)."""
+    suffixes = (".so", ".pyd", ".dll", ".dylib")
+    found = sorted(
+        p for p in _NATIVE_DIR.glob(_INSTALLED_STEM + "*") if p.suffix in suffixes and p.is_file()
+    )
+    preferred = _NATIVE_DIR / (_INSTALLED_STEM + (sysconfig.get_config_var("EXT_SUFFIX") or ""))
+    if preferred in found:
+        return preferred
+    return found[0] if found else None
+
+
+def _register(path: Path) -> ctypes.CDLL:
+    """Load the library, check it was built from this ``fused_step.cc``, register the target."""
+    import jax
+
+    lib = ctypes.CDLL(str(path))
+    source_id = getattr(lib, "RmsjaxSourceId", None)
+    if source_id is None:
+        raise RuntimeError("it has no RmsjaxSourceId (built from an older fused_step.cc)")
+    source_id.restype = ctypes.c_char_p
+    built_from = source_id().decode()
+    if _SOURCE.exists() and built_from != _recipe.source_id(_SOURCE):
+        raise RuntimeError(f"it was built from a different fused_step.cc (id {built_from})")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RmsjaxFusedStep), platform="cpu")
+    return lib
+
+
+def _kernel_isa(lib: ctypes.CDLL) -> str:
+    fn = lib.RmsjaxKernelIsa
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def _load() -> None:
-    import jax
-
     if os.environ.get("RMSJAX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         _state.update(ok=False, why="disabled by RMSJAX_NATIVE=0")
         return
+    note = ""
+    installed = _installed_library()
+    if installed is not None:
+        try:
+            lib = _register(installed)
+        except Exception as err:  # a broken or stale installed library: try the first-use build
+            note = f"; the installed {installed} was not used: {type(err).__name__}: {err}"
+        else:
+            _state.update(ok=True, how="installed", path=str(installed), lib=lib, note="")
+            return
     try:
         path = build()
-        lib = ctypes.CDLL(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RmsjaxFusedStep), platform="cpu")
+        lib = _register(path)
     except Exception as err:  # any failure means: stay on the pure-JAX path, and say why
-        _state.update(ok=False, why=f"{type(err).__name__}: {err}")
+        _state.update(ok=False, why=f"{type(err).__name__}: {err}{note}")
         return
-    _state.update(ok=True, why="native CPU kernel loaded", path=str(path), lib=lib)
+    _state.update(ok=True, how="built on first use", path=str(path), lib=lib, note=note)
 
 
 def available() -> bool:
-    """True when the native CPU kernel is built (building it now if needed) and registered.
+    """True when the native CPU kernel is loaded and registered (building it now if needed).
 
-    The first call may take several seconds (compilation); later calls, and later processes
-    on the same machine, reuse the cached library. ``False`` means every fused step runs the
-    pure-JAX path; :func:`status` says why.
+    Uses the library installed with the package when there is one; otherwise the first call
+    may take several seconds (compilation), and later calls and processes reuse the cached
+    library. ``False`` means every fused step runs the pure-JAX path; :func:`status` says why.
     """
     with _lock:
         if not _state["tried"]:
@@ -174,9 +183,17 @@ def available() -> bool:
 
 
 def status() -> str:
-    """One line: whether the native path is active, and the library path or the reason not."""
-    ok = available()
-    return f"native: {_state['path']}" if ok else f"pure-JAX only: {_state['why']}"
+    """Which native library is active and how it got there, or why the path is off (one line,
+    plus the compiler's output when a build failed).
+
+    ``"native (installed): <path> [avx2+fma kernels]"``, ``"native (built on first use):
+    <path> [...]"`` (followed by why an installed library was not used, if there was one), or
+    ``"pure-JAX only: <reason>"``.
+    """
+    if not available():
+        return f"pure-JAX only: {_state['why']}"
+    isa = _kernel_isa(_state["lib"])
+    return f"native ({_state['how']}): {_state['path']} [{isa} kernels]{_state['note']}"
 
 
 if __name__ == "__main__":

@@ -1,16 +1,24 @@
-"""The fused step (rmsjax.fused) and its native CPU kernel (rmsjax.native).
+"""The fused step (rmsjax.fused), its native CPU kernel (rmsjax.native) and how it is built.
 
 References: the pure-JAX path of the same optimizer (``update`` + ``apply_updates``, itself
-checked against optax elsewhere) and optax called live. No timing here.
+checked against optax elsewhere), optax called live, ``jax.ffi.include_dir()``, the CPU flags
+in /proc/cpuinfo, and hashlib over the kernel source. No timing here.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import json
 import os
+import platform
 import shutil
+import stat
 import subprocess
 import sys
+import sysconfig
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +28,11 @@ import pytest
 
 import rmsjax
 from rmsjax import fused, native
+from rmsjax._native import build as recipe
 from tests.common import loss
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CXX = recipe.find_compiler() is not None
 
 NATIVE = native.available()
 DEFAULT_MIN_ELEMENTS = fused._MIN_NATIVE_ELEMENTS
@@ -123,7 +135,7 @@ def test_native_builds_where_a_compiler_exists():
     if not has_cxx or os.environ.get("RMSJAX_NATIVE", "1") == "0":
         pytest.skip("no C++ compiler, or native path disabled on purpose")
     assert native.available(), native.status()
-    assert native.status().startswith("native:")
+    assert native.status().startswith(("native (installed): ", "native (built on first use): "))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -361,3 +373,258 @@ def test_small_leaves_take_the_compiled_rule_by_default(monkeypatch):
     if NATIVE:
         assert uses_kernel(opt, big)
     assert_close(run_fused(opt, big), run_fused(CONFIGS["centered_momentum"]("jax"), big))
+
+
+# ---- the build: the shared recipe, setup.py, the installed library, the two instruction sets ----
+
+
+def _cpu_has_avx2_fma() -> bool:
+    """From /proc/cpuinfo (Linux x86-64), independently of the kernel's own CPU check."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to check the CPU flags against")
+    flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+    return "avx2" in flags and "fma" in flags
+
+
+@pytest.fixture(scope="module")
+def built_library(tmp_path_factory) -> Path:
+    """The kernel compiled by the shared recipe into a fresh folder (real compiler)."""
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler")
+    out = tmp_path_factory.mktemp("recipe") / "fused_step.so"
+    assert recipe.compile_kernel(out) == out
+    return out
+
+
+def test_recipe_reports_a_failing_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # found on PATH, exits 1 without a word
+    with pytest.raises(
+        recipe.BuildError,
+        match=r"(?s)compiling the native kernel failed .*"
+        r"exited with status 1.*the compiler printed nothing",
+    ):
+        recipe.compile_kernel(tmp_path / "k.so")
+    assert list(tmp_path.iterdir()) == []  # neither the library nor its temporary file
+    monkeypatch.setenv("CXX", "no-such-compiler-rmsjax --flag")
+    with pytest.raises(recipe.BuildError, match=r"no C\+\+ compiler found \(\$CXX="):
+        recipe.compile_kernel(tmp_path / "k.so")
+
+
+def test_recipe_reports_missing_headers(tmp_path):
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler")
+    with pytest.raises(recipe.BuildError, match="XLA FFI headers were not found"):
+        recipe.compile_kernel(tmp_path / "k.so", include_dir=tmp_path)
+
+
+def test_recipe_finds_jaxlib_headers_without_importing_jax():
+    assert recipe.ffi_include_dir() == Path(jax.ffi.include_dir())
+    code = (
+        "import sys; sys.path.insert(0, 'rmsjax/_native'); import build; "
+        "print(build.ffi_include_dir()); "
+        "assert 'jax' not in sys.modules and 'jaxlib' not in sys.modules, sorted(sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(Path(jax.ffi.include_dir()))
+
+
+def test_recipe_builds_a_loadable_portable_library(built_library):
+    mode = built_library.stat().st_mode
+    assert mode & stat.S_IROTH and mode & stat.S_IXOTH  # other users can load an installed one
+    lib = ctypes.CDLL(str(built_library))
+    assert lib.RmsjaxFusedStep  # the FFI handler symbol jax registers
+    lib.RmsjaxSourceId.restype = ctypes.c_char_p
+    source = ROOT / "rmsjax" / "_native" / "fused_step.cc"
+    assert lib.RmsjaxSourceId().decode() == hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    lib.RmsjaxKernelIsa.restype = ctypes.c_char_p
+    expected = "avx2+fma" if _cpu_has_avx2_fma() else "baseline"
+    if os.environ.get("RMSJAX_NATIVE_ISA") == "baseline":
+        expected = "baseline"
+    assert lib.RmsjaxKernelIsa().decode() == expected
+    assert "-march=native" not in recipe.FLAGS
+
+
+def _setup_py_tree(tmp_path: Path) -> Path:
+    """The files setup.py needs, copied (the tests must not write into the checkout)."""
+    for rel in (
+        "setup.py",
+        "pyproject.toml",
+        "README.md",
+        "rmsjax/__init__.py",
+        "rmsjax/_native/__init__.py",
+        "rmsjax/_native/build.py",
+        "rmsjax/_native/fused_step.cc",
+    ):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, tmp_path / rel)
+    # setup.py must not import jax (nor the rmsjax package, which does): poison it.
+    (tmp_path / "poison" / "jax").mkdir(parents=True)
+    (tmp_path / "poison" / "jax" / "__init__.py").write_text(
+        "raise ImportError('setup.py imported jax')\n"
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize("cxx", ["false", "real"])
+def test_setup_py_build_ext(tmp_path, cxx):
+    pytest.importorskip("setuptools", minversion="64")  # not in Python 3.12+ venvs by default
+    if cxx == "real" and not HAS_CXX:
+        pytest.skip("no C++ compiler")
+    tree = _setup_py_tree(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(tree / "poison"))
+    env.pop("CXX", None)
+    if cxx == "false":
+        env["CXX"] = "false"
+    out = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "setup.py imported jax" not in log
+    built = sorted((tree / "rmsjax" / "_native").glob("_fused_step*"))
+    if cxx == "false":
+        assert 'building extension "rmsjax._native._fused_step" failed' in log, log[-3000:]
+        assert "compiling the native kernel failed" in log
+        assert built == []
+    else:
+        assert "failed" not in log, log[-3000:]
+        assert [p.name for p in built] == ["_fused_step" + sysconfig.get_config_var("EXT_SUFFIX")]
+        assert ctypes.CDLL(str(built[0])).RmsjaxFusedStep
+
+
+_STATUS_SCENARIOS = textwrap.dedent(
+    """
+    import json, os, shutil, sys, sysconfig
+    from pathlib import Path
+    from rmsjax import native
+
+    real, stale, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    native.build = lambda **kw: real  # the first-use build: the library compiled by the test
+    name = "_fused_step" + sysconfig.get_config_var("EXT_SUFFIX")
+    results = {}
+    for scenario in ("installed", "none", "stale", "broken", "disabled"):
+        folder = work / scenario
+        folder.mkdir()
+        if scenario in ("installed", "disabled"):
+            shutil.copy2(real, folder / name)
+        elif scenario == "stale":
+            shutil.copy2(stale, folder / name)
+        elif scenario == "broken":
+            (folder / name).write_bytes(b"not a shared library")
+        native._NATIVE_DIR = folder
+        native._state.clear()
+        native._state.update(tried=False, ok=False, why="not built yet", path=None)
+        if scenario == "disabled":
+            os.environ["RMSJAX_NATIVE"] = "0"
+        results[scenario] = [str(folder / name), native.status()]
+    print(json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def statuses(built_library, tmp_path_factory) -> dict:
+    """native.status() with an installed library next to the module, none, a stale one (built
+    from another source), a broken one, and RMSJAX_NATIVE=0; run in a fresh process, whose
+    first-use build is stubbed to return ``built_library``."""
+    work = tmp_path_factory.mktemp("status")
+    stale_src = work / "stale.cc"
+    stale_src.write_text(
+        'extern "C" const char* RmsjaxSourceId() { return "0123456789abcdef"; }\n'
+        'extern "C" void* RmsjaxFusedStep() { return nullptr; }\n'
+    )
+    stale = work / "stale.so"
+    cxx = recipe.find_compiler()
+    subprocess.run([*cxx, "-shared", "-fPIC", str(stale_src), "-o", str(stale)], check=True)
+    env = dict(os.environ)
+    env.pop("RMSJAX_NATIVE", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _STATUS_SCENARIOS, str(built_library), str(stale), str(work)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_status_names_the_installed_library(statuses):
+    path, status = statuses["installed"]
+    assert status.startswith(f"native (installed): {path} [")
+    assert status.endswith(" kernels]")
+
+
+def test_status_without_an_installed_library_names_the_first_use_build(statuses, built_library):
+    _, status = statuses["none"]
+    assert status.startswith(f"native (built on first use): {built_library} [")
+    assert "installed" not in status
+
+
+@pytest.mark.parametrize(
+    "scenario, why",
+    [
+        ("stale", "RuntimeError: it was built from a different fused_step.cc"),
+        ("broken", "OSError"),
+    ],
+)
+def test_status_falls_back_when_the_installed_library_is_unusable(
+    statuses, built_library, scenario, why
+):
+    path, status = statuses[scenario]
+    assert status.startswith(f"native (built on first use): {built_library} [")
+    assert f"the installed {path} was not used: {why}" in status
+
+
+def test_status_when_disabled(statuses):
+    assert statuses["disabled"][1] == "pure-JAX only: disabled by RMSJAX_NATIVE=0"
+
+
+@needs_native
+def test_baseline_kernels_match_pure_jax_on_a_cpu_without_fma():
+    # The kernel's baseline loops (used on x86-64 CPUs without AVX2+FMA) never run on a CPU that
+    # has them unless asked to; run them, with XLA limited to AVX (no FMA) as it would be on
+    # such a CPU, and check every configuration against the pure-JAX path.
+    if not _cpu_has_avx2_fma():
+        pytest.skip("the baseline loops are the ones in use here; the other tests cover them")
+    code = textwrap.dedent(
+        """
+        import jax, numpy as np
+        from rmsjax import fused, native
+        import tests.test_native as t
+        fused._MIN_NATIVE_ELEMENTS = 0
+        assert native.status().endswith("[baseline kernels]"), native.status()
+        rng = np.random.default_rng(5)
+        # small leaves of every shape, and one above the 64K-element threading threshold
+        params = {**t.mixed(), "big": jax.numpy.asarray(rng.normal(size=100_003), "float32")}
+        for name in sorted(t.CONFIGS):
+            opt, ref = t.CONFIGS[name]("auto"), t.CONFIGS[name]("jax")
+            assert t.uses_kernel(opt, params), name
+            t.assert_close(t.run_fused(opt, params), t.run_fused(ref, params))
+        print("ok")
+        """
+    )
+    env = dict(os.environ, RMSJAX_NATIVE_ISA="baseline", JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX").strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

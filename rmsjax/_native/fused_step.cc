@@ -9,6 +9,15 @@
 //
 // Operands: scalars f32[k], then per leaf: p, g, state_1 .. state_n   (all float32, same size)
 // Results:  per leaf: p, state_1 .. state_n                          (aliased to the operands)
+//
+// Each loop below is written once, as the always-inline Loop of a struct, and compiled twice:
+// into a baseline function and, on x86-64, into an AVX2+FMA function (target attribute), the
+// latter chosen at run time when the CPU has both (see Dispatch); the library needs no -march
+// flag, so it runs on any x86-64 CPU. Only IEEE operations are used (+ - * / sqrt, correctly
+// rounded; no reciprocal or rsqrt approximations). The build passes -ffp-contract=fast, so
+// a * b + c becomes one FMA where the instruction set has it, as in XLA's CPU code: the
+// AVX2+FMA version rounds like the pure-JAX path on an FMA CPU, the baseline version like it
+// on a CPU without FMA (the two versions can differ in the last bits, as XLA itself does).
 
 #include <unistd.h>
 
@@ -18,6 +27,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -42,121 +52,172 @@ struct Leaf {
 
 // ---- rmsprop family: scalars = [1-decay, decay, eps, correction, step_size, beta] ----------
 template <bool kCentered, bool kEpsInSqrt, bool kMomentum, bool kNesterov>
-void RmsKernel(const Leaf& L, int64_t lo, int64_t hi, const float* sc) {
-  const float omd = sc[0], decay = sc[1], eps = sc[2], corr = sc[3], lr = sc[4], beta = sc[5];
-  const float* p = L.p;
-  const float* g = L.g;
-  const float* mu_in = kCentered ? L.s_in[0] : nullptr;
-  const float* nu_in = L.s_in[kCentered ? 1 : 0];
-  const float* m_in = kMomentum ? L.s_in[kCentered ? 2 : 1] : nullptr;
-  float* p_out = L.p_out;
-  float* mu_out = kCentered ? L.s_out[0] : nullptr;
-  float* nu_out = L.s_out[kCentered ? 1 : 0];
-  float* m_out = kMomentum ? L.s_out[kCentered ? 2 : 1] : nullptr;
+struct Rms {
+  [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
+                                                 const float* sc) {
+    const float omd = sc[0], decay = sc[1], eps = sc[2], corr = sc[3], lr = sc[4], beta = sc[5];
+    const float* p = L.p;
+    const float* g = L.g;
+    const float* mu_in = kCentered ? L.s_in[0] : nullptr;
+    const float* nu_in = L.s_in[kCentered ? 1 : 0];
+    const float* m_in = kMomentum ? L.s_in[kCentered ? 2 : 1] : nullptr;
+    float* p_out = L.p_out;
+    float* mu_out = kCentered ? L.s_out[0] : nullptr;
+    float* nu_out = L.s_out[kCentered ? 1 : 0];
+    float* m_out = kMomentum ? L.s_out[kCentered ? 2 : 1] : nullptr;
 #pragma GCC ivdep
-  for (int64_t i = lo; i < hi; ++i) {
-    const float gi = g[i];
-    const float nu = omd * (gi * gi) + decay * nu_in[i];
-    float var;
-    if constexpr (kCentered) {
-      const float mu = omd * gi + decay * mu_in[i];
-      const float mc = mu / corr;
-      var = nu / corr - mc * mc;
-      var = var < 0.0f ? 0.0f : var;  // clamp; NaN stays NaN like jnp.maximum
-      mu_out[i] = mu;
-    } else {
-      var = nu / corr;
+    for (int64_t i = lo; i < hi; ++i) {
+      const float gi = g[i];
+      const float nu = omd * (gi * gi) + decay * nu_in[i];
+      float var;
+      if constexpr (kCentered) {
+        const float mu = omd * gi + decay * mu_in[i];
+        const float mc = mu / corr;
+        var = nu / corr - mc * mc;
+        var = var < 0.0f ? 0.0f : var;  // clamp; NaN stays NaN like jnp.maximum
+        mu_out[i] = mu;
+      } else {
+        var = nu / corr;
+      }
+      float s;
+      if constexpr (kEpsInSqrt) {
+        const float den2 = var + eps;
+        // as safe_rsqrt_scale: where(ok, g * rsqrt(where(ok, d, 1)), 0)
+        const bool ok = den2 > 0.0f;
+        const float r = gi * (1.0f / std::sqrt(ok ? den2 : 1.0f));
+        s = ok ? r : 0.0f;
+      } else {
+        const float den = std::sqrt(var) + eps;
+        const bool ok = den > 0.0f;  // as safe_div: where(ok, num / where(ok, den, 1), 0)
+        const float r = gi / (ok ? den : 1.0f);
+        s = ok ? r : 0.0f;
+      }
+      float u = lr * s;
+      if constexpr (kMomentum) {
+        const float m = u + beta * m_in[i];
+        u = kNesterov ? u + beta * m : m;
+        m_out[i] = m;
+      }
+      nu_out[i] = nu;
+      p_out[i] = p[i] + u;
     }
-    float s;
-    if constexpr (kEpsInSqrt) {
-      const float den2 = var + eps;
-      const bool ok = den2 > 0.0f;  // as safe_rsqrt_scale: where(ok, g * rsqrt(where(ok, d, 1)), 0)
-      const float r = gi * (1.0f / std::sqrt(ok ? den2 : 1.0f));
-      s = ok ? r : 0.0f;
-    } else {
-      const float den = std::sqrt(var) + eps;
-      const bool ok = den > 0.0f;  // as safe_div: where(ok, num / where(ok, den, 1), 0)
-      const float r = gi / (ok ? den : 1.0f);
-      s = ok ? r : 0.0f;
-    }
-    float u = lr * s;
-    if constexpr (kMomentum) {
-      const float m = u + beta * m_in[i];
-      u = kNesterov ? u + beta * m : m;
-      m_out[i] = m;
-    }
-    nu_out[i] = nu;
-    p_out[i] = p[i] + u;
   }
-}
+};
 
 // ---- adam / adamw: scalars = [1-b1, b1, 1-b2, b2, eps, eps_root, c1, c2, c1_next, step, wd] -
 template <bool kNesterov, bool kDecay>
-void AdamKernel(const Leaf& L, int64_t lo, int64_t hi, const float* sc) {
-  const float omb1 = sc[0], b1 = sc[1], omb2 = sc[2], b2 = sc[3], eps = sc[4], eps_root = sc[5];
-  const float c1 = sc[6], c2 = sc[7], c1n = sc[8], lr = sc[9], wd = sc[10];
-  const float* p = L.p;
-  const float* g = L.g;
-  const float* mu_in = L.s_in[0];
-  const float* nu_in = L.s_in[1];
-  float* p_out = L.p_out;
-  float* mu_out = L.s_out[0];
-  float* nu_out = L.s_out[1];
+struct Adam {
+  [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
+                                                 const float* sc) {
+    const float omb1 = sc[0], b1 = sc[1], omb2 = sc[2], b2 = sc[3], eps = sc[4], eps_root = sc[5];
+    const float c1 = sc[6], c2 = sc[7], c1n = sc[8], lr = sc[9], wd = sc[10];
+    const float* p = L.p;
+    const float* g = L.g;
+    const float* mu_in = L.s_in[0];
+    const float* nu_in = L.s_in[1];
+    float* p_out = L.p_out;
+    float* mu_out = L.s_out[0];
+    float* nu_out = L.s_out[1];
 #pragma GCC ivdep
-  for (int64_t i = lo; i < hi; ++i) {
-    const float gi = g[i];
-    const float pi = p[i];
-    const float mu = omb1 * gi + b1 * mu_in[i];
-    const float nu = omb2 * (gi * gi) + b2 * nu_in[i];
-    const float mh = kNesterov ? b1 * (mu / c1n) + omb1 * (gi / c1) : mu / c1;
-    const float den = std::sqrt(nu / c2 + eps_root) + eps;
-    const bool ok = den > 0.0f;
-    const float r = mh / (ok ? den : 1.0f);
-    float s = ok ? r : 0.0f;
-    if constexpr (kDecay) s = s + wd * pi;
-    mu_out[i] = mu;
-    nu_out[i] = nu;
-    p_out[i] = pi + lr * s;
+    for (int64_t i = lo; i < hi; ++i) {
+      const float gi = g[i];
+      const float pi = p[i];
+      const float mu = omb1 * gi + b1 * mu_in[i];
+      const float nu = omb2 * (gi * gi) + b2 * nu_in[i];
+      const float mh = kNesterov ? b1 * (mu / c1n) + omb1 * (gi / c1) : mu / c1;
+      const float den = std::sqrt(nu / c2 + eps_root) + eps;
+      const bool ok = den > 0.0f;
+      const float r = mh / (ok ? den : 1.0f);
+      float s = ok ? r : 0.0f;
+      if constexpr (kDecay) s = s + wd * pi;
+      mu_out[i] = mu;
+      nu_out[i] = nu;
+      p_out[i] = pi + lr * s;
+    }
   }
-}
+};
 
 // ---- sgd with optional (Nesterov) momentum: scalars = [step_size, beta] ---------------------
 template <bool kMomentum, bool kNesterov>
-void SgdKernel(const Leaf& L, int64_t lo, int64_t hi, const float* sc) {
-  const float lr = sc[0], beta = sc[1];
-  const float* p = L.p;
-  const float* g = L.g;
-  const float* m_in = kMomentum ? L.s_in[0] : nullptr;
-  float* p_out = L.p_out;
-  float* m_out = kMomentum ? L.s_out[0] : nullptr;
+struct Sgd {
+  [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
+                                                 const float* sc) {
+    const float lr = sc[0], beta = sc[1];
+    const float* p = L.p;
+    const float* g = L.g;
+    const float* m_in = kMomentum ? L.s_in[0] : nullptr;
+    float* p_out = L.p_out;
+    float* m_out = kMomentum ? L.s_out[0] : nullptr;
 #pragma GCC ivdep
-  for (int64_t i = lo; i < hi; ++i) {
-    const float gi = g[i];
-    float u = gi;
-    if constexpr (kMomentum) {
-      const float m = gi + beta * m_in[i];
-      u = kNesterov ? gi + beta * m : m;
-      m_out[i] = m;
+    for (int64_t i = lo; i < hi; ++i) {
+      const float gi = g[i];
+      float u = gi;
+      if constexpr (kMomentum) {
+        const float m = gi + beta * m_in[i];
+        u = kNesterov ? gi + beta * m : m;
+        m_out[i] = m;
+      }
+      p_out[i] = p[i] + lr * u;
     }
-    p_out[i] = p[i] + lr * u;
   }
-}
+};
 
 using KernelFn = void (*)(const Leaf&, int64_t, int64_t, const float*);
 
+// The two compilations of each loop: K::Loop is inlined into each, so the loop is vectorised
+// for that function's instruction set.
+template <class K>
+void Baseline(const Leaf& L, int64_t lo, int64_t hi, const float* sc) {
+  K::Loop(L, lo, hi, sc);
+}
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define RMSJAX_HAVE_AVX2_VERSION 1
+template <class K>
+[[gnu::target("avx2,fma")]] void Avx2Fma(const Leaf& L, int64_t lo, int64_t hi,
+                                         const float* sc) {
+  K::Loop(L, lo, hi, sc);
+}
+#endif
+
+// True when the AVX2+FMA versions run: the CPU (and OS) support both, and
+// RMSJAX_NATIVE_ISA=baseline does not ask for the baseline versions (for testing).
+bool UseAvx2Fma() {
+  static const bool use = [] {
+#ifdef RMSJAX_HAVE_AVX2_VERSION
+    const char* env = std::getenv("RMSJAX_NATIVE_ISA");
+    if (env != nullptr && std::strcmp(env, "baseline") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return use;
+}
+
+template <class K>
+KernelFn Dispatch() {
+#ifdef RMSJAX_HAVE_AVX2_VERSION
+  if (UseAvx2Fma()) return Avx2Fma<K>;
+#endif
+  return Baseline<K>;
+}
+
 KernelFn PickRms(bool centered, bool eps_in_sqrt, bool momentum, bool nesterov) {
   const int key = (centered << 3) | (eps_in_sqrt << 2) | (momentum << 1) | (nesterov && momentum);
-  static const KernelFn table[16] = {
-      RmsKernel<false, false, false, false>, RmsKernel<false, false, false, true>,
-      RmsKernel<false, false, true, false>,  RmsKernel<false, false, true, true>,
-      RmsKernel<false, true, false, false>,  RmsKernel<false, true, false, true>,
-      RmsKernel<false, true, true, false>,   RmsKernel<false, true, true, true>,
-      RmsKernel<true, false, false, false>,  RmsKernel<true, false, false, true>,
-      RmsKernel<true, false, true, false>,   RmsKernel<true, false, true, true>,
-      RmsKernel<true, true, false, false>,   RmsKernel<true, true, false, true>,
-      RmsKernel<true, true, true, false>,    RmsKernel<true, true, true, true>,
+  using Pick = KernelFn (*)();
+  static const Pick table[16] = {
+      Dispatch<Rms<false, false, false, false>>, Dispatch<Rms<false, false, false, true>>,
+      Dispatch<Rms<false, false, true, false>>,  Dispatch<Rms<false, false, true, true>>,
+      Dispatch<Rms<false, true, false, false>>,  Dispatch<Rms<false, true, false, true>>,
+      Dispatch<Rms<false, true, true, false>>,   Dispatch<Rms<false, true, true, true>>,
+      Dispatch<Rms<true, false, false, false>>,  Dispatch<Rms<true, false, false, true>>,
+      Dispatch<Rms<true, false, true, false>>,   Dispatch<Rms<true, false, true, true>>,
+      Dispatch<Rms<true, true, false, false>>,   Dispatch<Rms<true, true, false, true>>,
+      Dispatch<Rms<true, true, true, false>>,    Dispatch<Rms<true, true, true, true>>,
   };
-  return table[key];
+  return table[key]();
 }
 
 int MaxThreads() {
@@ -268,14 +329,16 @@ ffi::Error FusedStepImpl(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
       break;
     case kAdam:
       n_state = 2;
-      fn = nesterov ? (weight_decay ? AdamKernel<true, true> : AdamKernel<true, false>)
-                    : (weight_decay ? AdamKernel<false, true> : AdamKernel<false, false>);
+      fn = nesterov ? (weight_decay ? Dispatch<Adam<true, true>>()  //
+                                    : Dispatch<Adam<true, false>>())
+                    : (weight_decay ? Dispatch<Adam<false, true>>()  //
+                                    : Dispatch<Adam<false, false>>());
       need = 11;
       break;
     case kSgd:
       n_state = momentum ? 1 : 0;
-      fn = momentum ? (nesterov ? SgdKernel<true, true> : SgdKernel<true, false>)
-                    : SgdKernel<false, false>;
+      fn = momentum ? (nesterov ? Dispatch<Sgd<true, true>>() : Dispatch<Sgd<true, false>>())
+                    : Dispatch<Sgd<false, false>>();
       need = 2;
       break;
     default:
@@ -363,3 +426,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RmsjaxFusedStep, FusedStepImpl,
                                   .Attr<bool>("momentum")
                                   .Attr<bool>("nesterov")
                                   .Attr<bool>("weight_decay"));
+
+// Build information, read by rmsjax.native (ctypes) for its status line and to recognise a
+// library built from another version of this source.
+#ifndef RMSJAX_SOURCE_ID
+#define RMSJAX_SOURCE_ID unknown
+#endif
+#define RMSJAX_STR2(x) #x
+#define RMSJAX_STR(x) RMSJAX_STR2(x)
+
+extern "C" __attribute__((visibility("default"))) const char* RmsjaxSourceId() {
+  return RMSJAX_STR(RMSJAX_SOURCE_ID);
+}
+
+extern "C" __attribute__((visibility("default"))) const char* RmsjaxKernelIsa() {
+  return UseAvx2Fma() ? "avx2+fma" : "baseline";
+}

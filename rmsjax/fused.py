@@ -429,6 +429,11 @@ def _make(
 # --------------------------------------------------------------------------------------------
 
 
+def _hyperparams(args: dict[str, Any]) -> dict[str, Any]:
+    """A factory's arguments (its ``locals()`` on entry) minus ``backend``."""
+    return {k: v for k, v in args.items() if k != "backend"}
+
+
 def rmsprop(
     learning_rate: T.ScalarOrSchedule,
     decay: ArrayLike = 0.9,
@@ -463,18 +468,7 @@ def rmsprop(
 
     Differences from optax: those of :func:`rmsjax.rmsprop`; optax has no fused step.
     """
-    hp = dict(
-        learning_rate=learning_rate,
-        decay=decay,
-        eps=eps,
-        initial_scale=initial_scale,
-        eps_in_sqrt=eps_in_sqrt,
-        centered=centered,
-        momentum=momentum,
-        nesterov=nesterov,
-        bias_correction=bias_correction,
-        promote_half=promote_half,
-    )
+    hp = _hyperparams(locals())
     return _make(_rmsprop_spec, hp, backend)
 
 
@@ -501,19 +495,10 @@ def adamw(
 
     Args: as :func:`rmsjax.adamw`, plus ``backend`` (see :func:`rmsprop`). With a ``mask``
     the step runs the pure-JAX path.
+
+    Differences from optax: those of :func:`rmsjax.adamw`; optax has no fused step.
     """
-    hp = dict(
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        eps_root=eps_root,
-        mu_dtype=mu_dtype,
-        weight_decay=weight_decay,
-        mask=mask,
-        nesterov=nesterov,
-        promote_half=promote_half,
-    )
+    hp = _hyperparams(locals())
     return _make(_adamw_spec, hp, backend)
 
 
@@ -541,16 +526,7 @@ def adam(
     :func:`rmsjax.scale_by_adam`).
     """
     T._check_learning_rate("learning_rate", learning_rate)
-    hp = dict(
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        eps_root=eps_root,
-        mu_dtype=mu_dtype,
-        nesterov=nesterov,
-        promote_half=promote_half,
-    )
+    hp = _hyperparams(locals())
     return _make(_adam_spec, hp, backend)
 
 
@@ -576,13 +552,7 @@ def sgd(
     outside the buffer).
     """
     T._check_learning_rate("learning_rate", learning_rate)
-    hp = dict(
-        learning_rate=learning_rate,
-        momentum=momentum,
-        nesterov=nesterov,
-        accumulator_dtype=accumulator_dtype,
-        promote_half=promote_half,
-    )
+    hp = _hyperparams(locals())
     return _make(_sgd_spec, hp, backend)
 
 

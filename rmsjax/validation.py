@@ -8,12 +8,44 @@ never break tracing.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["check_in_range", "is_concrete"]
+__all__ = ["argument_names", "check_in_range", "display_name", "is_concrete"]
+
+_NAMES: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "rmsjax_argument_names", default={}
+)
+
+
+@contextlib.contextmanager
+def argument_names(names: Mapping[str, str]) -> Iterator[None]:
+    """Inside the block, errors call an argument by the name a framework preset gives it.
+
+    A preset such as ``rmsjax.compat.keras.adam`` builds its chain from rmsjax transforms, and
+    the transforms validate their own arguments (each range is written once, there). Wrapping
+    the construction in ``with argument_names({"eps": "epsilon", "b1": "beta_1"}):`` makes a
+    bad ``epsilon`` reported as ``epsilon``, the name the user typed. Nested blocks compose:
+    the inner mapping is applied first, then the outer one.
+    """
+    outer = _NAMES.get()
+    merged = {k: outer.get(v, v) for k, v in names.items()}
+    merged.update({k: v for k, v in outer.items() if k not in merged})
+    token = _NAMES.set(merged)
+    try:
+        yield
+    finally:
+        _NAMES.reset(token)
+
+
+def display_name(name: str) -> str:
+    """``name`` as the user knows it (see :func:`argument_names`)."""
+    return _NAMES.get().get(name, name)
 
 
 def is_concrete(value: Any) -> bool:
@@ -47,6 +79,7 @@ def check_in_range(
     """
     if not is_concrete(value):
         return
+    name = display_name(name)
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as err:

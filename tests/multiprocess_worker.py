@@ -8,8 +8,9 @@ and a decaying learning rate) on a global 8-device mesh, and writes what it find
     (``single8.npz``) and on one device (``single1.npz``).
 ``python -m tests.multiprocess_worker first OUT --coordinator 127.0.0.1:PORT --process-id I``
     Process ``I`` of 2, each with 4 CPU devices, joined by ``jax.distributed`` and gloo. Checks
-    ``rmsjax.state_sharding`` across the processes, trains ``STEPS // 2`` steps, saves an Orbax
-    checkpoint (``OUT/ckpt``), trains on to ``STEPS``; writes ``step5.npz`` and ``straight.npz``.
+    ``rmsjax.state_sharding`` across the processes, trains ``STEPS // 2`` steps (each process
+    feeding only its own rows of every batch), saves an Orbax checkpoint (``OUT/ckpt``), trains
+    on to ``STEPS``; writes ``step5.npz`` and ``straight.npz``.
 ``python -m tests.multiprocess_worker resume OUT --coordinator ... --process-id I``
     A fresh pair of processes: restores the checkpoint (``restored.npz``) and trains on to
     ``STEPS`` (``resumed.npz``).
@@ -37,6 +38,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, Sharding
+from jax.sharding import PartitionSpec as P
 
 import rmsjax
 from tests import sharded_worker as sw
@@ -184,6 +186,40 @@ def single(out: Path, record: Any) -> None:
     save_npz(out / "single1.npz", {"params": one.params, "state": one.opt_state})
 
 
+def host_fed_run(ex: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The example's Run, except that each process puts only its own rows of every batch on
+    its devices (``jax.make_array_from_process_local_data``), as a multi-host data loader does;
+    the example puts the whole batch from every process."""
+
+    class HostFedRun(ex.Run):
+        def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
+            return tuple(
+                local_rows_to_global(whole, sharding)
+                for whole, sharding in zip(
+                    self.host_batch(step),
+                    (self.sharding(P(ex.AXIS, None)), self.sharding(P(ex.AXIS))),
+                    strict=True,
+                )
+            )
+
+        def host_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+            start = (step * ex.BATCH) % ex.DATASET
+            return self.x[start : start + ex.BATCH], self.y[start : start + ex.BATCH]
+
+    return HostFedRun(mesh, momentum=MOMENTUM)
+
+
+def local_rows_to_global(whole: np.ndarray, sharding: Sharding) -> jax.Array:
+    """The global array ``whole``, built from this process' rows of it only."""
+    spans = [
+        index[0].indices(len(whole))[:2]
+        for index in sharding.addressable_devices_indices_map(whole.shape).values()
+    ]
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    assert stop - start == len(whole) // N_PROCESSES, spans  # contiguous: its devices' rows
+    return jax.make_array_from_process_local_data(sharding, whole[start:stop], whole.shape)
+
+
 def first(out: Path, record: Any) -> None:
     topology = (jax.process_count(), jax.device_count(), jax.local_device_count())
     record("topology", topology == (N_PROCESSES, 8, LOCAL_DEVICES), f"{topology}")
@@ -191,9 +227,13 @@ def first(out: Path, record: Any) -> None:
 
     ex = sw.load_example()
     mesh = ex.make_mesh("explicit")
-    run = ex.Run(mesh, momentum=MOMENTUM)
+    run = host_fed_run(ex, mesh)
     want = run_shardings(ex, run)
     record("run_spans_both_processes", *check_placement((run.params, run.opt_state), want, mesh))
+    host_fed, put_whole = run.batch(0), ex.Run.batch(run, 0)
+    a, b = gathered(host_fed), gathered(put_whole)
+    same = [np.array_equal(a[k], b[k]) for k in a]
+    record("host_fed_batch_is_whole_batch", all(same) and len(same) == 2, f"{same}")
     losses = run.train(STEPS // 2)
     run.save(str(out / "ckpt"))
     save_npz(out / "step5.npz", {"params": run.params, "state": run.opt_state})
@@ -208,7 +248,7 @@ def first(out: Path, record: Any) -> None:
 def resume(out: Path, record: Any) -> None:
     ex = sw.load_example()
     mesh = ex.make_mesh("explicit")
-    run = ex.Run(mesh, momentum=MOMENTUM)
+    run = host_fed_run(ex, mesh)
     run.restore(str(out / "ckpt"))
     record("restored_step", run.step_count == STEPS // 2, str(run.step_count))
     want = run_shardings(ex, run)

@@ -7,10 +7,10 @@ and a decaying learning rate) on a global 8-device mesh, and writes what it find
     One process with 8 CPU devices: the reference. ``STEPS`` steps on the 8-device mesh
     (``single8.npz``) and on one device (``single1.npz``).
 ``python -m tests.multiprocess_worker first OUT --coordinator 127.0.0.1:PORT --process-id I``
-    Process ``I`` of 2, each with 4 CPU devices, joined by ``jax.distributed`` and gloo. Checks
-    ``rmsjax.state_sharding`` across the processes, trains ``STEPS // 2`` steps (each process
-    feeding only its own rows of every batch), saves an Orbax checkpoint (``OUT/ckpt``), trains
-    on to ``STEPS``; writes ``step5.npz`` and ``straight.npz``.
+    Process ``I`` of 2, each with 4 CPU devices, joined by ``jax.distributed`` and gloo (the
+    example's ``connect``). Checks ``rmsjax.state_sharding`` across the processes, trains
+    ``STEPS // 2`` steps (each process feeding only its own rows of every batch), saves an Orbax
+    checkpoint (``OUT/ckpt``), trains on to ``STEPS``; writes ``step5.npz`` and ``straight.npz``.
 ``python -m tests.multiprocess_worker resume OUT --coordinator ... --process-id I``
     A fresh pair of processes: restores the checkpoint (``restored.npz``) and trains on to
     ``STEPS`` (``resumed.npz``).
@@ -51,21 +51,6 @@ MOMENTUM = 0.9
 # tests/sharded_worker.optimizers): a schedule's count, Adam's two moments and count, and
 # inject_hyperparams' scalar hyperparameters, built from Python floats.
 SHARDING_CASES = ("rmsprop_centered_momentum_schedule", "adamw", "inject_hyperparams")
-
-
-def connect(coordinator: str, process_id: int) -> None:
-    """Join the other process; must run before anything touches a JAX device."""
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=N_PROCESSES,
-        process_id=process_id,
-        # The coordinator (in process 0) listens on the loopback address only.
-        coordinator_bind_address=coordinator,
-        initialization_timeout=120,
-        heartbeat_timeout_seconds=60,
-        shutdown_timeout_seconds=60,
-    )
 
 
 def gathered(tree: Any) -> dict[str, np.ndarray]:
@@ -186,40 +171,6 @@ def single(out: Path, record: Any) -> None:
     save_npz(out / "single1.npz", {"params": one.params, "state": one.opt_state})
 
 
-def host_fed_run(ex: Any, mesh: jax.sharding.Mesh) -> Any:
-    """The example's Run, except that each process puts only its own rows of every batch on
-    its devices (``jax.make_array_from_process_local_data``), as a multi-host data loader does;
-    the example puts the whole batch from every process."""
-
-    class HostFedRun(ex.Run):
-        def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
-            return tuple(
-                local_rows_to_global(whole, sharding)
-                for whole, sharding in zip(
-                    self.host_batch(step),
-                    (self.sharding(P(ex.AXIS, None)), self.sharding(P(ex.AXIS))),
-                    strict=True,
-                )
-            )
-
-        def host_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-            start = (step * ex.BATCH) % ex.DATASET
-            return self.x[start : start + ex.BATCH], self.y[start : start + ex.BATCH]
-
-    return HostFedRun(mesh, momentum=MOMENTUM)
-
-
-def local_rows_to_global(whole: np.ndarray, sharding: Sharding) -> jax.Array:
-    """The global array ``whole``, built from this process' rows of it only."""
-    spans = [
-        index[0].indices(len(whole))[:2]
-        for index in sharding.addressable_devices_indices_map(whole.shape).values()
-    ]
-    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
-    assert stop - start == len(whole) // N_PROCESSES, spans  # contiguous: its devices' rows
-    return jax.make_array_from_process_local_data(sharding, whole[start:stop], whole.shape)
-
-
 def first(out: Path, record: Any) -> None:
     topology = (jax.process_count(), jax.device_count(), jax.local_device_count())
     record("topology", topology == (N_PROCESSES, 8, LOCAL_DEVICES), f"{topology}")
@@ -227,13 +178,18 @@ def first(out: Path, record: Any) -> None:
 
     ex = sw.load_example()
     mesh = ex.make_mesh("explicit")
-    run = host_fed_run(ex, mesh)
+    run = ex.Run(mesh, momentum=MOMENTUM)
     want = run_shardings(ex, run)
     record("run_spans_both_processes", *check_placement((run.params, run.opt_state), want, mesh))
-    host_fed, put_whole = run.batch(0), ex.Run.batch(run, 0)
-    a, b = gathered(host_fed), gathered(put_whole)
-    same = [np.array_equal(a[k], b[k]) for k in a]
-    record("host_fed_batch_is_whole_batch", all(same) and len(same) == 2, f"{same}")
+    # Run.batch has each process pass only its rows; device_put is given the whole batch.
+    x, y = run.host_batch(0)
+    whole = (
+        jax.device_put(x, NamedSharding(mesh, P(ex.AXIS, None))),
+        jax.device_put(y, NamedSharding(mesh, P(ex.AXIS))),
+    )
+    a, b = gathered(run.batch(0)), gathered(whole)
+    same = [a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in b]
+    record("process_rows_batch_is_whole_batch", all(same) and len(same) == 2, f"{same}")
     losses = run.train(STEPS // 2)
     run.save(str(out / "ckpt"))
     save_npz(out / "step5.npz", {"params": run.params, "state": run.opt_state})
@@ -248,7 +204,7 @@ def first(out: Path, record: Any) -> None:
 def resume(out: Path, record: Any) -> None:
     ex = sw.load_example()
     mesh = ex.make_mesh("explicit")
-    run = host_fed_run(ex, mesh)
+    run = ex.Run(mesh, momentum=MOMENTUM)
     run.restore(str(out / "ckpt"))
     record("restored_step", run.step_count == STEPS // 2, str(run.step_count))
     want = run_shardings(ex, run)
@@ -268,7 +224,7 @@ def main() -> None:
     parser.add_argument("--process-id", type=int, default=0)
     args = parser.parse_args()
     if args.phase != "single":
-        connect(args.coordinator, args.process_id)
+        sw.load_example().connect(args.coordinator, N_PROCESSES, args.process_id)
 
     results: dict[str, Any] = {}
     start = time.perf_counter()

@@ -112,7 +112,7 @@ CHECKS = {
         ),
         *(f"eager_init_steps_like_jit_init/explicit/{name}" for name in SHARDING_CASES),
         "run_spans_both_processes",
-        "host_fed_batch_is_whole_batch",
+        "process_rows_batch_is_whole_batch",
         "loss_decreases",
         "trained_spans_both_processes",
     ],

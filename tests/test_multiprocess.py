@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("orbax.checkpoint")
+fcntl = pytest.importorskip("fcntl")  # to share one run between pytest-xdist workers (POSIX)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240.0  # seconds per phase; about 5-10 s each on an idle 2-core machine
@@ -83,10 +84,34 @@ def _run(phase: str, out: Path, n_processes: int) -> None:
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("multiprocess")
+    """The workers' output directory, filled once per test session.
+
+    Under pytest-xdist every worker that gets a test of this module asks for it; the first
+    runs the processes, the others wait on a lock and reuse its results (or its failure).
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return _run_all(tmp_path_factory.mktemp("multiprocess"))
+    shared = tmp_path_factory.getbasetemp().parent  # common to all xdist workers
+    with (shared / "multiprocess.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        out, failure = shared / "multiprocess", shared / "multiprocess.failed"
+        if failure.exists():
+            pytest.fail(failure.read_text())
+        if not (out / "done").exists():
+            out.mkdir(exist_ok=True)
+            try:
+                _run_all(out)
+            except pytest.fail.Exception as err:
+                failure.write_text(str(err))
+                raise
+        return out
+
+
+def _run_all(out: Path) -> Path:
     _run("single", out, 1)
     _run("first", out, N_PROCESSES)
     _run("resume", out, N_PROCESSES)  # fresh processes: only the checkpoint files carry over
+    (out / "done").touch()
     return out
 
 
@@ -110,7 +135,7 @@ CHECKS = {
             for axis in ("explicit", "auto")
             for name in SHARDING_CASES
         ),
-        *(f"eager_init_steps_like_jit_init/explicit/{name}" for name in SHARDING_CASES),
+        "eager_init_steps_like_jit_init/explicit/inject_hyperparams",
         "run_spans_both_processes",
         "process_rows_batch_is_whole_batch",
         "loss_decreases",

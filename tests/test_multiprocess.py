@@ -24,7 +24,7 @@ pytest.importorskip("orbax.checkpoint")
 fcntl = pytest.importorskip("fcntl")  # to share one run between pytest-xdist workers (POSIX)
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 240.0  # seconds per phase; about 5-10 s each on an idle 2-core machine
+TIMEOUT = 240.0  # seconds per phase; 4-11 s each on a 2-core machine at load 4-5
 N_PROCESSES = 2
 STEPS = 10
 

@@ -12,13 +12,14 @@ import optax
 from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax import transforms as T
-from rmsjax.validation import check_in_range
+from rmsjax._types import ScalarOrSchedule
+from rmsjax.validation import check_in_range, check_learning_rate
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
 
 
 def rmsprop(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     decay: ArrayLike = 0.9,
     eps: ArrayLike = 1e-8,
     initial_scale: ArrayLike = 0.0,
@@ -77,7 +78,7 @@ def rmsprop(
       >>> [round(float(u), 4) for u in updates["w"]]
       [-0.0316, 0.0316]
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     if momentum is not None:
         check_in_range("momentum", momentum, low=0.0, high=1.0)
     scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
@@ -98,13 +99,13 @@ def rmsprop(
 
 
 def adamw(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
     mu_dtype: DTypeLike | None = None,
-    weight_decay: T.ScalarOrSchedule = 1e-4,
+    weight_decay: ScalarOrSchedule = 1e-4,
     mask: Any | None = None,
     *,
     nesterov: bool = False,
@@ -144,7 +145,7 @@ def adamw(
       >>> round(float(updates["w"][0]), 6)
       -0.1
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_adam(
             b1=b1,
@@ -161,7 +162,7 @@ def adamw(
 
 
 def sgd(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     momentum: ArrayLike | None = None,
     nesterov: bool = False,
     accumulator_dtype: DTypeLike | None = None,
@@ -205,7 +206,7 @@ def sgd(
       -0.19
       -0.271
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.trace(
             decay=momentum,
@@ -220,7 +221,7 @@ def sgd(
 
 
 def adam(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
@@ -262,7 +263,7 @@ def adam(
       >>> [round(float(u), 5) for u in updates["w"]]
       [-0.01, 0.01, -0.01]
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_adam(
             b1=b1,
@@ -278,7 +279,7 @@ def adam(
 
 
 def adagrad(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     initial_accumulator_value: ArrayLike = 0.1,
     eps: ArrayLike = 1e-7,
     *,
@@ -299,7 +300,7 @@ def adagrad(
     torch's Adagrad puts :math:`\epsilon` outside the root, starts the sum at 0 and has an
     ``lr_decay``; Keras' matches this one (see ``rmsjax.compat``).
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_rss(
             initial_accumulator_value=initial_accumulator_value,
@@ -311,10 +312,10 @@ def adagrad(
 
 
 def adadelta(
-    learning_rate: T.ScalarOrSchedule | None = None,
+    learning_rate: ScalarOrSchedule | None = None,
     rho: ArrayLike = 0.9,
     eps: ArrayLike = 1e-6,
-    weight_decay: T.ScalarOrSchedule = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     weight_decay_mask: Any | None = None,
     *,
     promote_half: bool = True,
@@ -346,7 +347,7 @@ def adadelta(
     :func:`rmsjax.scale_by_adadelta`).
     """
     if learning_rate is not None:
-        T._check_learning_rate("learning_rate", learning_rate)
+        check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         T.scale_by_adadelta(rho=rho, eps=eps, promote_half=promote_half),
@@ -355,7 +356,7 @@ def adadelta(
 
 
 def rprop(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     eta_minus: ArrayLike = 0.5,
     eta_plus: ArrayLike = 1.2,
     min_step_size: ArrayLike = 1e-6,

@@ -10,6 +10,7 @@ not document, so an undocumented name fails the build.
 """
 
 import os
+import re
 import sys
 
 import rmsjax
@@ -44,7 +45,7 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
-# The public type aliases of rmsjax.transforms, shown by name instead of expanded.
+# Type aliases shown by name instead of expanded into long unions.
 autodoc_type_aliases = {
     "ScalarOrSchedule": "ScalarOrSchedule",
     "T.ScalarOrSchedule": "ScalarOrSchedule",
@@ -63,3 +64,30 @@ api_coverage_modules = ["rmsjax", "rmsjax.schedules"]
 html_theme = "furo"
 html_title = f"rmsjax {release}"
 html_static_path: list[str] = []
+
+# autodoc prints jax's ArrayLike and DTypeLike expanded into long unions; show their names.
+# (Sphinx also prints an aliased name inside a union as TypeAliasForwardRef('name').)
+_FORWARD_REF = re.compile(r"TypeAliasForwardRef\('([^']+)'\)")
+_DTYPE_LIKE = re.compile(
+    r"str \| type\[~?typing\.Any\] \| ~?numpy\.dtype \| ~?jax\.\S*SupportsDType"
+)
+_ARRAY_LIKE = re.compile(
+    r"~?jax(?:\.jaxlib\._jax)?\.Array \| ~?numpy\.ndarray \| ~?numpy\.bool \| ~?numpy\.number"
+    r" \| bool \| int \| float \| complex"
+)
+
+
+def _short_array_like(app, what, name, obj, options, signature, return_annotation):
+    if signature is None:
+        return None
+
+    def shorten(text):
+        for pattern, short in ((_ARRAY_LIKE, "ArrayLike"), (_DTYPE_LIKE, "DTypeLike")):
+            text = text and pattern.sub(short, text)
+        return text and _FORWARD_REF.sub(r"\1", text)
+
+    return shorten(signature), shorten(return_annotation)
+
+
+def setup(app):
+    app.connect("autodoc-process-signature", _short_array_like)

@@ -36,24 +36,24 @@ import optax
 from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
-from rmsjax import variants as V
-from rmsjax.compat._common import check_lr, is_static_zero
-from rmsjax.validation import check_in_range
+from rmsjax._types import ScalarOrSchedule
+from rmsjax.compat._common import is_static_zero
+from rmsjax.validation import check_in_range, check_learning_rate
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
 
 
 def _decay(
-    weight_decay: Any, learning_rate: T.ScalarOrSchedule
+    weight_decay: Any, learning_rate: ScalarOrSchedule
 ) -> list[optax.GradientTransformation]:
     if weight_decay is None:
         return []
     check_in_range("weight_decay", weight_decay, low=0.0)
-    return [V.decoupled_weight_decay(weight_decay, learning_rate)]
+    return [T.decoupled_weight_decay(weight_decay, learning_rate)]
 
 
 def rmsprop(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     rho: ArrayLike = 0.9,
     momentum: ArrayLike = 0.0,
     epsilon: ArrayLike = 1e-7,
@@ -83,7 +83,7 @@ def rmsprop(
 
     Difference from Keras: the centered variance is clamped at 0 before ``epsilon`` is added.
     """
-    check_lr("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     check_in_range("rho", rho, low=0.0, high=1.0, high_open=True)
     check_in_range("momentum", momentum, low=0.0, high=1.0)
     scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
@@ -96,7 +96,7 @@ def rmsprop(
 
 
 def adam(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     beta_1: ArrayLike = 0.9,
     beta_2: ArrayLike = 0.999,
     epsilon: ArrayLike = 1e-7,
@@ -122,16 +122,16 @@ def adam(
       learning_rate: >= 0 or a schedule. beta_1, beta_2: in [0, 1). epsilon: >= 0.
       amsgrad: AMSGrad. weight_decay: ``None`` or >= 0 (decoupled).
     """
-    check_lr("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
-        V.scale_by_adam_eps_hat(b1=beta_1, b2=beta_2, eps=epsilon, amsgrad=amsgrad),
+        T.scale_by_adam_eps_hat(b1=beta_1, b2=beta_2, eps=epsilon, amsgrad=amsgrad),
         T.scale_by_learning_rate(learning_rate),
         *_decay(weight_decay, learning_rate),
     )
 
 
 def adamw(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     weight_decay: ArrayLike = 0.004,
     beta_1: ArrayLike = 0.9,
     beta_2: ArrayLike = 0.999,
@@ -162,7 +162,7 @@ def adamw(
 
 
 def sgd(
-    learning_rate: T.ScalarOrSchedule = 0.01,
+    learning_rate: ScalarOrSchedule = 0.01,
     momentum: ArrayLike = 0.0,
     nesterov: bool = False,
     weight_decay: ArrayLike | None = None,
@@ -182,7 +182,7 @@ def sgd(
       learning_rate: >= 0 or a schedule. momentum: in [0, 1]. nesterov: Nesterov momentum.
       weight_decay: ``None`` or >= 0 (decoupled).
     """
-    check_lr("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     check_in_range("momentum", momentum, low=0.0, high=1.0)
     return optax.chain(
         T.scale_by_learning_rate(learning_rate),
@@ -192,7 +192,7 @@ def sgd(
 
 
 def adagrad(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     initial_accumulator_value: ArrayLike = 0.1,
     epsilon: ArrayLike = 1e-7,
     weight_decay: ArrayLike | None = None,
@@ -211,7 +211,7 @@ def adagrad(
       learning_rate: >= 0 or a schedule. initial_accumulator_value: >= 0. epsilon: >= 0.
       weight_decay: ``None`` or >= 0 (decoupled).
     """
-    check_lr("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=epsilon),
         T.scale_by_learning_rate(learning_rate),
@@ -220,7 +220,7 @@ def adagrad(
 
 
 def adadelta(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     rho: ArrayLike = 0.95,
     epsilon: ArrayLike = 1e-7,
     weight_decay: ArrayLike | None = None,
@@ -240,7 +240,7 @@ def adadelta(
       learning_rate: >= 0 or a schedule. rho: in [0, 1]. epsilon: >= 0.
       weight_decay: ``None`` or >= 0 (decoupled).
     """
-    check_lr("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_adadelta(rho=rho, eps=epsilon),
         T.scale_by_learning_rate(learning_rate),

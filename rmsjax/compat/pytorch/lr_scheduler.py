@@ -50,8 +50,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from rmsjax.compat._common import check_lr
-from rmsjax.validation import check_in_range, is_concrete
+from rmsjax.validation import check_in_range, check_nonneg, is_concrete
 
 __all__ = [
     "CosineAnnealingLR",
@@ -115,8 +114,10 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
 
-def _make(lr: Any, per_step: Callable[[jax.Array], jax.Array], updates_per_epoch: int) -> Any:
-    check_lr("lr", lr)
+def _make(
+    lr: Any, per_step: Callable[[jax.Array], jax.Array], updates_per_epoch: int
+) -> TorchSchedule:
+    check_nonneg("lr", lr)
     n = _check_int("updates_per_epoch", updates_per_epoch, low=1)
     return TorchSchedule(lr=lr, per_step=per_step, updates_per_epoch=n)
 
@@ -178,7 +179,7 @@ def StepLR(
     Same as ``optax.exponential_decay(lr, step_size, gamma, staircase=True)`` up to rounding.
     """
     step_size = _check_int("step_size", step_size, low=1)
-    check_in_range("gamma", gamma, low=0.0)
+    check_nonneg("gamma", gamma)
     return _make(lr, lambda k: lr * _power(gamma, k // step_size), updates_per_epoch)
 
 
@@ -201,7 +202,7 @@ def MultiStepLR(
       updates_per_epoch: integer >= 1, optimizer updates per ``scheduler.step()``.
     """
     points = sorted(_check_int("milestones", m, low=0) for m in milestones)
-    check_in_range("gamma", gamma, low=0.0)
+    check_nonneg("gamma", gamma)
     table = jnp.asarray(points, jnp.int32)
 
     def per_step(k: jax.Array) -> jax.Array:
@@ -223,7 +224,7 @@ def ExponentialLR(lr: ArrayLike, gamma: ArrayLike, *, updates_per_epoch: int = 1
     torch by :math:`k \cdot 3\cdot 10^{-8}` relative (0.3% after 100k steps of 0.9999);
     this schedule does not.
     """
-    check_in_range("gamma", gamma, low=0.0)
+    check_nonneg("gamma", gamma)
     return _make(lr, lambda k: lr * _power(gamma, k), updates_per_epoch)
 
 
@@ -259,7 +260,7 @@ def CosineAnnealingLR(
     ``T_max``; optax then holds ``eta_min`` where torch climbs back.
     """
     T_max = _check_int("T_max", T_max, low=1)
-    check_in_range("eta_min", eta_min, low=0.0)
+    check_nonneg("eta_min", eta_min)
 
     def per_step(k: jax.Array) -> jax.Array:
         left = T_max - jnp.mod(k, 2 * T_max)  # in (-T_max, T_max]: signed distance to the minimum
@@ -295,7 +296,7 @@ def CosineAnnealingWarmRestarts(
     """
     T_0 = _check_int("T_0", T_0, low=1)
     T_mult = _check_int("T_mult", T_mult, low=1)
-    check_in_range("eta_min", eta_min, low=0.0)
+    check_nonneg("eta_min", eta_min)
     if T_mult == 1:
 
         def cycle(k: jax.Array) -> tuple[jax.Array, Any]:
@@ -428,7 +429,7 @@ def OneCycleLR(
             f"product is used); got total_steps={total_steps!r}, epochs={epochs!r}, "
             f"steps_per_epoch={steps_per_epoch!r}."
         )
-    check_in_range("max_lr", max_lr, low=0.0)
+    check_nonneg("max_lr", max_lr)
     check_in_range("pct_start", pct_start, low=0.0, high=1.0)
     _check_choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
     check_in_range("div_factor", div_factor, low=0.0, low_open=True)
@@ -662,11 +663,11 @@ def ReduceLROnPlateau(
     _check_choice("mode", mode, ("min", "max"))
     check_in_range("factor", factor, low=0.0, high=1.0, high_open=True)
     patience = _check_int("patience", patience, low=0)
-    check_in_range("threshold", threshold, low=0.0)
+    check_nonneg("threshold", threshold)
     _check_choice("threshold_mode", threshold_mode, ("rel", "abs"))
     cooldown = _check_int("cooldown", cooldown, low=0)
-    check_in_range("min_lr", min_lr, low=0.0)
-    check_in_range("eps", eps, low=0.0)
+    check_nonneg("min_lr", min_lr)
+    check_nonneg("eps", eps)
     every = _check_int("updates_per_epoch", updates_per_epoch, low=1)
     worst = math.inf if mode == "min" else -math.inf
 

@@ -17,7 +17,7 @@ import pytest
 
 import rmsjax
 
-PUBLIC_ROOTS = ["rmsjax", "rmsjax.schedules"]
+PUBLIC_ROOTS = ["rmsjax", "rmsjax.schedules", "rmsjax.compat.pytorch.lr_scheduler"]
 
 
 def defining_modules() -> list[types.ModuleType]:

@@ -12,13 +12,14 @@ import optax
 from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax import transforms as T
-from rmsjax.validation import check_in_range
+from rmsjax._types import ScalarOrSchedule
+from rmsjax.validation import check_in_range, check_learning_rate
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
 
 
 def rmsprop(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     decay: ArrayLike = 0.9,
     eps: ArrayLike = 1e-8,
     initial_scale: ArrayLike = 0.0,
@@ -64,7 +65,7 @@ def rmsprop(
     centered variance is clamped at zero (optax and torch return NaN once it rounds negative),
     half precision state is float32 by default, and a zero divisor gives a zero step.
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     if momentum is not None:
         check_in_range("momentum", momentum, low=0.0, high=1.0)
     scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
@@ -85,13 +86,13 @@ def rmsprop(
 
 
 def adamw(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
     mu_dtype: DTypeLike | None = None,
-    weight_decay: T.ScalarOrSchedule = 1e-4,
+    weight_decay: ScalarOrSchedule = 1e-4,
     mask: Any | None = None,
     *,
     nesterov: bool = False,
@@ -120,7 +121,7 @@ def adamw(
     Same trajectory as ``optax.adamw``. Like optax and torch, the decay is multiplied by the
     learning rate (torch: :math:`\theta \leftarrow \theta(1 - \eta\lambda)`).
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_adam(
             b1=b1,
@@ -137,7 +138,7 @@ def adamw(
 
 
 def sgd(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     momentum: ArrayLike | None = None,
     nesterov: bool = False,
     accumulator_dtype: DTypeLike | None = None,
@@ -166,7 +167,7 @@ def sgd(
     ``dampening=0`` (its first step copies the gradient into the buffer, which is what
     :math:`m_1 = g_1 + \beta \cdot 0` does).
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.trace(
             decay=momentum,
@@ -181,7 +182,7 @@ def sgd(
 
 
 def adam(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
@@ -211,7 +212,7 @@ def adam(
     divisor). torch's Adam with ``weight_decay=0`` is this with its defaults; Keras' Adam uses
     the "epsilon hat" form (see ``rmsjax.compat.keras``).
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_adam(
             b1=b1,
@@ -227,7 +228,7 @@ def adam(
 
 
 def adagrad(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     initial_accumulator_value: ArrayLike = 0.1,
     eps: ArrayLike = 1e-7,
     *,
@@ -248,7 +249,7 @@ def adagrad(
     torch's Adagrad puts :math:`\epsilon` outside the root, starts the sum at 0 and has an
     ``lr_decay``; Keras' matches this one (see ``rmsjax.compat``).
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_rss(
             initial_accumulator_value=initial_accumulator_value,
@@ -260,10 +261,10 @@ def adagrad(
 
 
 def adadelta(
-    learning_rate: T.ScalarOrSchedule | None = None,
+    learning_rate: ScalarOrSchedule | None = None,
     rho: ArrayLike = 0.9,
     eps: ArrayLike = 1e-6,
-    weight_decay: T.ScalarOrSchedule = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     weight_decay_mask: Any | None = None,
     *,
     promote_half: bool = True,
@@ -295,7 +296,7 @@ def adadelta(
     :func:`rmsjax.scale_by_adadelta`).
     """
     if learning_rate is not None:
-        T._check_learning_rate("learning_rate", learning_rate)
+        check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         T.scale_by_adadelta(rho=rho, eps=eps, promote_half=promote_half),
@@ -304,7 +305,7 @@ def adadelta(
 
 
 def rprop(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     eta_minus: ArrayLike = 0.5,
     eta_plus: ArrayLike = 1.2,
     min_step_size: ArrayLike = 1e-6,

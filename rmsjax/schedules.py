@@ -36,7 +36,7 @@ from optax import (
     warmup_cosine_decay_schedule,
 )
 
-from rmsjax.transforms import Schedule
+from rmsjax._types import Schedule
 from rmsjax.validation import check_in_range
 
 __all__ = [

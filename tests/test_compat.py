@@ -27,10 +27,10 @@ import optax
 import pytest
 
 import rmsjax
+import rmsjax as V
 import rmsjax.compat.keras
 import rmsjax.compat.pytorch
 import rmsjax.compat.tf1
-from rmsjax import variants as V
 
 REF = Path(__file__).parent / "reference"
 MODULES = {

@@ -36,7 +36,7 @@ import optax
 from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
-from rmsjax import variants as V
+from rmsjax._types import ScalarOrSchedule
 from rmsjax.tree import map_rule
 from rmsjax.validation import check_in_range, is_concrete
 
@@ -376,7 +376,7 @@ def finalize_variable_values(params: Any, state: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _at_call_count(learning_rate: T.ScalarOrSchedule, steps: int | None) -> T.ScalarOrSchedule:
+def _at_call_count(learning_rate: ScalarOrSchedule, steps: int | None) -> ScalarOrSchedule:
     """With accumulation, the inner chain counts updates k; Keras evaluates the schedule at the
     call count of the k-th update, N k + N - 1."""
     if steps is None or not callable(learning_rate):
@@ -386,9 +386,9 @@ def _at_call_count(learning_rate: T.ScalarOrSchedule, steps: int | None) -> T.Sc
 
 
 def keras_chain(
-    rule: Callable[[T.ScalarOrSchedule], list[optax.GradientTransformation]],
+    rule: Callable[[ScalarOrSchedule], list[optax.GradientTransformation]],
     *,
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     weight_decay: ArrayLike | None,
     clipnorm: ArrayLike | None,
     clipvalue: ArrayLike | None,
@@ -419,7 +419,7 @@ def keras_chain(
     if clipvalue is not None:
         _check_positive("clipvalue", clipvalue)
         clipping.append(optax.clip(clipvalue))  # jnp.clip(g, -v, v), as Keras
-    decay = [] if weight_decay is None else [V.decoupled_weight_decay(weight_decay, lr, mask)]
+    decay = [] if weight_decay is None else [T.decoupled_weight_decay(weight_decay, lr, mask)]
     links = [*clipping, *rule(lr), *decay]
     if gradient_accumulation_steps is not None:
         links = [accumulate_gradients(optax.chain(*links), gradient_accumulation_steps)]

@@ -67,7 +67,7 @@ import optax
 from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
-from rmsjax import variants as V
+from rmsjax._types import ScalarOrSchedule
 from rmsjax.compat._common import is_static_zero
 from rmsjax.compat._keras_base import EmaState, finalize_variable_values, keras_chain
 from rmsjax.validation import argument_names
@@ -103,7 +103,7 @@ _BASE_ARGUMENTS = (
     "exclude_from_weight_decay",
 )
 
-Rule = Callable[[T.ScalarOrSchedule], list[optax.GradientTransformation]]
+Rule = Callable[[ScalarOrSchedule], list[optax.GradientTransformation]]
 
 
 def _optimizer(rule: Rule, arguments: Mapping[str, Any]) -> optax.GradientTransformation:
@@ -120,7 +120,7 @@ def _momentum(momentum: ArrayLike, nesterov: bool = False) -> list[optax.Gradien
 
 
 def rmsprop(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     rho: ArrayLike = 0.9,
     momentum: ArrayLike = 0.0,
     epsilon: ArrayLike = 1e-7,
@@ -170,7 +170,7 @@ def rmsprop(
 
 
 def adam(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     beta_1: ArrayLike = 0.9,
     beta_2: ArrayLike = 0.999,
     epsilon: ArrayLike = 1e-7,
@@ -210,12 +210,12 @@ def adam(
       The others: see the module docstring (every Keras optimizer takes them).
     """
     with argument_names({"b1": "beta_1", "b2": "beta_2", "eps": "epsilon"}):
-        moments = V.scale_by_adam_eps_hat(b1=beta_1, b2=beta_2, eps=epsilon, amsgrad=amsgrad)
+        moments = T.scale_by_adam_eps_hat(b1=beta_1, b2=beta_2, eps=epsilon, amsgrad=amsgrad)
     return _optimizer(lambda lr: [moments, T.scale_by_learning_rate(lr)], locals())
 
 
 def adamw(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     weight_decay: ArrayLike = 0.004,
     beta_1: ArrayLike = 0.9,
     beta_2: ArrayLike = 0.999,
@@ -250,7 +250,7 @@ def adamw(
 
 
 def sgd(
-    learning_rate: T.ScalarOrSchedule = 0.01,
+    learning_rate: ScalarOrSchedule = 0.01,
     momentum: ArrayLike = 0.0,
     nesterov: bool = False,
     weight_decay: ArrayLike | None = None,
@@ -287,7 +287,7 @@ def sgd(
 
 
 def adagrad(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     initial_accumulator_value: ArrayLike = 0.1,
     epsilon: ArrayLike = 1e-7,
     weight_decay: ArrayLike | None = None,
@@ -324,7 +324,7 @@ def adagrad(
 
 
 def adadelta(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     rho: ArrayLike = 0.95,
     epsilon: ArrayLike = 1e-7,
     weight_decay: ArrayLike | None = None,

@@ -36,9 +36,9 @@ import optax
 from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
-from rmsjax import variants as V
-from rmsjax.compat._common import check_lr, is_static_zero, sign_flip
-from rmsjax.validation import check_in_range, is_concrete
+from rmsjax._types import ScalarOrSchedule
+from rmsjax.compat._common import is_static_zero, sign_flip
+from rmsjax.validation import check_in_range, check_learning_rate, is_concrete
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
 
@@ -57,7 +57,7 @@ def _check_betas(betas: tuple[Any, Any]) -> tuple[Any, Any]:
 
 
 def rmsprop(
-    lr: T.ScalarOrSchedule = 1e-2,
+    lr: ScalarOrSchedule = 1e-2,
     alpha: ArrayLike = 0.99,
     eps: ArrayLike = 1e-8,
     weight_decay: ArrayLike = 0,
@@ -90,7 +90,7 @@ def rmsprop(
     Difference from torch: the centered variance is clamped at 0 (torch returns NaN when it
     rounds negative under near-constant gradients).
     """
-    check_lr("lr", lr)
+    check_learning_rate("lr", lr)
     check_in_range("alpha", alpha, low=0.0, high=1.0, high_open=True)
     check_in_range("eps", eps, low=0.0)
     check_in_range("momentum", momentum, low=0.0, high=1.0)
@@ -98,7 +98,7 @@ def rmsprop(
     return optax.chain(
         *sign_flip(maximize),
         *_coupled_decay(weight_decay),
-        V.split_real_and_imaginary(scaler(decay=alpha, eps=eps, eps_in_sqrt=False)),
+        T.split_real_and_imaginary(scaler(decay=alpha, eps=eps, eps_in_sqrt=False)),
         *([] if is_static_zero(momentum) else [T.trace(decay=momentum)]),
         T.scale_by_learning_rate(lr),
     )
@@ -106,12 +106,12 @@ def rmsprop(
 
 def _adam_scaler(b1: Any, b2: Any, eps: Any, amsgrad: bool) -> optax.GradientTransformation:
     check_in_range("eps", eps, low=0.0)
-    inner = V.scale_by_adam_exact_bias(b1=b1, b2=b2, eps=eps, amsgrad=amsgrad)
-    return V.split_real_and_imaginary(inner)
+    inner = T.scale_by_adam_exact_bias(b1=b1, b2=b2, eps=eps, amsgrad=amsgrad)
+    return T.split_real_and_imaginary(inner)
 
 
 def adam(
-    lr: T.ScalarOrSchedule = 1e-3,
+    lr: ScalarOrSchedule = 1e-3,
     betas: tuple[ArrayLike, ArrayLike] = (0.9, 0.999),
     eps: ArrayLike = 1e-8,
     weight_decay: ArrayLike = 0,
@@ -137,7 +137,7 @@ def adam(
       lr: >= 0 or a schedule. betas: each in [0, 1). eps: >= 0. weight_decay: >= 0.
       amsgrad: AMSGrad. maximize: ascend.
     """
-    check_lr("lr", lr)
+    check_learning_rate("lr", lr)
     b1, b2 = _check_betas(betas)
     return optax.chain(
         *sign_flip(maximize),
@@ -148,10 +148,10 @@ def adam(
 
 
 def adamw(
-    lr: T.ScalarOrSchedule = 1e-3,
+    lr: ScalarOrSchedule = 1e-3,
     betas: tuple[ArrayLike, ArrayLike] = (0.9, 0.999),
     eps: ArrayLike = 1e-8,
-    weight_decay: T.ScalarOrSchedule = 1e-2,
+    weight_decay: ScalarOrSchedule = 1e-2,
     amsgrad: bool = False,
     *,
     maximize: bool = False,
@@ -171,18 +171,18 @@ def adamw(
       lr: >= 0 or a schedule. betas: each in [0, 1). eps: >= 0. weight_decay: >= 0 or a
       schedule. amsgrad: AMSGrad on the raw second moment. maximize: ascend.
     """
-    check_lr("lr", lr)
+    check_learning_rate("lr", lr)
     b1, b2 = _check_betas(betas)
     return optax.chain(
         *sign_flip(maximize),
         _adam_scaler(b1, b2, eps, amsgrad),
         T.scale_by_learning_rate(lr),
-        V.decoupled_weight_decay(weight_decay, lr),
+        T.decoupled_weight_decay(weight_decay, lr),
     )
 
 
 def sgd(
-    lr: T.ScalarOrSchedule = 1e-3,
+    lr: ScalarOrSchedule = 1e-3,
     momentum: ArrayLike = 0,
     dampening: ArrayLike = 0,
     weight_decay: ArrayLike = 0,
@@ -207,7 +207,7 @@ def sgd(
       weight_decay: >= 0. nesterov: needs ``momentum > 0`` and ``dampening == 0`` (torch's
       rule; ``ValueError`` otherwise). maximize: ascend.
     """
-    check_lr("lr", lr)
+    check_learning_rate("lr", lr)
     check_in_range("momentum", momentum, low=0.0, high=1.0)
     check_in_range("dampening", dampening, low=0.0, high=1.0)
     if nesterov and (
@@ -222,7 +222,7 @@ def sgd(
     buffer = (
         []
         if is_static_zero(momentum)
-        else [V.dampened_trace(decay=momentum, dampening=dampening, nesterov=nesterov)]
+        else [T.dampened_trace(decay=momentum, dampening=dampening, nesterov=nesterov)]
     )
     return optax.chain(
         *sign_flip(maximize),
@@ -233,7 +233,7 @@ def sgd(
 
 
 def adagrad(
-    lr: T.ScalarOrSchedule = 1e-2,
+    lr: ScalarOrSchedule = 1e-2,
     lr_decay: ArrayLike = 0,
     weight_decay: ArrayLike = 0,
     initial_accumulator_value: ArrayLike = 0,
@@ -258,7 +258,7 @@ def adagrad(
       lr: >= 0 or a schedule. lr_decay: >= 0. weight_decay: >= 0.
       initial_accumulator_value: >= 0. eps: >= 0. maximize: ascend.
     """
-    check_lr("lr", lr)
+    check_learning_rate("lr", lr)
     check_in_range("lr_decay", lr_decay, low=0.0)
 
     def decayed_lr(count: Any) -> Any:
@@ -268,7 +268,7 @@ def adagrad(
     return optax.chain(
         *sign_flip(maximize),
         *_coupled_decay(weight_decay),
-        V.split_real_and_imaginary(
+        T.split_real_and_imaginary(
             T.scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=False)
         ),
         T.scale_by_learning_rate(decayed_lr),
@@ -276,7 +276,7 @@ def adagrad(
 
 
 def adadelta(
-    lr: T.ScalarOrSchedule = 1.0,
+    lr: ScalarOrSchedule = 1.0,
     rho: ArrayLike = 0.9,
     eps: ArrayLike = 1e-6,
     weight_decay: ArrayLike = 0,
@@ -299,18 +299,18 @@ def adadelta(
     Args:
       lr: >= 0 or a schedule. rho: in [0, 1]. eps: >= 0. weight_decay: >= 0. maximize: ascend.
     """
-    check_lr("lr", lr)
+    check_learning_rate("lr", lr)
     check_in_range("rho", rho, low=0.0, high=1.0)
     return optax.chain(
         *sign_flip(maximize),
         *_coupled_decay(weight_decay),
-        V.split_real_and_imaginary(T.scale_by_adadelta(rho=rho, eps=eps)),
+        T.split_real_and_imaginary(T.scale_by_adadelta(rho=rho, eps=eps)),
         T.scale_by_learning_rate(lr),
     )
 
 
 def rprop(
-    lr: T.ScalarOrSchedule = 1e-2,
+    lr: ScalarOrSchedule = 1e-2,
     etas: tuple[ArrayLike, ArrayLike] = (0.5, 1.2),
     step_sizes: tuple[ArrayLike, ArrayLike] = (1e-6, 50),
     *,
@@ -341,7 +341,7 @@ def rprop(
 
     torch has no ``weight_decay`` for Rprop.
     """
-    check_lr("lr", lr)
+    check_learning_rate("lr", lr)
     if len(etas) != 2 or len(step_sizes) != 2:
         raise ValueError(
             f"`etas` and `step_sizes` must be pairs, got etas={etas!r}, step_sizes={step_sizes!r}."

@@ -10,6 +10,7 @@ import optax
 from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
+from rmsjax._types import ScalarOrSchedule
 from rmsjax.compat._common import is_static_zero
 from rmsjax.validation import argument_names
 
@@ -17,7 +18,7 @@ __all__ = ["rmsprop"]
 
 
 def rmsprop(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     decay: ArrayLike = 0.9,
     momentum: ArrayLike = 0.0,
     epsilon: ArrayLike = 1e-10,

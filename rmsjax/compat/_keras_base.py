@@ -389,7 +389,7 @@ def keras_chain(
     rule: Callable[[ScalarOrSchedule], list[optax.GradientTransformation]],
     *,
     learning_rate: ScalarOrSchedule,
-    weight_decay: ArrayLike | None,
+    weight_decay: ScalarOrSchedule | None,
     clipnorm: ArrayLike | None,
     clipvalue: ArrayLike | None,
     global_clipnorm: ArrayLike | None,

@@ -35,8 +35,8 @@ Arguments every preset takes (Keras' ``BaseOptimizer``), in Keras' order of oper
 * ``clipnorm`` (each leaf's gradient to L2 norm <= clipnorm), ``global_clipnorm`` (the whole
   tree) or ``clipvalue`` (each entry to [-v, v]): ``None`` or > 0, at most one of them; applied
   to the (mean) gradient before the rule and the weight decay.
-* ``use_ema``, ``ema_momentum`` (in [0, 1], checked when ``use_ema``),
-  ``ema_overwrite_frequency`` (``None`` or a Python int >= 1): a moving average of the
+* ``use_ema``, ``ema_momentum`` (in [0, 1]), ``ema_overwrite_frequency`` (``None`` or a
+  Python int >= 1; both checked only when ``use_ema``, as in Keras): a moving average of the
   parameters, updated after every call, kept in the optimizer state as
   :class:`EmaState` ``.ema``. Read it with :func:`finalize_variable_values` (Keras'
   ``optimizer.finalize_variable_values``). With ``ema_overwrite_frequency`` F the parameters

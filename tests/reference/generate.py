@@ -30,11 +30,14 @@ Each file also records the framework classes' argument names, kinds and defaults
 * ``torch_lr.npz``: the learning rates of ``torch.optim.lr_scheduler`` runs (see "Learning-rate
   schedulers" below for its layout), and the scheduler classes' signatures.
 
-Layout of the three optimizer files: ``cases`` is a JSON list of
-``{"name", "preset", "kwargs", "runs"}``, where ``kwargs`` are the preset's keyword arguments
-(a schedule is ``{"schedule": {...}}``) and each run is ``{"key", "dtype", "scale"}``; arrays
-``<key>/params`` (steps + 1, 6) and ``<key>/grads`` (steps, 6) hold the trajectory (parameters
-before each step, then the final ones) and the gradients fed.
+Layout of each file: ``cases`` is a JSON list of ``{"name", "preset", "kwargs", "runs"}``, where
+``kwargs`` are the preset's keyword arguments (a schedule is ``{"schedule": {...}}``) and each
+run is ``{"key", "dtype", "scale"}``; arrays ``<key>/params`` (steps + 1, 6) and
+``<key>/grads`` (steps, 6) hold the trajectory (parameters before each step, then the final
+ones) and the gradients fed. A Keras case may also have ``"leaves"``, ``[name, size]`` pairs
+that split the 6 entries into separately named variables (for clipping per variable and
+weight-decay exclusion by name), and a run with ``use_ema`` stores ``<key>/ema`` (steps, 6),
+Keras' moving average of the parameters after each step.
 """
 
 from __future__ import annotations
@@ -362,6 +365,122 @@ KERAS_CASES: list[dict[str, Any]] = [
     },
 ]
 
+# Keras' BaseOptimizer arguments. "leaves" splits the 6 entries into named variables (a dict
+# of leaves in the test), so that per-variable and global clipping and weight-decay exclusion
+# by name differ from one variable; "ema" runs also store the moving average after each step.
+KERAS_LEAVES = [["kernel", 2], ["bias", 4]]
+KERAS_SGD_PIECEWISE = piecewise([9, 19], [2.0**-3, 2.0**-4, 2.0**-6])
+
+KERAS_OPTION_CASES: list[dict[str, Any]] = [
+    {
+        "name": "sgd_clipnorm",
+        "preset": "sgd",
+        "kwargs": {"learning_rate": 0.1, "momentum": 0.9, "clipnorm": 0.5},
+        "leaves": KERAS_LEAVES,
+        "runs": REAL,
+    },
+    {
+        "name": "sgd_global_clipnorm",
+        "preset": "sgd",
+        "kwargs": {"learning_rate": 0.1, "momentum": 0.9, "global_clipnorm": 0.7},
+        "leaves": KERAS_LEAVES,
+        "runs": REAL,
+    },
+    {
+        "name": "adagrad_clipvalue",
+        "preset": "adagrad",
+        "kwargs": {"learning_rate": 0.1, "clipvalue": 0.2},
+        "runs": REAL,
+    },
+    {
+        "name": "adagrad_loss_scale",
+        "preset": "adagrad",
+        "kwargs": {"learning_rate": 0.1, "loss_scale_factor": 1000.0},
+        "runs": runs((F64, 1000.0), (F32, 1000.0)),
+    },
+    {
+        "name": "adam_global_clipnorm_ema",
+        "preset": "adam",
+        "kwargs": {"learning_rate": 0.05, "global_clipnorm": 1.0, "use_ema": True},
+        "leaves": KERAS_LEAVES,
+        "runs": REAL,
+    },
+    {
+        "name": "rmsprop_ema_overwrite",
+        "preset": "rmsprop",
+        "kwargs": {
+            "learning_rate": 0.01,
+            "momentum": 0.9,
+            "use_ema": True,
+            "ema_momentum": 0.8,
+            "ema_overwrite_frequency": 4,
+        },
+        "runs": REAL,
+    },
+    {
+        "name": "adam_accumulate_schedule",
+        "preset": "adam",
+        "kwargs": {"learning_rate": KERAS_PIECEWISE, "gradient_accumulation_steps": 3},
+        "runs": REAL,
+    },
+    {
+        "name": "sgd_accumulate_weight_decay",
+        "preset": "sgd",
+        "kwargs": {
+            "learning_rate": KERAS_SGD_PIECEWISE,
+            "momentum": 0.9,
+            "weight_decay": 0.5,
+            "gradient_accumulation_steps": 4,
+            "exclude_from_weight_decay": ["bias"],
+        },
+        "leaves": KERAS_LEAVES,
+        "runs": REAL,
+    },
+    {
+        "name": "adadelta_clipnorm_ema",
+        "preset": "adadelta",
+        "kwargs": {
+            "learning_rate": 1.0,
+            "clipnorm": 0.1,
+            "use_ema": True,
+            "ema_overwrite_frequency": 10,
+        },
+        "runs": REAL,
+    },
+    {
+        "name": "adamw_clipvalue_accumulate_ema",
+        "preset": "adamw",
+        "kwargs": {
+            "learning_rate": 0.05,
+            "weight_decay": 0.5,
+            "clipvalue": 0.5,
+            "use_ema": True,
+            "ema_overwrite_frequency": 7,
+            "gradient_accumulation_steps": 2,
+        },
+        "runs": REAL,
+    },
+    {
+        "name": "rmsprop_every_option",
+        "preset": "rmsprop",
+        "kwargs": {
+            "learning_rate": KERAS_PIECEWISE,
+            "momentum": 0.9,
+            "centered": True,
+            "weight_decay": 0.2,
+            "clipnorm": 1.0,
+            "use_ema": True,
+            "ema_momentum": 0.9,
+            "ema_overwrite_frequency": 2,
+            "loss_scale_factor": 10.0,
+            "gradient_accumulation_steps": 3,
+            "exclude_from_weight_decay": ["kernel"],
+        },
+        "leaves": KERAS_LEAVES,
+        "runs": runs((F64, 10.0), (F32, 10.0)),
+    },
+]
+
 TF1_CASES: list[dict[str, Any]] = [
     {
         "name": "rmsprop_defaults",
@@ -464,7 +583,13 @@ def run_torch(preset: str, kwargs: dict[str, Any], dtype: str, scale: float):
     return np.stack(params), np.stack(grads)
 
 
-def run_keras(preset: str, kwargs: dict[str, Any], dtype: str, scale: float):
+def run_keras(
+    preset: str,
+    kwargs: dict[str, Any],
+    dtype: str,
+    scale: float,
+    leaves: list[list[Any]] | None = None,
+):
     import keras
 
     classes = {
@@ -476,21 +601,44 @@ def run_keras(preset: str, kwargs: dict[str, Any], dtype: str, scale: float):
         "adadelta": keras.optimizers.Adadelta,
     }
     kw = dict(kwargs)
+    exclude = kw.pop("exclude_from_weight_decay", None)
     if _is_schedule(kw.get("learning_rate")):
         spec = kw["learning_rate"]["schedule"]
         assert spec["kind"] == "piecewise"
         kw["learning_rate"] = keras.optimizers.schedules.PiecewiseConstantDecay(
             spec["boundaries"], spec["values"]
         )
-    var = keras.Variable(start(dtype), dtype=dtype)
+    if leaves is None:
+        variables = [keras.Variable(start(dtype), dtype=dtype)]
+    else:
+        parts = np.split(start(dtype), np.cumsum([size for _, size in leaves])[:-1])
+        variables = [
+            keras.Variable(part, dtype=dtype, name=name)
+            for (name, _), part in zip(leaves, parts, strict=True)
+        ]
     opt = classes[preset](**kw)
-    params, grads = [np.array(var.numpy())], []
+    if exclude is not None:
+        opt.exclude_from_weight_decay(var_names=exclude)
+
+    def joined(vs: list[Any]) -> np.ndarray:
+        return np.concatenate([np.array(v.numpy()) for v in vs])
+
+    params, grads, averages = [joined(variables)], [], []
     for _ in range(STEPS):
         g = gradient(params[-1], scale)
-        opt.apply_gradients([(keras.ops.convert_to_tensor(g, dtype=dtype), var)])
+        g_parts = np.split(g, np.cumsum([v.shape[0] for v in variables])[:-1])
+        opt.apply_gradients(
+            [
+                (keras.ops.convert_to_tensor(part, dtype=dtype), var)
+                for part, var in zip(g_parts, variables, strict=True)
+            ]
+        )
         grads.append(g)
-        params.append(np.array(var.numpy()))
-    return np.stack(params), np.stack(grads)
+        params.append(joined(variables))
+        if kw.get("use_ema"):
+            averages.append(joined(opt._model_variables_moving_average))
+    extra = {"ema": np.stack(averages)} if averages else {}
+    return np.stack(params), np.stack(grads), extra
 
 
 def run_tf1(preset: str, kwargs: dict[str, Any], dtype: str, scale: float):
@@ -740,7 +888,7 @@ def scheduler_signatures() -> dict[str, list[list[Any]]]:
 
 FRAMEWORKS = {
     "torch": (TORCH_CASES, run_torch),
-    "keras": (KERAS_CASES, run_keras),
+    "keras": (KERAS_CASES + KERAS_OPTION_CASES, run_keras),
     "tf1": (TF1_CASES, run_tf1),
 }
 
@@ -750,15 +898,20 @@ def generate(framework: str) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     meta = []
     for case in cases:
-        entry = {k: case[k] for k in ("name", "preset", "kwargs")}
+        entry = {k: case[k] for k in ("name", "preset", "kwargs", "leaves") if k in case}
+        options = {"leaves": case["leaves"]} if "leaves" in case else {}
         entry["runs"] = []
         for run in case["runs"]:
             key = f"{case['name']}|{run['dtype']}|{run['scale']:g}"
-            params, grads = runner(case["preset"], case["kwargs"], run["dtype"], run["scale"])
+            params, grads, *extra = runner(
+                case["preset"], case["kwargs"], run["dtype"], run["scale"], **options
+            )
             if not (np.all(np.isfinite(params)) and np.all(np.isfinite(grads))):
                 raise RuntimeError(f"{framework} {key}: non-finite trajectory")
             arrays[f"{key}/params"] = params
             arrays[f"{key}/grads"] = grads
+            for name, values in (extra[0] if extra else {}).items():
+                arrays[f"{key}/{name}"] = values
             entry["runs"].append({"key": key, **run})
         meta.append(entry)
     arrays["cases"] = np.array(json.dumps(meta))
@@ -766,7 +919,7 @@ def generate(framework: str) -> dict[str, np.ndarray]:
 
 
 # Arguments the presets deliberately do not take (implementation switches with the same numbers,
-# or features documented as not carried over).
+# and Keras' **kwargs, which takes only the long-ignored `decay`).
 NOT_CARRIED = {
     "params",
     "foreach",
@@ -774,15 +927,6 @@ NOT_CARRIED = {
     "differentiable",
     "fused",
     "decoupled_weight_decay",
-    "clipnorm",
-    "clipvalue",
-    "global_clipnorm",
-    "use_ema",
-    "ema_momentum",
-    "ema_overwrite_frequency",
-    "loss_scale_factor",
-    "gradient_accumulation_steps",
-    "name",
     "kwargs",
 }
 

@@ -64,6 +64,19 @@ def rmsprop(
     Same trajectory as ``optax.rmsprop`` to float32 rounding. Deliberate differences: the
     centered variance is clamped at zero (optax and torch return NaN once it rounds negative),
     half precision state is float32 by default, and a zero divisor gives a zero step.
+
+    Example:
+      The first step moves every coordinate by about :math:`\eta/\sqrt{1-\rho}`, whatever
+      the size of its gradient (here :math:`0.01/\sqrt{0.1} = 0.0316`):
+
+      >>> import jax, jax.numpy as jnp, rmsjax
+      >>> params = {"w": jnp.array([1.0, -0.01])}
+      >>> opt = rmsjax.rmsprop(learning_rate=0.01, decay=0.9)
+      >>> state = opt.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)  # 2.0 and -0.02
+      >>> updates, state = opt.update(grads, state, params)
+      >>> [round(float(u), 4) for u in updates["w"]]
+      [-0.0316, 0.0316]
     """
     check_learning_rate("learning_rate", learning_rate)
     if momentum is not None:
@@ -120,6 +133,17 @@ def adamw(
 
     Same trajectory as ``optax.adamw``. Like optax and torch, the decay is multiplied by the
     learning rate (torch: :math:`\theta \leftarrow \theta(1 - \eta\lambda)`).
+
+    Example:
+      With a zero gradient only the decay acts, :math:`u = -\eta\lambda\theta`
+      (here :math:`-0.1 \cdot 0.5 \cdot 2 = -0.1`):
+
+      >>> import jax.numpy as jnp, rmsjax
+      >>> params = {"w": jnp.array([2.0])}
+      >>> opt = rmsjax.adamw(learning_rate=0.1, weight_decay=0.5)
+      >>> updates, _ = opt.update({"w": jnp.zeros(1)}, opt.init(params), params)
+      >>> round(float(updates["w"][0]), 6)
+      -0.1
     """
     check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
@@ -166,6 +190,21 @@ def sgd(
     default and the update has the gradient's dtype. torch's SGD is the same for
     ``dampening=0`` (its first step copies the gradient into the buffer, which is what
     :math:`m_1 = g_1 + \beta \cdot 0` does).
+
+    Example:
+      With a constant gradient 1 the heavy-ball buffer grows as
+      :math:`1, 1 + \beta, 1 + \beta + \beta^2, \ldots`:
+
+      >>> import jax.numpy as jnp, rmsjax
+      >>> params = {"w": jnp.zeros(1)}
+      >>> opt = rmsjax.sgd(learning_rate=0.1, momentum=0.9)
+      >>> state = opt.init(params)
+      >>> for _ in range(3):
+      ...     updates, state = opt.update({"w": jnp.ones(1)}, state, params)
+      ...     print(round(float(updates["w"][0]), 6))
+      -0.1
+      -0.19
+      -0.271
     """
     check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
@@ -211,6 +250,18 @@ def adam(
     :func:`rmsjax.scale_by_adam` (float32 moments for half precision, 0 instead of NaN on a zero
     divisor). torch's Adam with ``weight_decay=0`` is this with its defaults; Keras' Adam uses
     the "epsilon hat" form (see ``rmsjax.compat.keras``).
+
+    Example:
+      The moments are bias-corrected, so the first step is :math:`-\eta\,g/(|g| + \epsilon)`,
+      a step of :math:`\eta` against the gradient's sign, for tiny and large gradients alike:
+
+      >>> import jax.numpy as jnp, rmsjax
+      >>> params = {"w": jnp.zeros(3)}
+      >>> opt = rmsjax.adam(learning_rate=0.01)
+      >>> grads = {"w": jnp.array([1e-3, -5.0, 200.0])}
+      >>> updates, _ = opt.update(grads, opt.init(params), params)
+      >>> [round(float(u), 5) for u in updates["w"]]
+      [-0.01, 0.01, -0.01]
     """
     check_learning_rate("learning_rate", learning_rate)
     return optax.chain(

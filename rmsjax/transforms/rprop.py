@@ -15,6 +15,7 @@ from rmsjax.tree import map_rule, state_like
 from rmsjax.validation import (
     check_in_range,
     check_learning_rate,
+    display_name,
     is_concrete,
 )
 
@@ -93,10 +94,10 @@ def _check_rprop_args(
     if is_concrete(min_step_size) and is_concrete(max_step_size):
         lo, hi = np.asarray(min_step_size, np.float64), np.asarray(max_step_size, np.float64)
         if np.any(lo > hi):
+            low, high = display_name("min_step_size"), display_name("max_step_size")
             raise ValueError(
-                f"`min_step_size` ({min_step_size!r}) must not exceed `max_step_size` "
-                f"({max_step_size!r}): the step sizes are clipped to [min_step_size, "
-                "max_step_size]."
+                f"`{low}` ({min_step_size!r}) must not exceed `{high}` ({max_step_size!r}): "
+                f"the step sizes are clipped to [{low}, {high}]."
             )
 
 

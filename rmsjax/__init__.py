@@ -12,6 +12,17 @@ from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 from rmsjax import compat
 from rmsjax._numerics import precise_debias
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, rprop, sgd
+from rmsjax.quantization import (
+    BlockCodec,
+    QuantizedArray,
+    bitsandbytes_codec,
+    dequantize,
+    dynamic_map,
+    linear_map,
+    moment_codec,
+    quantize,
+    torchao_codec,
+)
 from rmsjax.schedules import (
     constant_schedule,
     cosine_decay_schedule,
@@ -23,6 +34,7 @@ from rmsjax.schedules import (
     warmup_cosine_decay_schedule,
 )
 from rmsjax.sharding import state_sharding
+from rmsjax.stochastic import apply_updates_stochastic, stochastic_round
 from rmsjax.transforms import (
     AddDecayedWeightsState,
     DampenedTraceState,
@@ -75,10 +87,12 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AddDecayedWeightsState",
+    "BlockCodec",
     "DampenedTraceState",
     "DecoupledWeightDecayState",
     "GradientTransformation",
     "GradientTransformationExtraArgs",
+    "QuantizedArray",
     "ScaleByAdaDeltaState",
     "ScaleByAdamEpsHatState",
     "ScaleByAdamExactBiasState",
@@ -99,20 +113,27 @@ __all__ = [
     "adamw",
     "add_decayed_weights",
     "apply_updates",
+    "apply_updates_stochastic",
+    "bitsandbytes_codec",
     "chain",
     "compat",
     "constant_schedule",
     "cosine_decay_schedule",
     "dampened_trace",
     "decoupled_weight_decay",
+    "dequantize",
+    "dynamic_map",
     "exponential_decay",
     "fused",
     "inverse_time_decay",
     "join_schedules",
+    "linear_map",
+    "moment_codec",
     "native",
     "piecewise_constant_schedule",
     "polynomial_schedule",
     "precise_debias",
+    "quantize",
     "rmsprop",
     "rprop",
     "scale",
@@ -131,6 +152,8 @@ __all__ = [
     "sgd",
     "split_real_and_imaginary",
     "state_sharding",
+    "stochastic_round",
+    "torchao_codec",
     "trace",
     "warmup_cosine_decay_schedule",
 ]

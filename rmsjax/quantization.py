@@ -38,7 +38,8 @@ Rounding (``BlockCodec.convention``) differs between the libraries, and each is 
   (NaN if the block holds a NaN, so a NaN stays visible after decoding); an all-zero block has
   scale 0 and decodes to zeros.
 * ``"bitsandbytes"``: bitsandbytes 0.50's CPU kernel. It normalises by multiplying with the
-  float32 reciprocal of the absolute maximum (which ignores NaN entries), rounds
+  float32 reciprocal of the absolute maximum (``normalize="reciprocal"``; the maximum ignores
+  NaN entries), rounds
   :math:`(v + 1) / 2 \cdot 65535 + 1/2` down to one of 65536 grid points of :math:`[-1, 1]` and
   takes the code nearest to that grid point. This is not nearest rounding: the grid is
   :math:`3.05 \cdot 10^{-5}` apart, so codes smaller than that are never produced and zero
@@ -54,6 +55,11 @@ the host, into the float32 breakpoints where the chosen code changes (found by b
 the float32 numbers of :math:`[-1, 1]`), and ``encode`` looks the normalised value up in them.
 The lookup only compares, so it gives the same codes on every backend (no fused multiply-add or
 fast division can move a breakpoint).
+
+Limits: XLA flushes float32 subnormals (below :math:`1.2 \cdot 10^{-38}`) to zero on the CPU,
+so a block holding such values is encoded as if they were 0 (the libraries keep them). The
+bit-exact agreement with the libraries is verified on the CPU; on a GPU it additionally needs
+XLA's float32 division to be correctly rounded.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 __all__ = [
@@ -83,8 +90,10 @@ __all__ = [
 
 Layout = Literal["last_axis", "flat"]
 Convention = Literal["nearest", "bitsandbytes", "torchao"]
+Normalize = Literal["divide", "reciprocal"]
 _LAYOUTS = ("last_axis", "flat")
 _CONVENTIONS = ("nearest", "bitsandbytes", "torchao")
+_NORMALIZE = ("divide", "reciprocal")
 _F32 = np.float32
 _TORCHAO_SCALE_FLOOR = 1e-12  # torchao clips each block's scale below at this value
 _BNB_GRID = 65536  # bitsandbytes' CPU kernel rounds onto this many points of [-1, 1]
@@ -316,6 +325,9 @@ class BlockCodec:
         an integer >= 0.
       whole_blocks: if true, :meth:`applies_to` also requires the size to be a multiple of
         ``block_size`` (torchao's rule).
+      normalize: ``"divide"`` computes :math:`v = x / s`; ``"reciprocal"`` computes
+        :math:`v = x \cdot \mathrm{fl}(1 / s)` as bitsandbytes' CPU kernel does (one more
+        rounding: about one code in a thousand differs from ``"divide"``).
 
     Differences from bitsandbytes and torchao: the libraries tie a codec to a tensor subclass or
     to their fused kernels; here it is a value with two pure functions, and the choice of float32
@@ -328,6 +340,7 @@ class BlockCodec:
     convention: Convention = "nearest"
     min_size: int = 4096
     whole_blocks: bool = False
+    normalize: Normalize = "divide"
 
     def __post_init__(self) -> None:
         q = np.asarray(self.qmap, np.float64)
@@ -356,6 +369,8 @@ class BlockCodec:
                 f"`block_size` must be even for 4-bit codes in the flat layout (two codes share "
                 f"a byte), got {self.block_size}."
             )
+        if self.normalize not in _NORMALIZE:
+            raise ValueError(f"`normalize` must be one of {_NORMALIZE}, got {self.normalize!r}.")
         if not (isinstance(self.min_size, int) and self.min_size >= 0):
             raise ValueError(f"`min_size` must be an integer >= 0, got {self.min_size!r}.")
 
@@ -433,10 +448,14 @@ class BlockCodec:
             scales = jnp.where(jnp.any(nan, axis=-1), jnp.float32(jnp.nan), scales)
         if self.convention == "torchao":
             scales = jnp.maximum(scales, jnp.float32(_TORCHAO_SCALE_FLOOR))
-        if self.convention == "bitsandbytes":
+        if self.normalize == "reciprocal":
             v = blocks * (jnp.float32(1.0) / scales)[..., None]
         else:
-            v = blocks / jnp.where(scales == 0, jnp.float32(1.0), scales)[..., None]
+            # XLA rewrites a division by a broadcast into a multiplication by the reciprocal
+            # (one more rounding, which moves about one code in a thousand); the barrier keeps
+            # the true, correctly rounded division.
+            divisor = jnp.where(scales == 0, jnp.float32(1.0), scales)[..., None]
+            v = blocks / lax.optimization_barrier(jnp.broadcast_to(divisor, blocks.shape))
         # A NaN normalised value takes the code of -1 (bitsandbytes clamps NaN to -1; torchao's
         # comparisons all fail, giving code 0); under "nearest" its block's scale is NaN anyway.
         v = jnp.where(jnp.isnan(v), jnp.float32(-1.0), v)
@@ -546,6 +565,7 @@ def bitsandbytes_codec(*, signed: bool) -> BlockCodec:
         layout="flat",
         convention="bitsandbytes",
         min_size=4096,
+        normalize="reciprocal",
     )
 
 

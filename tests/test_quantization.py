@@ -480,3 +480,95 @@ def test_apply_updates_stochastic_tracks_float32_where_nearest_stalls():
 def test_apply_updates_stochastic_reports_structure_mismatch():
     with pytest.raises(ValueError, match="structure"):
         apply_updates_stochastic({"a": jnp.ones(2)}, {"b": jnp.ones(2)}, jax.random.key(0))
+
+
+# ------------------------------------------------------------------------------------------
+# The codecs inside the libraries' optimizers: replaying lowbit.npz's trajectories
+# ------------------------------------------------------------------------------------------
+
+LOWBIT = json.loads(str(REF["lowbit_cases"]))
+F32 = np.float32
+
+
+def _fma(a: float, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """a * b + c with one rounding (torch's compiled lerp), exact in float64 for float32 input."""
+    return (np.float64(F32(a)) * b.astype(np.float64) + c).astype(F32)
+
+
+def _replay(case: dict, tensor: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The library's CPU step restated in NumPy float32, with rmsjax's codecs for the state."""
+    name, lib, kw = case["name"], case["library"], case["kwargs"]
+    shape = tuple(LOWBIT["big"][lib]) if tensor == "big" else tuple(LOWBIT["small"])
+    salt = 0 if tensor == "big" else 1
+    p = np.random.default_rng([20261121, salt]).normal(size=shape).astype(F32)
+    grads = (REF[f"{name}/{tensor}/grads"].astype(np.uint32) << 16).view(F32)
+    quantized = tensor == "big"
+    if lib == "bitsandbytes":
+        codecs = bitsandbytes_codec(signed=True), bitsandbytes_codec(signed=False)
+    else:
+        bits = 8 if lib == "torchao8" else 4
+        codecs = torchao_codec(bits, signed=True), torchao_codec(bits, signed=False)
+    m, v = np.zeros(shape, F32), np.zeros(shape, F32)
+    params, states = [], []
+    for t in range(1, LOWBIT["steps"] + 1):
+        g = grads[t - 1].reshape(shape)
+        if case["optimizer"] == "RMSprop8bit":  # bitsandbytes' CPU kernels ignore momentum
+            lr, a, eps = kw.get("lr", 1e-2), kw.get("alpha", 0.99), kw.get("eps", 1e-8)
+            g = g + p * F32(kw.get("weight_decay", 0.0))
+            v = v * F32(a) + g * g * F32(1 - a)
+            p = p + F32(-lr) * g / (np.sqrt(v) + F32(eps))
+            if quantized:
+                states = list(codecs[0].encode(v))  # its one state uses the signed map
+                v = np.asarray(codecs[0].decode(*states, shape))
+        elif lib == "bitsandbytes":
+            lr, (b1, b2) = kw.get("lr", 1e-3), kw.get("betas", [0.9, 0.999])
+            eps = kw.get("eps", 1e-8)
+            wd = kw.get("weight_decay", 0.0 if case["optimizer"] == "Adam8bit" else 1e-2)
+            m = m * F32(b1) + g * F32(1 - b1)
+            v = v * F32(b2) + g * g * F32(1 - b2)
+            c1, c2 = 1 - b1**t, np.sqrt(1 - b2**t)
+            if wd > 0:
+                p = p * F32(1 - lr * wd)
+            if quantized:
+                p = p + F32(-lr / c1) * m / (np.sqrt(v) / F32(c2) + F32(eps))
+            else:
+                p = p + m / (np.sqrt(v) + F32(eps * c2)) * F32(-lr * c2 / c1)
+        else:  # torchao's single_param_adam (AdamW)
+            lr, (b1, b2) = kw.get("lr", 1e-3), kw.get("betas", [0.9, 0.999])
+            eps = kw.get("eps", 1e-8)
+            p = p - F32(lr) * F32(kw.get("weight_decay", 1e-2)) * p
+            c1, c2 = F32(1) - F32(b1) ** F32(t), F32(1) - F32(b2) ** F32(t)
+            m, v = _fma(1 - b1, g - m, m), _fma(1 - b2, g * g - v, v)
+            p = p - F32(lr) * (m / c1) / (np.sqrt(v) / np.sqrt(c2) + F32(eps))
+        if quantized and case["optimizer"] != "RMSprop8bit":
+            states = [*codecs[0].encode(m), *codecs[1].encode(v)]
+            m = np.asarray(codecs[0].decode(*states[:2], shape))
+            v = np.asarray(codecs[1].decode(*states[2:], shape))
+        if not quantized or t in LOWBIT["checkpoints"]:
+            params.append(p.copy())
+    return params, [np.asarray(s) for s in states]
+
+
+@pytest.mark.parametrize("case", LOWBIT["cases"], ids=lambda c: c["name"])
+def test_codecs_reproduce_the_library_optimizers(case):
+    """30 steps of each stored run: with rmsjax's codecs for the 8/4-bit state, every code of
+    the final state equals the library's, and the parameters and scales agree to float32
+    rounding (the restated arithmetic orders some products differently: a few ulps)."""
+    params, states = _replay(case, "big")
+    ref = REF[f"{case['name']}/big/params"]
+    np.testing.assert_allclose(np.stack(params), ref, rtol=1e-6, atol=1e-6)
+    slots = ("state1", "state1_scales", "state2", "state2_scales")
+    stored = [REF[f"{case['name']}/big/{k}"] for k in slots if f"{case['name']}/big/{k}" in REF]
+    assert len(stored) == len(states)
+    for got, want in zip(states, stored, strict=True):
+        assert got.size == want.size and got.dtype == want.dtype
+        if got.dtype == np.uint8:  # codes: every one equal
+            assert np.array_equal(got.reshape(-1), want.reshape(-1))
+        else:  # scales: the block maxima of states that agree to a few ulps
+            np.testing.assert_allclose(got.reshape(-1), want.reshape(-1), rtol=2e-6)
+    # The tensor below the 4096-entry minimum keeps float32 state in both libraries.
+    small, _ = _replay(case, "small")
+    np.testing.assert_allclose(
+        np.stack(small), REF[f"{case['name']}/small/params"][1:], rtol=1e-6, atol=1e-6
+    )
+    assert not bitsandbytes_codec(signed=True).applies_to(LOWBIT["small"])

@@ -123,7 +123,9 @@ def apply_updates_stochastic(params: Any, updates: Any, key: jax.Array) -> Any:
     step (bfloat16 only, torch's global generator).
     """
     leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
-    keys = treedef.unflatten(list(jax.random.split(key, max(len(leaves), 1))[: len(leaves)]))
+    keys = jax.tree_util.tree_unflatten(
+        treedef, list(jax.random.split(key, max(len(leaves), 1))[: len(leaves)])
+    )
 
     def rule(u: jax.Array, p: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
         if jnp.dtype(p.dtype) in _TARGETS:

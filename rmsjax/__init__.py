@@ -9,7 +9,7 @@ from typing import Any
 
 from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 
-from rmsjax import compat
+from rmsjax import compat, quantization
 from rmsjax._numerics import precise_debias
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, rprop, sgd
 from rmsjax.schedules import (
@@ -23,6 +23,7 @@ from rmsjax.schedules import (
     warmup_cosine_decay_schedule,
 )
 from rmsjax.sharding import state_sharding
+from rmsjax.stochastic import apply_updates_stochastic, stochastic_round
 from rmsjax.transforms import (
     AddDecayedWeightsState,
     DampenedTraceState,
@@ -99,6 +100,7 @@ __all__ = [
     "adamw",
     "add_decayed_weights",
     "apply_updates",
+    "apply_updates_stochastic",
     "chain",
     "compat",
     "constant_schedule",
@@ -113,6 +115,7 @@ __all__ = [
     "piecewise_constant_schedule",
     "polynomial_schedule",
     "precise_debias",
+    "quantization",
     "rmsprop",
     "rprop",
     "scale",
@@ -131,6 +134,7 @@ __all__ = [
     "sgd",
     "split_real_and_imaginary",
     "state_sharding",
+    "stochastic_round",
     "trace",
     "warmup_cosine_decay_schedule",
 ]

@@ -29,6 +29,10 @@ Environment variables:
 * ``RMSJAX_NATIVE_ISA=baseline`` makes the kernel use its baseline loops even where AVX2+FMA
   is available (for testing; read once per process).
 
+The kernel's operands (scalars, state slots, flags per kind) are defined once, in
+``rmsjax/_native/table.py``; the build turns that table into a C++ header, and a library built
+from another table is treated like one built from another source (not loaded).
+
 Check which path is active (and build it if needed) with ``python -m rmsjax.native``.
 """
 
@@ -46,7 +50,7 @@ from typing import Any
 
 from rmsjax._native import build as _recipe
 
-__all__ = ["TARGET", "available", "build", "library_path", "status"]
+__all__ = ["TARGET", "available", "build", "enabled", "library_path", "status"]
 
 TARGET = "rmsjax_fused_step"
 _NATIVE_DIR = Path(__file__).with_name("_native")
@@ -76,7 +80,7 @@ def library_path() -> Path:
     cxx = _recipe.find_compiler()
     key = hashlib.sha256()
     for part in (
-        _SOURCE.read_bytes() if _SOURCE.exists() else b"",
+        _recipe.source_id(_SOURCE).encode() if _SOURCE.exists() else b"",
         jaxlib.__version__.encode(),
         " ".join(cxx or ["none"]).encode(),
         " ".join(_recipe.FLAGS).encode(),
@@ -134,7 +138,9 @@ def _register(path: Path) -> ctypes.CDLL:
     source_id.restype = ctypes.c_char_p
     built_from = source_id().decode()
     if _SOURCE.exists() and built_from != _recipe.source_id(_SOURCE):
-        raise RuntimeError(f"it was built from a different fused_step.cc (id {built_from})")
+        raise RuntimeError(
+            f"it was built from a different fused_step.cc or operand table (id {built_from})"
+        )
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RmsjaxFusedStep), platform="cpu")
     return lib
 
@@ -145,8 +151,14 @@ def _kernel_isa(lib: ctypes.CDLL) -> str:
     return fn().decode()
 
 
+def enabled() -> bool:
+    """False when ``RMSJAX_NATIVE=0`` (or ``false``/``no``/``off``) turns the native path off
+    on purpose; then :func:`available` is False too, and nothing is built or loaded."""
+    return os.environ.get("RMSJAX_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _load() -> None:
-    if os.environ.get("RMSJAX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not enabled():
         _state.update(ok=False, why="disabled by RMSJAX_NATIVE=0")
         return
     note = ""

@@ -29,20 +29,17 @@ import pytest
 import rmsjax
 from rmsjax import fused, native
 from rmsjax._native import build as recipe
+from rmsjax._native import table
+from rmsjax.fused import engine
 from tests.common import loss
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CXX = recipe.find_compiler() is not None
 
 NATIVE = native.available()
-DEFAULT_MIN_ELEMENTS = fused._MIN_NATIVE_ELEMENTS
-
-
-@pytest.fixture(autouse=True)
-def _kernel_for_small_leaves(monkeypatch):
-    """The trees here are small; send every float32 leaf to the kernel so it is what is tested
-    (by default leaves under ``fused._MIN_NATIVE_ELEMENTS`` take the compiled pure-JAX rule)."""
-    monkeypatch.setattr(fused, "_MIN_NATIVE_ELEMENTS", 0)
+# The trees here are small: send every float32 leaf to the kernel so that it is what is tested
+# (by default leaves under fused.MIN_NATIVE_SIZE elements take the compiled pure-JAX rule).
+SMALL = {"min_native_size": 0}
 
 
 needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernel off: {native.status()}")
@@ -51,31 +48,58 @@ SCHED = optax.exponential_decay(0.05, transition_steps=3, decay_rate=0.5)
 WD_SCHED = optax.linear_schedule(0.1, 0.01, 5)
 
 CONFIGS = {
-    "rmsprop": lambda b: fused.rmsprop(0.01, backend=b),
+    "rmsprop": lambda b: fused.rmsprop(0.01, backend=b, **SMALL),
     "rmsprop_tf1": lambda b: fused.rmsprop(
-        0.01, decay=0.95, eps=1e-6, initial_scale=1.0, backend=b
+        0.01,
+        decay=0.95,
+        eps=1e-6,
+        initial_scale=1.0,
+        backend=b,
+        **SMALL,
     ),
-    "rmsprop_eps_outside": lambda b: fused.rmsprop(0.01, eps_in_sqrt=False, backend=b),
-    "rmsprop_bias_correction": lambda b: fused.rmsprop(0.01, bias_correction=True, backend=b),
-    "rmsprop_momentum_schedule": lambda b: fused.rmsprop(SCHED, momentum=0.9, backend=b),
-    "centered_momentum": lambda b: fused.rmsprop(0.01, centered=True, momentum=0.9, backend=b),
+    "rmsprop_eps_outside": lambda b: fused.rmsprop(0.01, eps_in_sqrt=False, backend=b, **SMALL),
+    "rmsprop_bias_correction": lambda b: fused.rmsprop(
+        0.01, bias_correction=True, backend=b, **SMALL
+    ),
+    "rmsprop_momentum_schedule": lambda b: fused.rmsprop(SCHED, momentum=0.9, backend=b, **SMALL),
+    "centered_momentum": lambda b: fused.rmsprop(
+        0.01, centered=True, momentum=0.9, backend=b, **SMALL
+    ),
     "centered_nesterov_torch": lambda b: fused.rmsprop(
-        0.01, centered=True, momentum=0.5, nesterov=True, eps_in_sqrt=False, backend=b
+        0.01,
+        centered=True,
+        momentum=0.5,
+        nesterov=True,
+        eps_in_sqrt=False,
+        backend=b,
+        **SMALL,
     ),
     # At t=1 the bias-corrected variance is g^2 - g^2 = 0 up to rounding, so the step
     # g/sqrt(var + eps) amplifies one-ulp differences unless eps dominates the rounding noise.
     "centered_bias_correction": lambda b: fused.rmsprop(
-        0.01, eps=0.1, centered=True, bias_correction=True, backend=b
+        0.01,
+        eps=0.1,
+        centered=True,
+        bias_correction=True,
+        backend=b,
+        **SMALL,
     ),
-    "adamw": lambda b: fused.adamw(0.01, weight_decay=0.1, backend=b),
+    "adamw": lambda b: fused.adamw(0.01, weight_decay=0.1, backend=b, **SMALL),
     "adamw_schedules_nesterov": lambda b: fused.adamw(
-        SCHED, weight_decay=WD_SCHED, eps_root=1e-8, nesterov=True, backend=b
+        SCHED,
+        weight_decay=WD_SCHED,
+        eps_root=1e-8,
+        nesterov=True,
+        backend=b,
+        **SMALL,
     ),
-    "adam": lambda b: fused.adam(0.01, backend=b),
-    "nadam_eps0": lambda b: fused.adam(0.01, eps=0.0, nesterov=True, backend=b),
-    "sgd": lambda b: fused.sgd(0.1, backend=b),
-    "sgd_momentum": lambda b: fused.sgd(0.05, momentum=0.9, backend=b),
-    "sgd_nesterov_schedule": lambda b: fused.sgd(SCHED, momentum=0.9, nesterov=True, backend=b),
+    "adam": lambda b: fused.adam(0.01, backend=b, **SMALL),
+    "nadam_eps0": lambda b: fused.adam(0.01, eps=0.0, nesterov=True, backend=b, **SMALL),
+    "sgd": lambda b: fused.sgd(0.1, backend=b, **SMALL),
+    "sgd_momentum": lambda b: fused.sgd(0.05, momentum=0.9, backend=b, **SMALL),
+    "sgd_nesterov_schedule": lambda b: fused.sgd(
+        SCHED, momentum=0.9, nesterov=True, backend=b, **SMALL
+    ),
 }
 
 
@@ -158,7 +182,7 @@ def test_native_matches_pure_jax(name):
     ],
 )
 def test_tree_shapes(name, shape, monkeypatch):
-    monkeypatch.setattr(fused, "_LEAVES_PER_CALL", 5)  # so that many_leaves needs three calls
+    monkeypatch.setattr(engine, "LEAVES_PER_CALL", 5)  # so that many_leaves needs three calls
     rng = np.random.default_rng(2)
     f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
     params = {
@@ -174,21 +198,21 @@ def test_tree_shapes(name, shape, monkeypatch):
 @pytest.mark.parametrize(
     "name, ours, theirs",
     [
-        ("rmsprop", lambda: fused.rmsprop(0.01), lambda: optax.rmsprop(0.01)),
+        ("rmsprop", lambda: fused.rmsprop(0.01, **SMALL), lambda: optax.rmsprop(0.01)),
         (
             "centered_momentum",
-            lambda: fused.rmsprop(0.01, centered=True, momentum=0.9),
+            lambda: fused.rmsprop(0.01, centered=True, momentum=0.9, **SMALL),
             lambda: optax.rmsprop(0.01, centered=True, momentum=0.9),
         ),
         (
             "adamw",
-            lambda: fused.adamw(0.01, weight_decay=0.1),
+            lambda: fused.adamw(0.01, weight_decay=0.1, **SMALL),
             lambda: optax.adamw(0.01, weight_decay=0.1),
         ),
-        ("adam", lambda: fused.adam(0.01), lambda: optax.adam(0.01)),
+        ("adam", lambda: fused.adam(0.01, **SMALL), lambda: optax.adam(0.01)),
         (
             "sgd_nesterov",
-            lambda: fused.sgd(0.05, momentum=0.9, nesterov=True),
+            lambda: fused.sgd(0.05, momentum=0.9, nesterov=True, **SMALL),
             lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
         ),
     ],
@@ -224,7 +248,8 @@ def test_traced_hyperparameters_do_not_recompile():
     grads = jax.grad(_loss)(params)
 
     def step(lr, decay, p, s, backend="auto"):
-        return fused.rmsprop(lr, decay=decay, momentum=0.9, backend=backend).step(p, grads, s)
+        opt = fused.rmsprop(lr, decay=decay, momentum=0.9, backend=backend, **SMALL)
+        return opt.step(p, grads, s)
 
     jitted = jax.jit(step)
     reference = jax.jit(lambda *a: step(*a, backend="jax"))
@@ -237,7 +262,9 @@ def test_traced_hyperparameters_do_not_recompile():
 
 def test_inject_hyperparams_matches_optax():
     params = mixed()
-    ours = fused.inject_hyperparams(fused.rmsprop)(learning_rate=SCHED, decay=0.95, momentum=0.9)
+    ours = fused.inject_hyperparams(fused.rmsprop)(
+        learning_rate=SCHED, decay=0.95, momentum=0.9, **SMALL
+    )
     theirs = optax.inject_hyperparams(rmsjax.rmsprop)(learning_rate=SCHED, decay=0.95, momentum=0.9)
     if NATIVE:
         assert uses_kernel(ours, params)
@@ -252,7 +279,7 @@ def test_grad_through_the_step():
     params = {k: v for k, v in mixed().items() if k != "half"}
 
     def objective(p, lr, backend):
-        opt = fused.rmsprop(lr, centered=True, momentum=0.9, backend=backend)
+        opt = fused.rmsprop(lr, centered=True, momentum=0.9, backend=backend, **SMALL)
         new_p, _ = opt.step(p, jax.grad(_loss)(p), opt.init(p))
         return _loss(new_p)
 
@@ -273,7 +300,7 @@ def test_vmap_over_a_batch_of_problems():
     grads = jax.tree.map(lambda x: jnp.cos(x.astype(jnp.float32)).astype(x.dtype), batch)
     results = {}
     for backend in ("auto", "jax"):
-        opt = fused.adamw(0.01, weight_decay=0.1, backend=backend)
+        opt = fused.adamw(0.01, weight_decay=0.1, backend=backend, **SMALL)
         states = jax.vmap(opt.init)(batch)
         results[backend] = jax.jit(jax.vmap(opt.step))(batch, grads, states)
     assert_close(results["auto"], results["jax"])
@@ -282,7 +309,7 @@ def test_vmap_over_a_batch_of_problems():
 def test_fallback_when_the_kernel_is_unavailable(monkeypatch):
     monkeypatch.setattr(native, "available", lambda: False)
     params = mixed()
-    opt = fused.rmsprop(0.01, centered=True, momentum=0.9)
+    opt = fused.rmsprop(0.01, centered=True, momentum=0.9, **SMALL)
     assert not uses_kernel(opt, params)
     assert_close(run_fused(opt, params), run_protocol(opt, params))
     with pytest.raises(RuntimeError, match="backend='native'"):
@@ -305,9 +332,9 @@ def test_backend_is_validated():
 def test_gpu_lowering_uses_pure_jax(monkeypatch):
     # In a process that also has an accelerator, the step is lowered per platform; emulate
     # that here and lower for CUDA (no GPU needed to lower).
-    monkeypatch.setattr(fused, "_accelerator_present", lambda: True)
+    monkeypatch.setattr(engine, "accelerator_present", lambda: True)
     params = mixed()
-    opt = fused.rmsprop(0.01, centered=True, momentum=0.9)
+    opt = fused.rmsprop(0.01, centered=True, momentum=0.9, **SMALL)
     grads = jax.tree.map(jnp.ones_like, params)
     exported = jax.export.export(jax.jit(opt.step), platforms=["cuda"])(
         params, grads, opt.init(params)
@@ -364,11 +391,10 @@ def test_large_leaves_split_over_threads(name):
         params, state = want
 
 
-def test_small_leaves_take_the_compiled_rule_by_default(monkeypatch):
-    monkeypatch.setattr(fused, "_MIN_NATIVE_ELEMENTS", DEFAULT_MIN_ELEMENTS)
-    opt = CONFIGS["centered_momentum"]("auto")
+def test_small_leaves_take_the_compiled_rule_by_default():
+    opt = fused.rmsprop(0.01, centered=True, momentum=0.9)
     small = {"bias": jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32)}
-    big = {**small, "w": jnp.linspace(-1.0, 1.0, DEFAULT_MIN_ELEMENTS, dtype=jnp.float32)}
+    big = {**small, "w": jnp.linspace(-1.0, 1.0, fused.MIN_NATIVE_SIZE, dtype=jnp.float32)}
     assert not uses_kernel(opt, small)
     if NATIVE:
         assert uses_kernel(opt, big)
@@ -441,8 +467,9 @@ def test_recipe_builds_a_loadable_portable_library(built_library):
     lib = ctypes.CDLL(str(built_library))
     assert lib.RmsjaxFusedStep  # the FFI handler symbol jax registers
     lib.RmsjaxSourceId.restype = ctypes.c_char_p
-    source = ROOT / "rmsjax" / "_native" / "fused_step.cc"
-    assert lib.RmsjaxSourceId().decode() == hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    source = (ROOT / "rmsjax" / "_native" / "fused_step.cc").read_bytes()
+    expected_id = hashlib.sha256(source + b"\0" + table.cpp_header().encode()).hexdigest()[:16]
+    assert lib.RmsjaxSourceId().decode() == expected_id
     lib.RmsjaxKernelIsa.restype = ctypes.c_char_p
     expected = "avx2+fma" if _cpu_has_avx2_fma() else "baseline"
     if os.environ.get("RMSJAX_NATIVE_ISA") == "baseline":
@@ -460,6 +487,7 @@ def _setup_py_tree(tmp_path: Path) -> Path:
         "rmsjax/__init__.py",
         "rmsjax/_native/__init__.py",
         "rmsjax/_native/build.py",
+        "rmsjax/_native/table.py",
         "rmsjax/_native/fused_step.cc",
     ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -605,7 +633,6 @@ def test_baseline_kernels_match_pure_jax_on_a_cpu_without_fma():
         import jax, numpy as np
         from rmsjax import fused, native
         import tests.test_native as t
-        fused._MIN_NATIVE_ELEMENTS = 0
         assert native.status().endswith("[baseline kernels]"), native.status()
         rng = np.random.default_rng(5)
         # small leaves of every shape, and one above the 64K-element threading threshold

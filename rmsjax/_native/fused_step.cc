@@ -47,6 +47,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 #include "rmsjax_kernel_table.h"  // generated from rmsjax/_native/table.py by build.py
 #include "xla/ffi/api/ffi.h"
 
@@ -371,9 +375,35 @@ Pool& GetPool() {
   return *pool;
 }
 
+// XLA's CPU code runs with denormals flushed to zero (inputs and results; it sets the
+// floating-point control register around every computation), so the kernel does the same on
+// each thread that computes, else 1e-40 would be 1e-40 here and 0 in the pure-JAX path.
+class ScopedFlushDenormal {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  ScopedFlushDenormal() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFtzDaz); }
+  ~ScopedFlushDenormal() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFtzDaz = 0x8040;  // flush-to-zero (bit 15), denormals-are-zero (6)
+  unsigned saved_;
+#elif defined(__aarch64__)
+  ScopedFlushDenormal() {
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t fz = saved_ | (uint64_t{1} << 24);  // FZ: flush denormal inputs and results
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fz));
+  }
+  ~ScopedFlushDenormal() { __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_)); }
+
+ private:
+  uint64_t saved_;
+#endif
+};
+
 // Process the global element range [lo, hi) of the concatenation of all leaves.
 void RunRange(const std::vector<Leaf>& leaves, const std::vector<int64_t>& starts, int64_t lo,
               int64_t hi, KernelFn fn, const float* sc) {
+  const ScopedFlushDenormal flush;
   auto it = std::upper_bound(starts.begin(), starts.end(), lo);
   size_t k = static_cast<size_t>(it - starts.begin()) - 1;
   for (; k < leaves.size() && starts[k] < hi; ++k) {

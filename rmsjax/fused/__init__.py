@@ -221,7 +221,8 @@ def inject_hyperparams(
         inner = stepping(*args, **kwargs)
 
         def step(params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
-            return inner.update(grads, state, params)
+            new_params, new_state = inner.update(grads, state, params)
+            return new_params, new_state
 
         return FusedOptimizer(outer.init, outer.update, step)
 

@@ -117,7 +117,9 @@ def _is_dynamic(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray, np.generic)) and not isinstance(value, bool)
 
 
-def _pure_step(tx: optax.GradientTransformation, params: Any, grads: Any, state: Any) -> Any:
+def _pure_step(
+    tx: optax.GradientTransformation, params: Any, grads: Any, state: Any
+) -> tuple[Any, Any]:
     updates, state = tx.update(grads, state, params)
     return apply_updates(params, updates), state
 
@@ -309,7 +311,8 @@ def build(
             return _pure_step(tx, params, grads, state)
         names = table.present_slots(plan.kind, plan.flags)
         try:
-            p_leaves, treedef = jax.tree.flatten(params, is_leaf=_is_none)
+            p_leaves, tdef = jax.tree.flatten(params, is_leaf=_is_none)
+            treedef: Any = tdef  # jax's PyTreeDef stub lacks flatten_up_to
             g_leaves = treedef.flatten_up_to(grads)
             s_leaves = {
                 s: treedef.flatten_up_to(getattr(find_state(state, plan.slots[s], s), s))

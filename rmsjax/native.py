@@ -50,15 +50,17 @@ from typing import Any
 
 from rmsjax._native import build as _recipe
 
-__all__ = ["TARGET", "available", "build", "enabled", "library_path", "status"]
+__all__ = ["TARGET", "available", "build", "enabled", "library_path", "reset", "status"]
 
 TARGET = "rmsjax_fused_step"
-_NATIVE_DIR = Path(__file__).with_name("_native")
+_DEFAULT_DIR = Path(__file__).with_name("_native")
+_NATIVE_DIR = _DEFAULT_DIR
 _SOURCE = _recipe.SOURCE
 _INSTALLED_STEM = "_fused_step"  # setup.py's extension rmsjax._native._fused_step
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"tried": False, "ok": False, "why": "not built yet", "path": None}
+_INITIAL = {"tried": False, "ok": False, "why": "not built yet", "path": None}
+_state: dict[str, Any] = dict(_INITIAL)
 
 
 def _cache_dir() -> Path:
@@ -178,6 +180,20 @@ def _load() -> None:
         _state.update(ok=False, why=f"{type(err).__name__}: {err}{note}")
         return
     _state.update(ok=True, how="built on first use", path=str(path), lib=lib, note=note)
+
+
+def reset(installed_dir: Path | str | None = None) -> None:
+    """Forget the outcome of the last look-up, so the next :func:`available` looks again.
+
+    For tests of the look-up order: ``installed_dir`` replaces the folder searched for an
+    installed library (default: ``rmsjax/_native``). A library already loaded stays loaded
+    (and registered with jax) in this process.
+    """
+    global _NATIVE_DIR
+    with _lock:
+        _NATIVE_DIR = Path(installed_dir) if installed_dir is not None else _DEFAULT_DIR
+        _state.clear()
+        _state.update(_INITIAL)
 
 
 def available() -> bool:

@@ -838,9 +838,7 @@ _STATUS_SCENARIOS = textwrap.dedent(
             shutil.copy2(stale, folder / name)
         elif scenario == "broken":
             (folder / name).write_bytes(b"not a shared library")
-        native._NATIVE_DIR = folder
-        native._state.clear()
-        native._state.update(tried=False, ok=False, why="not built yet", path=None)
+        native.reset(folder)
         if scenario == "disabled":
             os.environ["RMSJAX_NATIVE"] = "0"
         results[scenario] = [str(folder / name), native.status()]

@@ -287,11 +287,9 @@ def build(
     """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
-    if (
-        isinstance(min_native_size, bool)
-        or not isinstance(min_native_size, int)
-        or (min_native_size < 0)
-    ):
+    if not isinstance(min_native_size, int) or isinstance(min_native_size, bool):
+        raise TypeError(f"`min_native_size` must be an int >= 0, got {min_native_size!r}.")
+    if min_native_size < 0:
         raise ValueError(
             f"`min_native_size` must be an int >= 0 (elements), got {min_native_size!r}."
         )

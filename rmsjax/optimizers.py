@@ -1,7 +1,13 @@
 r"""Ready optimizers: short chains of the transformations in :mod:`rmsjax.transforms`.
 
 Names, signatures and defaults are optax 0.2.x's, so ``optax.rmsprop`` can be swapped for
-``rmsjax.rmsprop``. Each returns an ``optax.GradientTransformationExtraArgs``.
+``rmsjax.rmsprop``. Each returns an ``optax.GradientTransformationExtraArgs`` whose state has
+exactly the structure of the optax optimizer's state (the same ``NamedTuple`` classes, fields
+and order), so an optax state or Orbax checkpoint restores into the rmsjax optimizer.
+
+Every ``learning_rate`` must be given: ``None`` raises ``ValueError`` (``optax.rmsprop(None)``
+skips the scaling and so steps up the gradient), except in :func:`adadelta`, where ``None``
+means a rate of 1.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax import transforms as T
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.validation import check_in_range, check_learning_rate
+from rmsjax.validation import check_float_dtype, check_in_range, check_learning_rate
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
 
@@ -168,6 +174,7 @@ def sgd(
     :math:`m_1 = g_1 + \beta \cdot 0` does).
     """
     check_learning_rate("learning_rate", learning_rate)
+    check_float_dtype("accumulator_dtype", accumulator_dtype)
     return optax.chain(
         T.trace(
             decay=momentum,

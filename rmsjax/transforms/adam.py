@@ -23,9 +23,10 @@ from rmsjax._numerics import (
     safe_div,
     zero_count,
 )
-from rmsjax.tree import map_rule, state_like
+from rmsjax.tree import check_state, map_rule, state_like
 from rmsjax.validation import (
     check_decay,
+    check_float_dtype,
     check_nonneg,
 )
 
@@ -41,12 +42,9 @@ __all__ = [
 ]
 
 
-class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: count (int32), first and second moments."""
-
-    count: jax.Array
-    mu: Any
-    nu: Any
+ScaleByAdamState = optax.ScaleByAdamState
+"""State of :func:`scale_by_adam`: ``optax.ScaleByAdamState(count, mu, nu)``, the int32 count
+and the first and second moments."""
 
 
 def _adam_moments(
@@ -109,20 +107,28 @@ def scale_by_adam(
     Same numbers as ``optax.scale_by_adam`` for float32/float64; differences: half precision
     moments are float32 by default, a zero divisor gives 0 instead of NaN, and the update has
     the gradient's dtype. torch's Adam is this with ``eps_root=0`` (eps outside the root);
-    Keras' Adam differs (see ``rmsjax.compat.keras``).
+    Keras' Adam differs (see ``rmsjax.compat.keras``). State: optax's own
+    ``ScaleByAdamState(count, mu, nu)``; integer or boolean ``mu_dtype`` is rejected, and
+    integer/boolean parameters get moments in the default float dtype.
+
+    Numerics: for :math:`|g| \ge 2^{64}` (float32) :math:`\nu` overflows to :math:`+\infty`
+    and the update of that element is exactly 0 until it decays back below the largest
+    float, never NaN; every smaller finite gradient gives a finite update.
     """
     check_decay("b1", b1)
     check_decay("b2", b2)
     check_nonneg("eps", eps)
     check_nonneg("eps_root", eps_root)
+    check_float_dtype("mu_dtype", mu_dtype)
 
     def init_fn(params: Any) -> ScaleByAdamState:
         mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half)
         nu = state_like(params, 0.0, promote_half=promote_half, real=True)
         return ScaleByAdamState(count=zero_count(), mu=mu, nu=nu)
 
-    def update_fn(updates: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, ScaleByAdamState, "scale_by_adam")
         count = increment(state.count)
         c1, c2 = debias(b1, count), debias(b2, count)
         c1_next = debias(b1, increment(count))
@@ -145,13 +151,8 @@ def scale_by_adam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-class ScaleByAmsgradState(NamedTuple):
-    """State of :func:`scale_by_amsgrad`: count, moments and the running maximum of nu."""
-
-    count: jax.Array
-    mu: Any
-    nu: Any
-    nu_max: Any
+ScaleByAmsgradState = optax.ScaleByAmsgradState
+"""State of :func:`scale_by_amsgrad`: ``optax.ScaleByAmsgradState(count, mu, nu, nu_max)``."""
 
 
 class ScaleByAdamExactBiasState(NamedTuple):
@@ -160,7 +161,7 @@ class ScaleByAdamExactBiasState(NamedTuple):
     ``nu_max`` is an empty tuple when ``amsgrad=False``.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     mu: Any
     nu: Any
     nu_max: Any
@@ -172,7 +173,7 @@ class ScaleByAdamEpsHatState(NamedTuple):
     ``nu_max`` is an empty tuple when ``amsgrad=False``.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     mu: Any
     nu: Any
     nu_max: Any
@@ -225,7 +226,8 @@ def _adam_eps_hat_rule(
 
 
 def _adam_with_max(
-    state_cls: Callable[..., Any],
+    name: str,
+    state_cls: type,
     rule: Callable[..., tuple[jax.Array, ...]],
     step_args: Callable[[jax.Array], dict[str, Any]],
     *,
@@ -247,6 +249,7 @@ def _adam_with_max(
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, state_cls, name)
         count = increment(state.count)
         kwargs = step_args(count)
         states = (state.mu, state.nu, state.nu_max) if track_max else (state.mu, state.nu)
@@ -295,12 +298,15 @@ def scale_by_amsgrad(
 
     Same numbers as ``optax.scale_by_amsgrad`` with the default ``max_before_correction``;
     like the other rmsjax transformations, a zero divisor gives 0 instead of NaN and ``nu`` of
-    complex leaves is stored real.
+    complex leaves is stored real. State: optax's own
+    ``ScaleByAmsgradState(count, mu, nu, nu_max)``. Numerics as :func:`scale_by_adam` (an
+    overflowed :math:`\nu_{max}` stays :math:`+\infty`, so that element's updates stay 0).
     """
     check_decay("b1", b1)
     check_decay("b2", b2)
     check_nonneg("eps", eps)
     check_nonneg("eps_root", eps_root)
+    check_float_dtype("mu_dtype", mu_dtype)
 
     def step_args(count: jax.Array) -> dict[str, Any]:
         return dict(
@@ -314,6 +320,7 @@ def scale_by_amsgrad(
         )
 
     return _adam_with_max(
+        "scale_by_amsgrad",
         ScaleByAmsgradState,
         _amsgrad_rule,
         step_args,
@@ -370,6 +377,7 @@ def scale_by_adam_exact_bias(
         )
 
     return _adam_with_max(
+        "scale_by_adam_exact_bias",
         ScaleByAdamExactBiasState,
         _amsgrad_rule,
         step_args,
@@ -420,6 +428,7 @@ def scale_by_adam_eps_hat(
         return dict(b1=b1, b2=b2, eps=eps, alpha=alpha)
 
     return _adam_with_max(
+        "scale_by_adam_eps_hat",
         ScaleByAdamEpsHatState,
         _adam_eps_hat_rule,
         step_args,

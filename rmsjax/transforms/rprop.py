@@ -2,7 +2,7 @@ r"""Resilient backpropagation: :func:`scale_by_rprop`, as ``torch.optim.Rprop`` 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +11,11 @@ import optax
 from jax.typing import ArrayLike
 
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.tree import map_rule, state_like
+from rmsjax.tree import check_state, map_rule, state_like
 from rmsjax.validation import (
     check_in_range,
     check_learning_rate,
+    display_name,
     is_concrete,
 )
 
@@ -24,15 +25,14 @@ __all__ = [
 ]
 
 
-class ScaleByRpropState(NamedTuple):
-    """State of :func:`scale_by_rprop`: per-element step sizes and the previous gradient.
+ScaleByRpropState = optax.ScaleByRpropState
+"""State of :func:`scale_by_rprop`: ``optax.ScaleByRpropState(step_sizes, prev_updates)``, the
+per-element step sizes and the previous gradient.
 
-    ``prev_updates`` holds the previous incoming update (gradient), set to 0 where its sign
-    flipped; for complex leaves both arrays hold the real and imaginary parts' values.
-    """
-
-    step_sizes: Any
-    prev_updates: Any
+``prev_updates`` holds the previous incoming update (gradient), set to 0 where its sign
+flipped (optax stores its signed step there instead; the layout is the same); for complex
+leaves both arrays hold the real and imaginary parts' values.
+"""
 
 
 def _rprop_real_rule(
@@ -70,8 +70,7 @@ def _check_rprop_args(
     min_step_size: Any,
     max_step_size: Any,
 ) -> None:
-    if not callable(learning_rate):
-        check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     check_in_range(
         "eta_minus",
         eta_minus,
@@ -93,10 +92,10 @@ def _check_rprop_args(
     if is_concrete(min_step_size) and is_concrete(max_step_size):
         lo, hi = np.asarray(min_step_size, np.float64), np.asarray(max_step_size, np.float64)
         if np.any(lo > hi):
+            low, high = display_name("min_step_size"), display_name("max_step_size")
             raise ValueError(
-                f"`min_step_size` ({min_step_size!r}) must not exceed `max_step_size` "
-                f"({max_step_size!r}): the step sizes are clipped to [min_step_size, "
-                "max_step_size]."
+                f"`{low}` ({min_step_size!r}) must not exceed `{high}` ({max_step_size!r}): "
+                f"the step sizes are clipped to [{low}, {high}]."
             )
 
 
@@ -165,8 +164,9 @@ def scale_by_rprop(
         prev = state_like(params, 0.0, promote_half=promote_half)
         return ScaleByRpropState(step_sizes=steps, prev_updates=prev)
 
-    def update_fn(updates: Any, state: ScaleByRpropState, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, ScaleByRpropState, "scale_by_rprop")
         rule = lambda g, step, prev: _rprop_rule(g, step, prev, **hyper)
         out, (steps, prev) = map_rule(rule, updates, (state.step_sizes, state.prev_updates))
         return out, ScaleByRpropState(step_sizes=steps, prev_updates=prev)

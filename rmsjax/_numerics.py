@@ -24,6 +24,7 @@ __all__ = [
     "ema",
     "increment",
     "is_positive",
+    "moment_div",
     "precise_debias",
     "rms_scale",
     "safe_div",
@@ -64,6 +65,20 @@ def safe_div(num: jax.Array, den: jax.Array, *, den_positive: bool = False) -> j
         return num / den
     ok = den != 0
     return select(ok, num / select(ok, den, 1), 0)
+
+
+def moment_div(
+    num: jax.Array, den: jax.Array, g: jax.Array, *, den_positive: bool = False
+) -> jax.Array:
+    """:func:`safe_div` for a first moment over the root of a second one (the Adam forms).
+
+    Where the divisor is ``+inf`` (the second moment overflowed: float32 :math:`|g| \\ge
+    2^{64}`) and the gradient ``g`` is finite, the result is 0, the documented zero step, even
+    when the bias-corrected numerator overflowed too (``inf / inf`` would be NaN). A NaN or
+    infinite gradient still gives NaN.
+    """
+    out = safe_div(num, den, den_positive=den_positive)
+    return jnp.where((den == jnp.inf) & jnp.isfinite(g), 0, out)
 
 
 def safe_rsqrt_scale(g: jax.Array, den2: jax.Array, *, den_positive: bool = False) -> jax.Array:

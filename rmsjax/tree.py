@@ -98,7 +98,10 @@ def state_like(
         dt = state_dtype(jnp.result_type(p), dtype, promote_half=promote_half)
         if real:
             dt = real_dtype(dt)
-        return jnp.full_like(p, fill, dtype=dt)
+        value = fill
+        if jnp.iscomplexobj(fill) and not jnp.issubdtype(dt, jnp.complexfloating):
+            value = jnp.real(fill)  # a complex-typed real hyperparameter (see _cast_like)
+        return jnp.full_like(p, value, dtype=dt)
 
     return jax.tree.map(leaf, params)
 
@@ -226,7 +229,13 @@ def _cast_like(x: Any, like: Any) -> jax.Array:
     else:
         dtype = like.dtype if hasattr(like, "dtype") else jnp.result_type(like)
     x = jnp.asarray(x)
-    return x if x.dtype == dtype else x.astype(dtype)
+    if x.dtype == dtype:
+        return x
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        # A real state computed with complex hyperparameters (optax.inject_hyperparams hands
+        # them over as complex64, imaginary part 0, for a complex model): the real part.
+        x = jnp.real(x)
+    return x.astype(dtype)
 
 
 def _check_gradient(path: Any, g: Any, leaf_name: str) -> None:

@@ -37,7 +37,8 @@ Shared behaviour of every transformation:
 * a division whose denominator is exactly zero yields 0 instead of NaN/Inf (optax returns NaN
   for a zero gradient with ``eps=0``); a NaN denominator still gives NaN;
 * a second moment that overflows (float32 :math:`|g| \ge 2^{64}`) is :math:`+\infty` and
-  gives a zero step, never NaN (the "Numerics" paragraph of each rule).
+  gives a zero step, never NaN (the "Numerics" paragraph of each rule); float32 denormals
+  are flushed to zero by XLA (CPU and GPU), so a denormal gradient acts as 0.
 """
 
 from rmsjax.transforms.adam import (

@@ -19,6 +19,7 @@ from rmsjax._numerics import (
     ema,
     increment,
     is_positive,
+    moment_div,
     precise_debias,
     safe_div,
     zero_count,
@@ -71,7 +72,7 @@ def _adam_rule(
     mu, nu = _adam_moments(g, mu, nu, b1, b2)
     mu_hat = b1 * (mu / c1_next) + (1 - b1) * (g / c1) if nesterov else mu / c1
     den = jnp.sqrt(nu / c2 + eps_root) + eps
-    return safe_div(mu_hat, den, den_positive=is_positive(eps)), mu, nu
+    return moment_div(mu_hat, den, g, den_positive=is_positive(eps)), mu, nu
 
 
 def scale_by_adam(
@@ -196,14 +197,14 @@ def _amsgrad_rule(
     else the running max of ``nu`` then ``/c2`` (max_before_correction) or of ``nu/c2``."""
     mu, nu = _adam_moments(g, mu, nu, b1, b2)
     if not nu_max:
-        return safe_div(mu / c1, jnp.sqrt(nu / c2 + eps_root) + eps), mu, nu
+        return moment_div(mu / c1, jnp.sqrt(nu / c2 + eps_root) + eps, g), mu, nu
     if max_before_correction:
         new_max = jnp.maximum(nu_max[0], nu)
         nu_hat = new_max / c2
     else:
         new_max = jnp.maximum(nu_max[0], nu / c2)
         nu_hat = new_max
-    return safe_div(mu / c1, jnp.sqrt(nu_hat + eps_root) + eps), mu, nu, new_max
+    return moment_div(mu / c1, jnp.sqrt(nu_hat + eps_root) + eps, g), mu, nu, new_max
 
 
 def _adam_eps_hat_rule(
@@ -222,6 +223,9 @@ def _adam_eps_hat_rule(
     if nu_max:
         new_max = jnp.maximum(nu_max[0], nu)
         return safe_div(mu * alpha, jnp.sqrt(new_max) + eps), mu, nu, new_max
+    # |mu| <= (1 - b1^t) max|g| (a zero-started average), so |mu * alpha| <= sqrt(1 - b2^t)
+    # max|g|: the numerator cannot overflow, and an overflowed nu gives finite / inf = 0
+    # without the guard of moment_div.
     return safe_div(mu * alpha, jnp.sqrt(nu) + eps), mu, nu
 
 

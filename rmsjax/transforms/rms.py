@@ -155,16 +155,13 @@ def scale_by_rms(
 
     Numerics: for float32 gradients with :math:`|g| \ge 2^{64} \approx 1.8447 \cdot 10^{19}`
     the square overflows, :math:`\nu` becomes :math:`+\infty` and the update is exactly 0
-    (:math:`g \cdot 1/\sqrt{\infty}`): a documented zero step, never NaN, on this and on every
-    later step of that element (the average stays infinite). Below that threshold every finite
-    gradient, denormals included, gives a finite update; the threshold is
-    :math:`\sqrt{\text{max}}` of the state dtype in general (:math:`1.3 \cdot 10^{154}` for
-    float64). Non-finite gradients (NaN, :math:`\pm\infty`) propagate NaN, as in optax.
-
-    Differences from ``optax.scale_by_rms``: half precision state is float32 by default; a zero
-    divisor (``eps=0`` and :math:`\nu=0`) gives a zero update instead of NaN; complex leaves
-    keep :math:`\nu` in the real dtype (optax stores a complex array with zero imaginary part).
-    PyTorch's RMSprop uses ``eps_in_sqrt=False``.
+    (:math:`g / \sqrt{\infty}`): a documented zero step, never NaN, on this and on every later
+    step of that element (:math:`\rho \cdot \infty` stays infinite). With
+    ``bias_correction`` the threshold can be a rounding below :math:`2^{64}`, where
+    :math:`\nu / (1 - \rho^t)` rounds past the largest float. Below it every finite gradient
+    gives a finite update (denormals count as 0: XLA flushes them). For float64 the threshold
+    is :math:`\sqrt{\max} \approx 1.3 \cdot 10^{154}`. Non-finite gradients (NaN,
+    :math:`\pm\infty`) give NaN, as in optax.
     """
     _check_rms_args(decay, eps, initial_scale)
 
@@ -229,21 +226,16 @@ def scale_by_centered_rms(
     with :math:`\rho = 0.9`); optax and torch then take the root of a negative number and
     return NaN, rmsjax returns :math:`g/\sqrt{\epsilon}` (or 0 when :math:`\epsilon = 0`).
     Where :math:`\hat\nu` is :math:`+\infty` (see Numerics) the variance is :math:`+\infty`
-    and the update 0; optax computes :math:`\infty - \infty` and returns NaN for any
-    :math:`|g| \ge 2^{64}` in float32. Also: half precision state is float32 by default, and
-    :math:`\nu` of complex leaves is stored real.
+    and the update 0; optax computes :math:`\infty - \infty` and returns NaN as soon as
+    :math:`|\hat\mu|^2` overflows as well (float32, :math:`\rho = 0.9`: from
+    :math:`|g| \approx 1.8 \cdot 10^{20}` on the first step). Also: half precision state is
+    float32 by default, and :math:`\nu` of complex leaves is stored real.
 
     State: optax's own, ``ScaleByRStdDevState(mu, nu)``, or
     ``ScaleByRStdDevWithCountState(count, mu, nu)`` with ``bias_correction``.
 
-    Numerics: for float32 gradients with :math:`|g| \ge 2^{64} \approx 1.8447 \cdot 10^{19}`
-    the square overflows, :math:`\nu` becomes :math:`+\infty` and the update is exactly 0
-    (:math:`g \cdot 1/\sqrt{\infty}`): a documented zero step, never NaN, on this and on every
-    later step of that element (the average stays infinite; the
-    variance is then taken as infinite too). Below that threshold every finite
-    gradient, denormals included, gives a finite update; the threshold is
-    :math:`\sqrt{\text{max}}` of the state dtype in general (:math:`1.3 \cdot 10^{154}` for
-    float64). Non-finite gradients (NaN, :math:`\pm\infty`) propagate NaN, as in optax.
+    Numerics: as :func:`scale_by_rms` (a zero step, never NaN, once :math:`\nu` overflows);
+    the variance of an infinite :math:`\hat\nu` is taken as :math:`+\infty`.
     """
     _check_rms_args(decay, eps, initial_scale)
 

@@ -140,6 +140,11 @@ def scale_by_rprop(
       max_step_size: :math:`\delta_{max}`, > 0 and >= ``min_step_size``.
       promote_half: keep the state of float16/bfloat16 leaves in float32 (default).
 
+    Numerics: like torch, the sign comparison multiplies the two gradients; a product below the
+    smallest normal float (:math:`1.2 \cdot 10^{-38}` in float32, whose denormals XLA flushes
+    to zero) counts as :math:`s_t = 0`, so such tiny gradients keep their step size instead of
+    growing or shrinking it. Updates are always finite (:math:`\pm\delta_t` or 0).
+
     Complex leaves: the real and imaginary parts are treated as independent real parameters,
     each with its own step size (torch's behaviour); both are stored in one complex array.
 

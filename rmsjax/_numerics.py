@@ -9,7 +9,7 @@ saturating step counter. The transformations in :mod:`rmsjax.transforms` and the
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,9 @@ def abs_sq(x: jax.Array) -> jax.Array:
 
 def ema(new: jax.Array, old: jax.Array, decay: ArrayLike) -> jax.Array:
     """Exponential moving average ``(1 - decay) * new + decay * old`` (optax's operand order)."""
-    return (1 - decay) * new + decay * old
+    # (cast: with an ArrayLike decay the type checker also sees NumPy results; the rules
+    # always pass jax arrays, so the result is one)
+    return cast(jax.Array, (1 - decay) * new + decay * old)
 
 
 def select(ok: jax.Array, x: jax.Array, fill: float) -> jax.Array:
@@ -107,7 +109,7 @@ def rms_scale(g: jax.Array, second: jax.Array, eps: ArrayLike, *, eps_in_sqrt: b
 
 def debias(decay: ArrayLike, count: jax.Array) -> jax.Array:
     """``1 - decay**count``: what a zero-started EMA is divided by to remove its bias."""
-    return 1 - decay**count
+    return cast(jax.Array, 1 - decay**count)
 
 
 def unbias(moment: jax.Array, correction: ArrayLike | None) -> jax.Array:

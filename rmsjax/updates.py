@@ -47,8 +47,9 @@ def apply_updates(params: Any, updates: Any) -> Any:
     raises a ``TypeError`` adding ``None``) and a structure mismatch gets a readable error.
     """
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+    spec: Any = treedef  # jax's PyTreeDef has no type information for flatten_up_to
     try:
-        u_leaves = treedef.flatten_up_to(updates)
+        u_leaves = spec.flatten_up_to(updates)
     except (ValueError, TypeError):
         detail = describe_difference(params, updates, "params", "updates")
         raise structure_error(

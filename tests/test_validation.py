@@ -197,6 +197,8 @@ def test_integer_and_boolean_params_get_float_moments(dtype) -> None:
         moments = [x for x in jax.tree.leaves(state) if x.ndim == 1]
         assert moments and all(x.dtype == jnp.float32 for x in moments)
         _, state = opt.update(g, state, params)
+    # optax's Adam keeps nu of an int32 parameter in int32 (README table): it never moves
+    assert optax.adam(0.1).init(params)[0].nu["i"].dtype == jnp.int32 or dtype == jnp.bool_
     # the second moment moved: nu = (1 - 0.9) g^2 after one step (optax's float32 value too)
     opt = rmsjax.rmsprop(0.1)
     _, state = opt.update(g, opt.init(params), params)

@@ -6,7 +6,7 @@ r"""The Adam family: :func:`scale_by_adam` (optax's, with NAdam), :func:`scale_b
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,7 @@ def _adam_rule(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     mu, nu = _adam_moments(g, mu, nu, b1, b2)
     mu_hat = b1 * (mu / c1_next) + (1 - b1) * (g / c1) if nesterov else mu / c1
+    mu_hat = cast(jax.Array, mu_hat)  # jax arrays (see _numerics.ema)
     den = jnp.sqrt(nu / c2 + eps_root) + eps
     return moment_div(mu_hat, den, g, den_positive=is_positive(eps)), mu, nu
 
@@ -122,7 +123,7 @@ def scale_by_adam(
     check_nonneg("eps_root", eps_root)
     check_float_dtype("mu_dtype", mu_dtype)
 
-    def init_fn(params: Any) -> ScaleByAdamState:
+    def init_fn(params: Any) -> Any:
         mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half)
         nu = state_like(params, 0.0, promote_half=promote_half, real=True)
         return ScaleByAdamState(count=zero_count(), mu=mu, nu=nu)

@@ -325,7 +325,7 @@ def scale_by_rss(
     check_nonneg("initial_accumulator_value", initial_accumulator_value)
     check_nonneg("eps", eps)
 
-    def init_fn(params: Any) -> ScaleByRssState:
+    def init_fn(params: Any) -> Any:
         s = state_like(params, initial_accumulator_value, promote_half=promote_half, real=True)
         return ScaleByRssState(sum_of_squares=s)
 
@@ -400,7 +400,7 @@ def scale_by_adadelta(
         hint="AdaDelta's steps start at sqrt(eps)-size; with eps = 0 it never moves.",
     )
 
-    def init_fn(params: Any) -> ScaleByAdaDeltaState:
+    def init_fn(params: Any) -> Any:
         e_g = state_like(params, 0.0, promote_half=promote_half, real=True)
         e_x = state_like(params, 0.0, promote_half=promote_half, real=True)
         return ScaleByAdaDeltaState(e_g=e_g, e_x=e_x)

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from rmsjax._numerics import zero_count
 from rmsjax._types import ScalarOrSchedule
 from rmsjax.tree import check_state, map_rule, state_like
 from rmsjax.validation import (
@@ -162,8 +163,8 @@ def scale_by_rprop(
         max_step_size=max_step_size,
     )
 
-    def init_fn(params: Any) -> ScaleByRpropState:
-        lr = learning_rate(0) if callable(learning_rate) else learning_rate
+    def init_fn(params: Any) -> Any:
+        lr = learning_rate(zero_count()) if callable(learning_rate) else learning_rate
         both = lambda s: jax.lax.complex(jnp.real(s), jnp.real(s)) if jnp.iscomplexobj(s) else s
         steps = jax.tree.map(both, state_like(params, lr, promote_half=promote_half))
         prev = state_like(params, 0.0, promote_half=promote_half)

@@ -84,7 +84,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> optax.GradientTransformation:
             f"`step_size_fn` must be a callable schedule count -> step size, got {step_size_fn!r}."
         )
 
-    def init_fn(params: Any) -> ScaleByScheduleState:
+    def init_fn(params: Any) -> Any:
         del params
         return ScaleByScheduleState(count=zero_count())
 

@@ -154,6 +154,8 @@ def scale_by_rprop(
     the previous gradient; it also skips the clip when :math:`s_t = 0`, so a ``learning_rate``
     outside :math:`[\delta_{min}, \delta_{max}]` is used unclipped; and it fails on complex
     leaves inside ``jnp.clip``. rmsjax follows the published algorithm as torch implements it.
+    The state has optax's layout, ``ScaleByRpropState(step_sizes, prev_updates)`` (rmsjax
+    stores the previous gradient in ``prev_updates``), so an optax state restores into it.
     """
     _check_rprop_args(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size)
     hyper = dict(

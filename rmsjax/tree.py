@@ -191,7 +191,11 @@ def structure_error(
     """A ``ValueError`` saying that ``tree`` (the gradients, the updates) does not have the
     structure of ``other`` (the state, the params): both structures, and where they differ,
     each key attributed to the tree that has it."""
-    detail = detail or describe_difference(tree, other, tree_name, other_name)
+    detail = (
+        detail
+        or describe_difference(tree, other, tree_name, other_name)
+        or "the two trees have the same keys but differ in a node's type or metadata"
+    )
     return ValueError(
         f"The tree of {tree_name} does not have the structure of the {other_name}.\n"
         f"  {tree_name}: {jax.tree.structure(tree, is_leaf=_is_none)}\n"

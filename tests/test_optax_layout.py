@@ -86,7 +86,9 @@ def _assert_same_layout(ours: Any, theirs: Any) -> None:
         assert jnp.result_type(a) == jnp.result_type(b)
 
 
-@pytest.mark.parametrize(("name", "kwargs"), CONFIGS, ids=[f"{n}-{k}" for n, k in CONFIGS])
+@pytest.mark.parametrize(
+    ("name", "kwargs"), CONFIGS, ids=[f"{n}-{'-'.join(k)}" for n, k in CONFIGS]
+)
 def test_state_structure_is_optax(name: str, kwargs: dict[str, Any]) -> None:
     ours, theirs = _both(name, kwargs)
     params = _params()

@@ -38,7 +38,7 @@ Shared behaviour of every transformation:
   for a zero gradient with ``eps=0``); a NaN denominator still gives NaN;
 * a second moment that overflows (float32 :math:`|g| \ge 2^{64}`) is :math:`+\infty` and
   gives a zero step, never NaN (the "Numerics" paragraph of each rule); float32 denormals
-  are flushed to zero by XLA (CPU and GPU), so a denormal gradient acts as 0.
+  are flushed to zero by XLA's CPU backend (measured), so a denormal gradient acts as 0.
 """
 
 from rmsjax.transforms.adam import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -161,15 +162,19 @@ def test_concrete_jax_and_numpy_scalars_are_checked() -> None:
 def test_injected_hyperparameters_of_a_complex_model_are_accepted() -> None:
     """optax.inject_hyperparams casts the hyperparameters to the params' widest dtype:
     complex64 (with a zero imaginary part) for a complex model, checked as the real value."""
-    params = {"z": jnp.asarray([1 + 1j, -2j], jnp.complex64)}
-    opt = optax.inject_hyperparams(rmsjax.rmsprop)(learning_rate=0.1, momentum=0.9)
-    state = opt.init(params)
-    assert state.hyperparams["learning_rate"].dtype == jnp.complex64
-    updates, _ = opt.update(params, state, params)
-    expected, _ = rmsjax.rmsprop(0.1, momentum=0.9).update(
-        params, rmsjax.rmsprop(0.1, momentum=0.9).init(params), params
-    )
-    np.testing.assert_allclose(updates["z"], expected["z"], rtol=1e-6)
+    params = {"z": jnp.asarray([1 + 1j, -2j], jnp.complex64), "r": jnp.asarray([0.5, -1.0])}
+    for factory in (rmsjax.rmsprop, rmsjax.adamw):
+        opt = optax.inject_hyperparams(factory)(learning_rate=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no complex value is cast into a real array
+            state = opt.init(params)
+            assert state.hyperparams["learning_rate"].dtype == jnp.complex64
+            updates, _ = opt.update(params, state, params)
+        direct = factory(0.1)
+        expected, _ = direct.update(params, direct.init(params), params)
+        for key in params:
+            # array hyperparameters round like float32 (1 - b1), Python floats do not
+            np.testing.assert_allclose(updates[key], expected[key], rtol=2e-5)
     with pytest.raises(TypeError, match="complex number is not real"):
         rmsjax.rmsprop(jnp.asarray(0.1 + 0.1j))
 

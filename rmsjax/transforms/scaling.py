@@ -42,6 +42,8 @@ updates done so far (int32)."""
 
 
 def _scale_rule(g: jax.Array, step_size: ArrayLike) -> tuple[jax.Array]:
+    if jnp.iscomplexobj(step_size) and not jnp.iscomplexobj(g):
+        step_size = jnp.real(step_size)  # complex-typed, real-valued (inject_hyperparams)
     return (jnp.asarray(step_size, dtype=g.dtype) * g,)
 
 

@@ -92,12 +92,15 @@ def _assert_same_layout(ours: Any, theirs: Any) -> None:
 def test_state_structure_is_optax(name: str, kwargs: dict[str, Any]) -> None:
     ours, theirs = _both(name, kwargs)
     params = _params()
-    state_ours, state_theirs = ours.init(params), theirs.init(params)
+    # traced, not run (jax.eval_shape): structure, shapes and dtypes are all that is compared
+    state_ours = jax.eval_shape(ours.init, params)
+    state_theirs = jax.eval_shape(theirs.init, params)
     _assert_same_layout(state_ours, state_theirs)
     # ... and after a step (counts stay int32, nothing is added or dropped)
     grads = jax.tree.map(jnp.ones_like, params)
     _assert_same_layout(
-        ours.update(grads, state_ours, params)[1], theirs.update(grads, state_theirs, params)[1]
+        jax.eval_shape(ours.update, grads, state_ours, params)[1],
+        jax.eval_shape(theirs.update, grads, state_theirs, params)[1],
     )
 
 
@@ -125,6 +128,7 @@ def test_the_state_classes_are_optax_own() -> None:
     assert type(optax.add_decayed_weights(SCHEDULE).init(params)) is rmsjax.WeightDecaySchedule
 
 
+@pytest.mark.filterwarnings("ignore:Casting complex values")  # optax's inject_hyperparams
 def test_wrappers_and_complex_split_have_optax_layout() -> None:
     params = {**_params(), "z": jnp.asarray([1 + 2j, -1j], jnp.complex64)}
     pairs = [
@@ -153,21 +157,20 @@ RESUMED: list[tuple[str, Callable[[Any], Any]]] = [
     ("rmsprop", lambda lib: lib.rmsprop(0.02, centered=True, momentum=0.9)),
     ("rmsprop_bias", lambda lib: lib.rmsprop(SCHEDULE, bias_correction=True)),
     ("adamw", lambda lib: lib.adamw(SCHEDULE, weight_decay=0.1, mask=_mask)),
-    ("sgd", lambda lib: lib.sgd(0.02, momentum=0.9, nesterov=True)),
-    ("adagrad", lambda lib: lib.adagrad(0.05)),
     ("adadelta", lambda lib: lib.adadelta(0.5, weight_decay=0.01)),
 ]
+STEPS = 3
 
 
-def _steps(opt: Any, params: Any, state: Any, n: int) -> tuple[Any, Any]:
-    @jax.jit
-    def step(p: Any, s: Any) -> tuple[Any, Any]:
+def _run(opt: Any, params: Any, state: Any) -> tuple[Any, Any]:
+    """STEPS steps of ``opt`` in one compiled scan."""
+
+    def step(carry: Any, _: Any) -> tuple[Any, None]:
+        p, s = carry
         u, s = opt.update(jax.grad(loss)(p), s, p)
-        return optax.apply_updates(p, u), s
+        return (optax.apply_updates(p, u), s), None
 
-    for _ in range(n):
-        params, state = step(params, state)
-    return params, state
+    return jax.jit(lambda p, s: jax.lax.scan(step, (p, s), None, length=STEPS)[0])(params, state)
 
 
 def test_optax_checkpoint_restores_into_rmsjax_and_continues(tmp_path) -> None:
@@ -175,9 +178,9 @@ def test_optax_checkpoint_restores_into_rmsjax_and_continues(tmp_path) -> None:
     params0 = mixed_tree()
     written, expected = {}, {}
     for name, make in RESUMED:
-        p, s = _steps(make(optax), params0, make(optax).init(params0), 4)
+        p, s = _run(make(optax), params0, make(optax).init(params0))
         written[name] = {"params": p, "opt_state": s}
-        expected[name] = _steps(make(optax), p, s, 4)  # optax continuing, no checkpoint
+        expected[name] = _run(make(optax), p, s)  # optax continuing, no checkpoint
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "ckpt", written)
     # A fresh rmsjax state is the template: Orbax restores into its classes and dtypes.
@@ -189,17 +192,11 @@ def test_optax_checkpoint_restores_into_rmsjax_and_continues(tmp_path) -> None:
         restored = checkpointer.restore(tmp_path / "ckpt", abstract)
     for name, make in RESUMED:
         item = restored[name]
-        assert jax.tree.structure(item["opt_state"]) == jax.tree.structure(
-            written[name]["opt_state"]
-        )
-        for a, b in zip(
-            jax.tree.leaves(item), jax.tree.leaves(written[name]), strict=True
-        ):  # the checkpoint round trip is exact
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        params, state = _steps(make(rmsjax), item["params"], item["opt_state"], 4)
-        for ours, theirs in zip(
-            jax.tree.leaves((params, state)), jax.tree.leaves(expected[name]), strict=True
-        ):
+        assert jax.tree.structure(item) == jax.tree.structure(written[name])
+        for a, b in zip(jax.tree.leaves(item), jax.tree.leaves(written[name]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # exact round trip
+        ours = _run(make(rmsjax), item["params"], item["opt_state"])
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected[name]), strict=True):
             np.testing.assert_allclose(
-                np.asarray(ours), np.asarray(theirs), rtol=2e-5, atol=1e-6, err_msg=name
+                np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6, err_msg=name
             )

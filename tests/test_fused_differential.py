@@ -173,6 +173,13 @@ def safe_div(a: E, b: E) -> E:
     return _guarded(div(a, b), b)
 
 
+def moment_div(a: E, b: E, g: E) -> E:
+    """``safe_div``, and 0 where ``b`` is +inf and ``g`` finite (rmsjax._numerics.moment_div)."""
+    out = safe_div(a, b)
+    zero = (b.v == np.inf) & np.isfinite(g.v)
+    return E(np.where(zero, 0.0, out.v), np.where(zero, 0.0, out.e))
+
+
 def safe_rsqrt_scale(g: E, d2: E) -> E:
     """``where(d2 != 0, g * rsqrt(d2), 0)``."""
     return _guarded(mul(g, div(exact(1.0, g.v), sqrt(d2))), d2)
@@ -246,7 +253,7 @@ def adam_model(x: dict[str, E], hp: dict[str, Any], cfg: dict[str, Any], count: 
     else:
         mu_hat = div(mu, c1)
     den = add(sqrt(add(div(nu, c2), exact(hp["eps_root"], like))), exact(hp["eps"], like))
-    s = safe_div(mu_hat, den)
+    s = moment_div(mu_hat, den, g)
     if "weight_decay" in hp:
         s = add(s, mul(exact(hp["weight_decay"], like), x["p"]))
     u = mul(exact(-np.float32(hp["learning_rate"]), like), s)

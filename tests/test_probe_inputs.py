@@ -34,6 +34,8 @@ NOT_FACTORIES = {
     "split_real_and_imaginary",  # wraps a transformation
     "scale_by_schedule",  # takes a schedule only (tested in test_validation.py)
     "inject_hyperparams",  # rmsjax.fused's wrapper of a factory
+    "stochastic_round",  # arrays and a PRNG key
+    "apply_updates_stochastic",  # trees and a PRNG key
 }
 # Required arguments get these valid values; every other argument keeps its default.
 VALID = {

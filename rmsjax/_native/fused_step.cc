@@ -78,6 +78,13 @@ struct Leaf {
   return ok ? r : 0.0f;
 }
 
+// rmsjax._numerics.moment_div: SafeDiv, and 0 where the divisor is +inf (an overflowed second
+// moment) while the gradient is finite, even when the numerator overflowed too (inf / inf).
+[[gnu::always_inline]] inline float MomentDiv(float num, float den, float g) {
+  const float r = SafeDiv(num, den);
+  return (den == INFINITY && std::isfinite(g)) ? 0.0f : r;
+}
+
 // where(den2 != 0, g * rsqrt(den2), 0), rsqrt as 1 / sqrt (correctly rounded).
 [[gnu::always_inline]] inline float SafeRsqrtScale(float g, float den2) {
   const bool ok = den2 != 0.0f;
@@ -163,7 +170,7 @@ struct Adam {
       const float mu = omb1 * gi + b1 * mu_in[i];
       const float nu = omb2 * (gi * gi) + b2 * nu_in[i];
       const float mh = kNesterov ? b1 * (mu / c1n) + omb1 * (gi / c1) : mu / c1;
-      float s = SafeDiv(mh, std::sqrt(nu / c2 + eps_root) + eps);
+      float s = MomentDiv(mh, std::sqrt(nu / c2 + eps_root) + eps, gi);
       if constexpr (kDecay) s = s + wd * pi;
       mu_out[i] = mu;
       nu_out[i] = nu;

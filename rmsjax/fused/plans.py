@@ -70,7 +70,7 @@ RMS_STATES = state_types(
 ADAM_STATES = state_types("ScaleByAdamState")
 TRACE_STATES = state_types("TraceState")
 SCHEDULE_STATES = state_types("ScaleByScheduleState")
-DECAY_STATES = state_types("AddDecayedWeightsState")
+DECAY_STATES = state_types("AddDecayedWeightsState", "WeightDecaySchedule")
 
 
 def _matcher(types: tuple[type, ...], field: str) -> Callable[[Any], bool]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 
-from rmsjax import compat, quantization
+from rmsjax import compat, quantization, storage
 from rmsjax._numerics import precise_debias
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, rprop, sgd
 from rmsjax.schedules import (
@@ -24,6 +24,13 @@ from rmsjax.schedules import (
 )
 from rmsjax.sharding import state_sharding
 from rmsjax.stochastic import apply_updates_stochastic, stochastic_round
+from rmsjax.storage import (
+    Quantized,
+    StochasticRounding,
+    StoredArray,
+    quantized,
+    stochastic_rounding,
+)
 from rmsjax.transforms import (
     AddDecayedWeightsState,
     DampenedTraceState,
@@ -83,6 +90,7 @@ __all__ = [
     "DecoupledWeightDecayState",
     "GradientTransformation",
     "GradientTransformationExtraArgs",
+    "Quantized",
     "ScaleByAdaDeltaState",
     "ScaleByAdamEpsHatState",
     "ScaleByAdamExactBiasState",
@@ -98,6 +106,8 @@ __all__ = [
     "ScaleByScheduleState",
     "ScaleState",
     "SplitRealAndImaginaryState",
+    "StochasticRounding",
+    "StoredArray",
     "TraceState",
     "WeightDecaySchedule",
     "adadelta",
@@ -122,6 +132,7 @@ __all__ = [
     "polynomial_schedule",
     "precise_debias",
     "quantization",
+    "quantized",
     "rmsprop",
     "rprop",
     "scale",
@@ -141,6 +152,8 @@ __all__ = [
     "split_real_and_imaginary",
     "state_sharding",
     "stochastic_round",
+    "stochastic_rounding",
+    "storage",
     "trace",
     "warmup_cosine_decay_schedule",
 ]

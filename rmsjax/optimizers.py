@@ -8,6 +8,10 @@ and order), so an optax state or Orbax checkpoint restores into the rmsjax optim
 Every ``learning_rate`` must be given: ``None`` raises ``ValueError`` (``optax.rmsprop(None)``
 skips the scaling and so steps up the gradient), except in :func:`adadelta`, where ``None``
 means a rate of 1.
+
+Every moment has a storage argument (``mu_dtype``, ``nu_dtype``, ...): ``None`` (the default
+dtype policy), a float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`
+(:mod:`rmsjax.storage`); the arguments optax lacks are keyword-only.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax import transforms as T
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.validation import argument_names, check_float_dtype, check_learning_rate
+from rmsjax.storage import Storage, check_storage
+from rmsjax.validation import argument_names, check_learning_rate
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
 
@@ -27,7 +32,7 @@ __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
 def _momentum(
     momentum: ArrayLike | None,
     nesterov: bool,
-    accumulator_dtype: DTypeLike | None = None,
+    accumulator_dtype: DTypeLike | Storage | None = None,
     *,
     promote_half: bool,
 ) -> optax.GradientTransformation:
@@ -56,6 +61,9 @@ def rmsprop(
     bias_correction: bool = False,
     *,
     promote_half: bool = True,
+    nu_dtype: DTypeLike | Storage | None = None,
+    mu_dtype: DTypeLike | Storage | None = None,
+    momentum_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSProp (Tieleman & Hinton 2012), optionally centered (Graves 2013) and with momentum.
 
@@ -86,6 +94,14 @@ def rmsprop(
       nesterov: Nesterov momentum (needs ``momentum``).
       bias_correction: divide the moments by :math:`1-\rho^t`.
       promote_half: keep state of float16/bfloat16 parameters in float32 (default).
+      nu_dtype: storage of :math:`\nu` (``None``: the default, see ``promote_half``), a
+        float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
+      mu_dtype: storage of the centered mean :math:`\mu` (``centered=True``) (``None``: float32, or
+        the parameter's wider dtype), a float dtype, :func:`rmsjax.quantized` or
+        :func:`rmsjax.stochastic_rounding`.
+      momentum_dtype: storage of :math:`m` (with ``momentum``) (``None``: float32, or the
+        parameter's wider dtype), a float dtype, :func:`rmsjax.quantized` or
+        :func:`rmsjax.stochastic_rounding`.
 
     Same trajectory as ``optax.rmsprop`` to float32 rounding. Deliberate differences: the
     centered variance is clamped at zero (optax and torch return NaN once it rounds negative),
@@ -105,19 +121,26 @@ def rmsprop(
       [-0.0316, 0.0316]
     """
     check_learning_rate("learning_rate", learning_rate)
-    scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
-    return optax.chain(
-        scaler(
-            decay=decay,
-            eps=eps,
-            initial_scale=initial_scale,
-            eps_in_sqrt=eps_in_sqrt,
-            bias_correction=bias_correction,
-            promote_half=promote_half,
-        ),
-        T.scale_by_learning_rate(learning_rate),
-        _momentum(momentum, nesterov, promote_half=promote_half),
+    check_storage("mu_dtype", mu_dtype)  # also when not centered: a typo fails early
+    common = dict(
+        decay=decay,
+        eps=eps,
+        initial_scale=initial_scale,
+        eps_in_sqrt=eps_in_sqrt,
+        bias_correction=bias_correction,
+        promote_half=promote_half,
+        nu_dtype=nu_dtype,
     )
+    scaler = (
+        T.scale_by_centered_rms(**common, mu_dtype=mu_dtype)
+        if centered
+        else T.scale_by_rms(**common)
+    )
+    with argument_names({"accumulator_dtype": "momentum_dtype"}):
+        buffer = _momentum(momentum, nesterov, momentum_dtype, promote_half=promote_half)
+    if momentum is None:
+        check_storage("momentum_dtype", momentum_dtype)
+    return optax.chain(scaler, T.scale_by_learning_rate(learning_rate), buffer)
 
 
 def adamw(
@@ -126,12 +149,13 @@ def adamw(
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
-    mu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | Storage | None = None,
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: Any | None = None,
     *,
     nesterov: bool = False,
     promote_half: bool = True,
+    nu_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with decoupled weight decay (Loshchilov & Hutter 2019).
 
@@ -146,12 +170,15 @@ def adamw(
       learning_rate: :math:`\eta`, a float >= 0 or a schedule.
       b1, b2: moment decays, in [0, 1).
       eps, eps_root: >= 0, outside and inside the square root.
-      mu_dtype: dtype of the first moment (``None``: the parameter's, float32 for half).
+      mu_dtype: dtype of the first moment (``None``: the parameter's, float32 for half), or
+        :func:`rmsjax.quantized` / :func:`rmsjax.stochastic_rounding`.
       weight_decay: :math:`\lambda`, a float >= 0 or a schedule. optax's default 1e-4 (torch's
         AdamW defaults to 1e-2, Keras' to 4e-3: see ``rmsjax.compat``).
       mask: which leaves are decayed (a boolean tree or a callable returning one).
       nesterov: NAdamW.
       promote_half: keep state of float16/bfloat16 parameters in float32 (default).
+      nu_dtype: storage of the second moment :math:`\nu` (``None``: float32, or the parameter's
+        wider dtype), a float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
 
     Same trajectory as ``optax.adamw``. Like optax and torch, the decay is multiplied by the
     learning rate (torch: :math:`\theta \leftarrow \theta(1 - \eta\lambda)`).
@@ -177,6 +204,7 @@ def adamw(
             mu_dtype=mu_dtype,
             nesterov=nesterov,
             promote_half=promote_half,
+            nu_dtype=nu_dtype,
         ),
         T.add_decayed_weights(weight_decay, mask),
         T.scale_by_learning_rate(learning_rate),
@@ -187,7 +215,7 @@ def sgd(
     learning_rate: ScalarOrSchedule,
     momentum: ArrayLike | None = None,
     nesterov: bool = False,
-    accumulator_dtype: DTypeLike | None = None,
+    accumulator_dtype: DTypeLike | Storage | None = None,
     *,
     promote_half: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -205,7 +233,8 @@ def sgd(
       learning_rate: :math:`\eta`, a float >= 0 or a schedule ``count -> eta``.
       momentum: :math:`\beta` in [0, 1], or ``None`` for plain SGD.
       nesterov: Nesterov momentum; like optax, ignored when ``momentum`` is ``None``.
-      accumulator_dtype: dtype of :math:`m` (``None``: the parameter's, float32 for half).
+      accumulator_dtype: dtype of :math:`m` (``None``: the parameter's, float32 for half), or
+        :func:`rmsjax.quantized` / :func:`rmsjax.stochastic_rounding`.
       promote_half: keep the buffer of float16/bfloat16 parameters in float32 (default).
 
     Same trajectory as ``optax.sgd``. Differences: a half precision buffer is float32 by
@@ -229,7 +258,7 @@ def sgd(
       -0.271
     """
     check_learning_rate("learning_rate", learning_rate)
-    check_float_dtype("accumulator_dtype", accumulator_dtype)
+    check_storage("accumulator_dtype", accumulator_dtype)
     return optax.chain(
         _momentum(momentum, nesterov, accumulator_dtype, promote_half=promote_half),
         T.scale_by_learning_rate(learning_rate),
@@ -242,10 +271,11 @@ def adam(
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
-    mu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | Storage | None = None,
     *,
     nesterov: bool = False,
     promote_half: bool = True,
+    nu_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam (Kingma & Ba 2015); NAdam with ``nesterov=True``.
 
@@ -258,9 +288,12 @@ def adam(
       learning_rate: :math:`\eta`, a float >= 0 or a schedule.
       b1, b2: moment decays, in [0, 1).
       eps, eps_root: >= 0, outside and inside the square root.
-      mu_dtype: dtype of the first moment (``None``: the parameter's, float32 for half).
+      mu_dtype: dtype of the first moment (``None``: the parameter's, float32 for half), or
+        :func:`rmsjax.quantized` / :func:`rmsjax.stochastic_rounding`.
       nesterov: NAdam (Dozat 2016) as in optax.
       promote_half: keep the moments of float16/bfloat16 parameters in float32 (default).
+      nu_dtype: storage of the second moment :math:`\nu` (``None``: float32, or the parameter's
+        wider dtype), a float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
 
     Same trajectory as ``optax.adam``; the differences are those of
     :func:`rmsjax.scale_by_adam` (float32 moments for half precision, 0 instead of NaN on a zero
@@ -289,6 +322,7 @@ def adam(
             mu_dtype=mu_dtype,
             nesterov=nesterov,
             promote_half=promote_half,
+            nu_dtype=nu_dtype,
         ),
         T.scale_by_learning_rate(learning_rate),
     )
@@ -300,6 +334,7 @@ def adagrad(
     eps: ArrayLike = 1e-7,
     *,
     promote_half: bool = True,
+    sum_of_squares_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaGrad (Duchi, Hazan & Singer 2011): steps shrink with the sum of past squared gradients.
 
@@ -311,6 +346,8 @@ def adagrad(
       initial_accumulator_value: :math:`s_0`, >= 0 (optax/Keras 0.1, torch 0).
       eps: :math:`\epsilon` inside the square root, >= 0.
       promote_half: keep :math:`s` of float16/bfloat16 parameters in float32 (default).
+      sum_of_squares_dtype: storage of :math:`s` (``None``: float32, or the parameter's wider
+        dtype), a float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
 
     Same trajectory as ``optax.adagrad``; differences as in :func:`rmsjax.scale_by_rss`.
     torch's Adagrad puts :math:`\epsilon` outside the root, starts the sum at 0 and has an
@@ -322,6 +359,7 @@ def adagrad(
             initial_accumulator_value=initial_accumulator_value,
             eps=eps,
             promote_half=promote_half,
+            sum_of_squares_dtype=sum_of_squares_dtype,
         ),
         T.scale_by_learning_rate(learning_rate),
     )
@@ -335,6 +373,8 @@ def adadelta(
     weight_decay_mask: Any | None = None,
     *,
     promote_half: bool = True,
+    e_g_dtype: DTypeLike | Storage | None = None,
+    e_x_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaDelta (Zeiler 2012), with optional coupled (L2) weight decay.
 
@@ -355,6 +395,10 @@ def adadelta(
         the rescaling, as in optax and torch).
       weight_decay_mask: which leaves are decayed (a boolean tree or a callable returning one).
       promote_half: keep the averages of float16/bfloat16 parameters in float32 (default).
+      e_g_dtype: storage of :math:`E[g^2]` (``None``: the default, see ``promote_half``), a
+        float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
+      e_x_dtype: storage of :math:`E[\Delta^2]` (``None``: the default, see ``promote_half``),
+        a float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
 
     Same trajectory as ``optax.adadelta`` when a ``learning_rate`` is given, for real
     parameters. Differences: with ``learning_rate=None`` optax applies no scaling at all and so
@@ -366,7 +410,9 @@ def adadelta(
         check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.add_decayed_weights(weight_decay, mask=weight_decay_mask),
-        T.scale_by_adadelta(rho=rho, eps=eps, promote_half=promote_half),
+        T.scale_by_adadelta(
+            rho=rho, eps=eps, promote_half=promote_half, e_g_dtype=e_g_dtype, e_x_dtype=e_x_dtype
+        ),
         T.scale_by_learning_rate(1.0 if learning_rate is None else learning_rate),
     )
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from rmsjax.tree import map_rule
+from rmsjax import tree  # the module: rmsjax.tree imports this one (via rmsjax.storage)
 
 __all__ = ["apply_updates_stochastic", "stochastic_round"]
 
@@ -133,7 +133,7 @@ def apply_updates_stochastic(params: Any, updates: Any, key: jax.Array) -> Any:
             return u, stochastic_round(total, k, p.dtype)
         return u, p + u
 
-    _, (new_params,) = map_rule(
+    _, (new_params,) = tree.map_rule(
         rule, updates, (params,), (keys,), what="params", extra_names=("keys",)
     )
     return new_params

@@ -19,6 +19,12 @@ everywhere:
 moments are floating point (the default float dtype for integer and boolean parameters), and
 moments of float16/bfloat16 parameters are kept in float32 unless asked otherwise.
 :func:`check_state` is the check every transformation runs on the state it is given.
+
+Storage (:mod:`rmsjax.storage`) is applied here too, once for every rule: ``state_like`` takes,
+in place of a dtype, a storage choice (:func:`rmsjax.quantized`,
+:func:`rmsjax.stochastic_rounding`) and builds :class:`~rmsjax.storage.StoredArray` leaves;
+``map_rule`` decodes each stored state leaf to a plain array before calling the rule and
+encodes the rule's new value afterwards. The rules see plain arrays only.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
+
+from rmsjax import storage as S
 
 __all__ = [
     "check_state",
@@ -82,9 +90,11 @@ def state_like(
     params: Any,
     fill: Any = 0.0,
     *,
-    dtype: DTypeLike | None = None,
+    dtype: DTypeLike | S.Storage | None = None,
     promote_half: bool = True,
     real: bool = False,
+    signed: bool | None = None,
+    name: str = "",
 ) -> Any:
     """A state tree shaped like ``params``, filled with ``fill`` (which may be traced).
 
@@ -92,18 +102,34 @@ def state_like(
     part (for second moments, which are real). ``None`` leaves stay ``None``. Each leaf is built
     with ``jnp.full_like``, so it carries its parameter's sharding: state initialised from
     sharded parameters lives where they live (see :mod:`rmsjax.sharding`).
-    """
 
-    def leaf(p: Any) -> jax.Array:
-        dt = state_dtype(jnp.result_type(p), dtype, promote_half=promote_half)
+    ``dtype`` may also be a storage choice (:func:`rmsjax.quantized`,
+    :func:`rmsjax.stochastic_rounding`): each leaf is then built in its default dtype (as for
+    ``dtype=None`` with ``promote_half``) and held as a :class:`~rmsjax.storage.StoredArray`
+    where the storage applies (:func:`rmsjax.storage.store`). ``signed`` says whether the
+    moment can be negative (it picks the quantization map; default: ``not real``, as second
+    moments are the real ones), and ``name`` (the state field, e.g. ``"nu"``) keeps the random
+    streams of two moments of one parameter apart.
+    """
+    plain = S.plain_dtype(dtype)
+    spec = None if dtype is None or plain is not None else dtype
+    is_signed = (not real) if signed is None else signed
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+
+    def leaf(path: Any, p: Any) -> Any:
+        dt = state_dtype(jnp.result_type(p), plain, promote_half=promote_half or spec is not None)
         if real:
             dt = real_dtype(dt)
         value = fill
         if jnp.iscomplexobj(fill) and not jnp.issubdtype(dt, jnp.complexfloating):
             value = jnp.real(fill)  # a complex-typed real hyperparameter (see _cast_like)
-        return jnp.full_like(p, value, dtype=dt)
+        array = jnp.full_like(p, value, dtype=dt)
+        if spec is None:
+            return array
+        salt = name + jax.tree_util.keystr(path)
+        return S.store(array, spec, signed=is_signed, salt=salt)
 
-    return jax.tree.map(leaf, params)
+    return jax.tree.unflatten(treedef, [leaf(path, p) for path, p in path_leaves])
 
 
 def check_state(state: Any, expected: type | tuple[type, ...], transform: str) -> None:
@@ -218,7 +244,7 @@ def flatten_like(
 
 
 def _check_leaf(tree: Any, other: Any, path: Any, leaf: Any, names: tuple[str, str]) -> None:
-    if leaf is None or hasattr(leaf, "dtype") or np.isscalar(leaf):
+    if leaf is None or hasattr(leaf, "dtype") or np.isscalar(leaf) or S.is_stored(leaf):
         return
     where = jax.tree_util.keystr(path) or "the root"
     detail = f"at {where}, {_has(names[0])} an array where {_has(names[1])} a {type(leaf).__name__}"
@@ -269,6 +295,11 @@ def map_rule(
     gradient leaf is ``None`` (or the whole gradient tree is ``None``), the rule is skipped:
     the update is ``None`` and the state leaves are returned unchanged. ``what`` and
     ``extra_names`` name the trees in structure errors.
+
+    A state leaf that is a :class:`~rmsjax.storage.StoredArray` is decoded before the rule is
+    called and the rule's new value is encoded back into the same storage
+    (:func:`rmsjax.storage.decode` / :func:`~rmsjax.storage.encode`); a plain state leaf keeps
+    its dtype.
     """
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)
     names = [what] * len(states) + list(extra_names[: len(extras)])
@@ -297,11 +328,12 @@ def map_rule(
                     updates, other, tree_name="gradients", other_name=name, detail=detail
                 )
             _check_leaf(updates, other, path, leaves[i], ("gradients", name))
-        g_in = _cast_like(g, jnp.result_type(g, *olds)) if olds else g
-        u, *news = rule(g_in, *olds, *(leaves[i] for leaves in flat[n_states:]))
+        plain = [S.decode(old) if S.is_stored(old) else old for old in olds]
+        g_in = _cast_like(g, jnp.result_type(g, *plain)) if plain else g
+        u, *news = rule(g_in, *plain, *(leaves[i] for leaves in flat[n_states:]))
         out_updates.append(_cast_like(u, g))
         for acc, old, new in zip(out_states, olds, news, strict=True):
-            acc.append(_cast_like(new, old))
+            acc.append(S.encode(new, old) if S.is_stored(old) else _cast_like(new, old))
     return (
         jax.tree_util.tree_unflatten(treedef, out_updates),
         tuple(jax.tree_util.tree_unflatten(treedef, leaves) for leaves in out_states),

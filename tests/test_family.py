@@ -429,13 +429,22 @@ def test_half_precision_state_and_update_dtype(name: str, args: tuple, promote_h
 )
 def test_signature_is_optax_plus_promote_half(name: str) -> None:
     """Same argument names, order, kinds and defaults as optax 0.2.x; the additions are the
-    keyword-only ``promote_half`` and, for ``scale_by_rss``, the keyword-only ``eps_in_sqrt``
-    (torch's AdaGrad puts eps outside the root)."""
+    keyword-only ``promote_half``, the keyword-only storage of the moments optax has no
+    argument for (``nu_dtype``, ...; default None) and, for ``scale_by_rss``, the
+    keyword-only ``eps_in_sqrt`` (torch's AdaGrad puts eps outside the root)."""
     ours = inspect.signature(getattr(rmsjax, name)).parameters
     theirs = inspect.signature(getattr(optax, name)).parameters
     extra = [p for p in ours if p not in theirs]
+    storage = {
+        "adam": ["nu_dtype"],
+        "adagrad": ["sum_of_squares_dtype"],
+        "adadelta": ["e_g_dtype", "e_x_dtype"],
+        "scale_by_rss": ["sum_of_squares_dtype"],
+        "scale_by_adadelta": ["e_g_dtype", "e_x_dtype"],
+    }.get(name, [])
     want = ["eps_in_sqrt", "promote_half"] if name == "scale_by_rss" else ["promote_half"]
-    assert extra == want
+    assert extra == want + storage
+    assert all(ours[p].default is None for p in storage)
     assert all(ours[p].kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
     for pname, p in theirs.items():
         assert ours[pname].kind == p.kind, pname

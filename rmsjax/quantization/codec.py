@@ -102,6 +102,15 @@ class BlockCodec:
         if not (isinstance(self.min_size, int) and self.min_size >= 0):
             raise ValueError(f"`min_size` must be an integer >= 0, got {self.min_size!r}.")
 
+    def __repr__(self) -> str:
+        # The 16 or 256 map values would fill a screen in every state's repr.
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name != "qmap"
+        )
+        return f"BlockCodec(qmap=<{len(self.qmap)} values in [{self.qmap[0]:.6g}, 1]>, {fields})"
+
     @property
     def bits(self) -> int:
         """4 or 8: the width of one code."""

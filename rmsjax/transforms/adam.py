@@ -24,10 +24,10 @@ from rmsjax._numerics import (
     safe_div,
     zero_count,
 )
+from rmsjax.storage import Storage, check_storage
 from rmsjax.tree import check_state, map_rule, state_like
 from rmsjax.validation import (
     check_decay,
-    check_float_dtype,
     check_nonneg,
 )
 
@@ -81,10 +81,11 @@ def scale_by_adam(
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
-    mu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | Storage | None = None,
     *,
     nesterov: bool = False,
     promote_half: bool = True,
+    nu_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformation:
     r"""Adam's rescaling (Kingma & Ba), with optional Nesterov momentum (NAdam).
 
@@ -103,8 +104,13 @@ def scale_by_adam(
       eps: :math:`\epsilon` outside the root, >= 0.
       eps_root: :math:`\epsilon_{root}` inside the root, >= 0.
       mu_dtype: dtype of :math:`m`; ``None`` uses the parameter dtype (float32 for half).
+        Also takes :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding` (see
+        :mod:`rmsjax.storage`).
       nesterov: NAdam (Dozat 2016) as in optax.
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
+      nu_dtype: storage of :math:`\nu` (optax has no such argument): ``None`` (the default dtype
+        policy), a float dtype, :func:`rmsjax.quantized` (8 or 4 bits) or
+        :func:`rmsjax.stochastic_rounding` (see :mod:`rmsjax.storage`).
 
     Same numbers as ``optax.scale_by_adam`` for float32/float64; differences: half precision
     moments are float32 by default, a zero divisor gives 0 instead of NaN, and the update has
@@ -121,11 +127,14 @@ def scale_by_adam(
     check_decay("b2", b2)
     check_nonneg("eps", eps)
     check_nonneg("eps_root", eps_root)
-    check_float_dtype("mu_dtype", mu_dtype)
+    check_storage("mu_dtype", mu_dtype)
+    check_storage("nu_dtype", nu_dtype)
 
     def init_fn(params: Any) -> Any:
-        mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half)
-        nu = state_like(params, 0.0, promote_half=promote_half, real=True)
+        mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half, name="mu")
+        nu = state_like(
+            params, 0.0, dtype=nu_dtype, promote_half=promote_half, real=True, name="nu"
+        )
         return ScaleByAdamState(count=zero_count(), mu=mu, nu=nu)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
@@ -237,19 +246,28 @@ def _adam_with_max(
     step_args: Callable[[jax.Array], dict[str, Any]],
     *,
     track_max: bool,
-    mu_dtype: DTypeLike | None,
+    mu_dtype: DTypeLike | Storage | None,
+    nu_dtype: DTypeLike | Storage | None,
     promote_half: bool,
 ) -> optax.GradientTransformation:
     """The init/update shared by the Adam forms above.
 
     State ``state_cls(count, mu, nu, nu_max)``, with ``nu_max = ()`` unless ``track_max``;
     each step, ``rule(g, mu, nu, [nu_max], **step_args(count))`` with the incremented count.
+    ``nu_max`` is stored like ``nu`` (``nu_dtype``), as torchao stores ``max_exp_avg_sq``.
     """
+    check_storage("mu_dtype", mu_dtype)
+    check_storage("nu_dtype", nu_dtype)
+
+    def second(params: Any, name: str) -> Any:
+        return state_like(
+            params, 0.0, dtype=nu_dtype, promote_half=promote_half, real=True, name=name
+        )
 
     def init_fn(params: Any) -> Any:
-        mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half)
-        nu = state_like(params, 0.0, promote_half=promote_half, real=True)
-        nu_max = state_like(params, 0.0, promote_half=promote_half, real=True) if track_max else ()
+        mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half, name="mu")
+        nu = second(params, "nu")
+        nu_max = second(params, "nu_max") if track_max else ()
         return state_cls(count=zero_count(), mu=mu, nu=nu, nu_max=nu_max)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
@@ -270,12 +288,13 @@ def scale_by_amsgrad(
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
-    mu_dtype: DTypeLike | None = None,
+    mu_dtype: DTypeLike | Storage | None = None,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
     *,
     max_before_correction: bool = False,
     promote_half: bool = True,
+    nu_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformation:
     r"""AMSGrad (Reddi et al. 2018): Adam divided by the running maximum of the second moment.
 
@@ -292,7 +311,8 @@ def scale_by_amsgrad(
     Args:
       b1, b2: moment decays, in [0, 1).
       eps, eps_root: >= 0, outside and inside the square root.
-      mu_dtype: dtype of :math:`m` (``None``: the parameter's; float32 for half).
+      mu_dtype: dtype of :math:`m` (``None``: the parameter's; float32 for half), or a
+        storage choice as ``nu_dtype``.
       bias_correction_mu: divide :math:`m` by :math:`c_1` (False: :math:`c_1 = 1`).
       bias_correction_nu: divide :math:`\nu` by :math:`c_2` (False: :math:`c_2 = 1`).
       max_before_correction: take the maximum over the raw :math:`\nu` and correct the maximum
@@ -300,6 +320,9 @@ def scale_by_amsgrad(
         optax (the default, False) maximises the corrected :math:`\nu_s / c_2(s)`. The two
         differ in the first steps, where :math:`c_2` changes fastest.
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
+      nu_dtype: storage of :math:`\nu` and of its running maximum: ``None`` (the default dtype
+        policy), a float dtype, :func:`rmsjax.quantized` (8 or 4 bits) or
+        :func:`rmsjax.stochastic_rounding` (see :mod:`rmsjax.storage`).
 
     Same numbers as ``optax.scale_by_amsgrad`` with the default ``max_before_correction``;
     like the other rmsjax transformations, a zero divisor gives 0 instead of NaN and ``nu`` of
@@ -311,7 +334,6 @@ def scale_by_amsgrad(
     check_decay("b2", b2)
     check_nonneg("eps", eps)
     check_nonneg("eps_root", eps_root)
-    check_float_dtype("mu_dtype", mu_dtype)
 
     def step_args(count: jax.Array) -> dict[str, Any]:
         return dict(
@@ -331,6 +353,7 @@ def scale_by_amsgrad(
         step_args,
         track_max=True,
         mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
         promote_half=promote_half,
     )
 
@@ -342,6 +365,8 @@ def scale_by_adam_exact_bias(
     *,
     amsgrad: bool = False,
     promote_half: bool = True,
+    mu_dtype: DTypeLike | Storage | None = None,
+    nu_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformation:
     r"""Adam / AMSGrad with bias corrections accurate to the last bit (``torch.optim.Adam``).
 
@@ -361,6 +386,12 @@ def scale_by_adam_exact_bias(
       eps: :math:`\epsilon`, >= 0, outside the root.
       amsgrad: AMSGrad on the raw second moment.
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
+      mu_dtype: storage of :math:`m`: ``None`` (the default dtype policy), a float dtype,
+        :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding` (see
+        :mod:`rmsjax.storage`).
+      nu_dtype: storage of :math:`\nu` (and of its maximum): ``None`` (the default dtype policy), a
+        float dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
+        (see :mod:`rmsjax.storage`).
 
     Versus :func:`rmsjax.scale_by_adam` (optax's numbers): identical in float64; in float32,
     optax's ``1 - b2**t`` is off by up to 1.3e-5 relative in the first steps, which moves a
@@ -387,7 +418,8 @@ def scale_by_adam_exact_bias(
         _amsgrad_rule,
         step_args,
         track_max=amsgrad,
-        mu_dtype=None,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
         promote_half=promote_half,
     )
 
@@ -399,6 +431,8 @@ def scale_by_adam_eps_hat(
     *,
     amsgrad: bool = False,
     promote_half: bool = True,
+    mu_dtype: DTypeLike | Storage | None = None,
+    nu_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformation:
     r"""Adam in the "epsilon hat" form of Kingma & Ba (sec. 2), as Keras computes it.
 
@@ -421,6 +455,12 @@ def scale_by_adam_eps_hat(
       eps: :math:`\hat\epsilon`, >= 0 (Keras' ``epsilon``, default 1e-7).
       amsgrad: divide by the running maximum of the raw :math:`\nu` (Keras' ``amsgrad``).
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
+      mu_dtype: storage of :math:`m`: ``None`` (the default dtype policy), a float dtype,
+        :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding` (see
+        :mod:`rmsjax.storage`).
+      nu_dtype: storage of :math:`\nu` (and of its maximum): ``None`` (the default dtype policy), a
+        float dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
+        (see :mod:`rmsjax.storage`).
 
     optax has no counterpart. A zero divisor gives 0.
     """
@@ -438,6 +478,7 @@ def scale_by_adam_eps_hat(
         _adam_eps_hat_rule,
         step_args,
         track_max=amsgrad,
-        mu_dtype=None,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
         promote_half=promote_half,
     )

@@ -15,11 +15,9 @@ from rmsjax._numerics import (
     increment,
     zero_count,
 )
+from rmsjax.storage import Storage, check_storage
 from rmsjax.tree import check_state, map_rule, state_like
-from rmsjax.validation import (
-    check_float_dtype,
-    check_in_range,
-)
+from rmsjax.validation import check_in_range
 
 __all__ = [
     "DampenedTraceState",
@@ -43,7 +41,7 @@ def _trace_rule(
 def trace(
     decay: ArrayLike,
     nesterov: bool = False,
-    accumulator_dtype: DTypeLike | None = None,
+    accumulator_dtype: DTypeLike | Storage | None = None,
     *,
     promote_half: bool = True,
 ) -> optax.GradientTransformation:
@@ -56,7 +54,9 @@ def trace(
       decay: :math:`\beta`, in [0, 1].
       nesterov: use Nesterov's look-ahead form.
       accumulator_dtype: dtype of :math:`m`; ``None`` uses the parameter's dtype (float32 for
-        float16/bfloat16 parameters unless ``promote_half=False``).
+        float16/bfloat16 parameters unless ``promote_half=False``). Also takes
+        :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding` (see
+        :mod:`rmsjax.storage`).
       promote_half: see :func:`scale_by_rms`.
 
     Differences from ``optax.trace``: half precision buffers are float32 by default, and the
@@ -70,11 +70,13 @@ def trace(
     otherwise.
     """
     check_in_range("decay", decay, low=0.0, high=1.0)
-    check_float_dtype("accumulator_dtype", accumulator_dtype)
+    check_storage("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: Any) -> Any:
         return TraceState(
-            trace=state_like(params, 0.0, dtype=accumulator_dtype, promote_half=promote_half)
+            trace=state_like(
+                params, 0.0, dtype=accumulator_dtype, promote_half=promote_half, name="trace"
+            )
         )
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
@@ -111,7 +113,7 @@ def dampened_trace(
     decay: ArrayLike,
     dampening: ArrayLike = 0.0,
     nesterov: bool = False,
-    accumulator_dtype: DTypeLike | None = None,
+    accumulator_dtype: DTypeLike | Storage | None = None,
     *,
     promote_half: bool = True,
 ) -> optax.GradientTransformation:
@@ -127,7 +129,8 @@ def dampened_trace(
         gradient into the new buffer).
       nesterov: Nesterov's look-ahead form (torch requires ``dampening == 0`` for it; this
         transformation accepts any value).
-      accumulator_dtype: dtype of :math:`b` (``None``: the parameter's; float32 for half).
+      accumulator_dtype: dtype of :math:`b` (``None``: the parameter's; float32 for half), or
+        a storage choice as in :func:`rmsjax.trace`.
       promote_half: see :func:`rmsjax.scale_by_rms`.
 
     With ``dampening=0`` this is :func:`rmsjax.trace` (optax's ``trace``) with one extra
@@ -136,10 +139,12 @@ def dampened_trace(
     """
     check_in_range("decay", decay, low=0.0, high=1.0)
     check_in_range("dampening", dampening, low=0.0, high=1.0)
-    check_float_dtype("accumulator_dtype", accumulator_dtype)
+    check_storage("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: Any) -> DampenedTraceState:
-        buf = state_like(params, 0.0, dtype=accumulator_dtype, promote_half=promote_half)
+        buf = state_like(
+            params, 0.0, dtype=accumulator_dtype, promote_half=promote_half, name="trace"
+        )
         return DampenedTraceState(count=zero_count(), trace=buf)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax._numerics import (
     abs_sq,
@@ -25,6 +25,7 @@ from rmsjax._numerics import (
     unbias,
     zero_count,
 )
+from rmsjax.storage import Storage, check_storage
 from rmsjax.tree import check_state, map_rule, state_like
 from rmsjax.validation import (
     check_decay,
@@ -124,6 +125,7 @@ def scale_by_rms(
     bias_correction: bool = False,
     *,
     promote_half: bool = True,
+    nu_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformation:
     r"""Divide updates by the root of a moving average of their squares (RMSProp's core).
 
@@ -147,6 +149,9 @@ def scale_by_rms(
       promote_half: keep :math:`\nu` of float16/bfloat16 leaves in float32 (default); False
         stores it in the leaf's dtype, saving memory but overflowing float16 for
         :math:`|g| > 256` and underflowing for :math:`|g| < 10^{-4}`, as optax does.
+      nu_dtype: storage of :math:`\nu`: ``None`` (the default dtype policy above), a float
+        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
+        (see :mod:`rmsjax.storage`).
 
     State: optax's own, ``ScaleByRmsState(nu)``, or ``ScaleByRmsWithCountState(count, nu)``
     with ``bias_correction`` (int32 ``count``), so a state or checkpoint written by
@@ -164,9 +169,12 @@ def scale_by_rms(
     :math:`\pm\infty`) give NaN, as in optax.
     """
     _check_rms_args(decay, eps, initial_scale)
+    check_storage("nu_dtype", nu_dtype)
 
     def init_fn(params: Any) -> Any:
-        nu = state_like(params, initial_scale, promote_half=promote_half, real=True)
+        nu = state_like(
+            params, initial_scale, dtype=nu_dtype, promote_half=promote_half, real=True, name="nu"
+        )
         if bias_correction:
             return ScaleByRmsWithCountState(count=zero_count(), nu=nu)
         return ScaleByRmsState(nu=nu)
@@ -198,6 +206,8 @@ def scale_by_centered_rms(
     bias_correction: bool = False,
     *,
     promote_half: bool = True,
+    mu_dtype: DTypeLike | Storage | None = None,
+    nu_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformation:
     r"""Divide updates by a moving estimate of their standard deviation (centered RMSProp).
 
@@ -219,6 +229,12 @@ def scale_by_centered_rms(
       eps_in_sqrt: :math:`\epsilon` inside (default) or outside the square root.
       bias_correction: divide both moments by :math:`1 - \rho^t`.
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
+      mu_dtype: storage of :math:`\mu`: ``None`` (the default dtype policy above), a float
+        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
+        (see :mod:`rmsjax.storage`).
+      nu_dtype: storage of :math:`\nu`: ``None`` (the default dtype policy above), a float
+        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
+        (see :mod:`rmsjax.storage`).
 
     Differences from ``optax.scale_by_stddev`` (and torch's ``centered=True``): the variance is
     clamped at 0. When gradients are nearly constant, :math:`\hat\nu - |\hat\mu|^2` is a
@@ -235,13 +251,21 @@ def scale_by_centered_rms(
     ``ScaleByRStdDevWithCountState(count, mu, nu)`` with ``bias_correction``.
 
     Numerics: as :func:`scale_by_rms` (a zero step, never NaN, once :math:`\nu` overflows);
-    the variance of an infinite :math:`\hat\nu` is taken as :math:`+\infty`.
+    the variance of an infinite :math:`\hat\nu` is taken as :math:`+\infty`. The clamp
+    matters most for quantized moments: :math:`\hat\nu` and :math:`\hat\mu` are each rounded
+    to a few significant digits, so for near-constant gradients :math:`\hat\nu - |\hat\mu|^2`
+    is often below 0; the clamp makes every finite gradient give a finite update with any
+    storage (tested over hundreds of steps at 8 and 4 bits).
     """
     _check_rms_args(decay, eps, initial_scale)
+    check_storage("mu_dtype", mu_dtype)
+    check_storage("nu_dtype", nu_dtype)
 
     def init_fn(params: Any) -> Any:
-        mu = state_like(params, 0.0, promote_half=promote_half)
-        nu = state_like(params, initial_scale, promote_half=promote_half, real=True)
+        mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half, name="mu")
+        nu = state_like(
+            params, initial_scale, dtype=nu_dtype, promote_half=promote_half, real=True, name="nu"
+        )
         if bias_correction:
             return ScaleByRStdDevWithCountState(count=zero_count(), mu=mu, nu=nu)
         return ScaleByRStdDevState(mu=mu, nu=nu)
@@ -286,6 +310,7 @@ def scale_by_rss(
     *,
     eps_in_sqrt: bool = True,
     promote_half: bool = True,
+    sum_of_squares_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformation:
     r"""Divide updates by the root of the sum of all past squared updates (AdaGrad's core).
 
@@ -306,6 +331,9 @@ def scale_by_rss(
       promote_half: keep :math:`s` of float16/bfloat16 leaves in float32 (default); False
         stores it in the leaf's dtype, as optax does (float16 overflows once the sum passes
         65504).
+      sum_of_squares_dtype: storage of :math:`s`: ``None`` (the default dtype policy above), a float
+        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
+        (see :mod:`rmsjax.storage`).
 
     Same numbers as ``optax.scale_by_rss`` with the default ``eps_in_sqrt=True`` (optax has no
     eps-outside form). Differences: complex leaves keep :math:`s` in the real dtype (optax
@@ -324,9 +352,17 @@ def scale_by_rss(
     """
     check_nonneg("initial_accumulator_value", initial_accumulator_value)
     check_nonneg("eps", eps)
+    check_storage("sum_of_squares_dtype", sum_of_squares_dtype)
 
     def init_fn(params: Any) -> Any:
-        s = state_like(params, initial_accumulator_value, promote_half=promote_half, real=True)
+        s = state_like(
+            params,
+            initial_accumulator_value,
+            dtype=sum_of_squares_dtype,
+            promote_half=promote_half,
+            real=True,
+            name="sum_of_squares",
+        )
         return ScaleByRssState(sum_of_squares=s)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
@@ -361,6 +397,8 @@ def scale_by_adadelta(
     eps: ArrayLike = 1e-6,
     *,
     promote_half: bool = True,
+    e_g_dtype: DTypeLike | Storage | None = None,
+    e_x_dtype: DTypeLike | Storage | None = None,
 ) -> optax.GradientTransformation:
     r"""AdaDelta's rescaling (Zeiler 2012): RMS of past steps over RMS of past gradients.
 
@@ -380,6 +418,12 @@ def scale_by_adadelta(
         (:math:`\sqrt{\epsilon / ((1-\rho)|g|^2)}\,|g|` on step one); with 0 AdaDelta never
         moves, so 0 is rejected.
       promote_half: keep both averages of float16/bfloat16 leaves in float32 (default).
+      e_g_dtype: storage of :math:`E[g^2]`: ``None`` (the default dtype policy above), a float
+        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
+        (see :mod:`rmsjax.storage`).
+      e_x_dtype: storage of :math:`E[\\Delta^2]`: ``None`` (the default dtype policy above), a float
+        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
+        (see :mod:`rmsjax.storage`).
 
     Same numbers as ``optax.scale_by_adadelta`` for real leaves. Differences: complex leaves
     use :math:`|g|^2` and :math:`|u|^2` with real state (optax squares the complex numbers,
@@ -399,10 +443,16 @@ def scale_by_adadelta(
         low_open=True,
         hint="AdaDelta's steps start at sqrt(eps)-size; with eps = 0 it never moves.",
     )
+    check_storage("e_g_dtype", e_g_dtype)
+    check_storage("e_x_dtype", e_x_dtype)
 
     def init_fn(params: Any) -> Any:
-        e_g = state_like(params, 0.0, promote_half=promote_half, real=True)
-        e_x = state_like(params, 0.0, promote_half=promote_half, real=True)
+        e_g = state_like(
+            params, 0.0, dtype=e_g_dtype, promote_half=promote_half, real=True, name="e_g"
+        )
+        e_x = state_like(
+            params, 0.0, dtype=e_x_dtype, promote_half=promote_half, real=True, name="e_x"
+        )
         return ScaleByAdaDeltaState(e_g=e_g, e_x=e_x)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:

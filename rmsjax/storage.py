@@ -106,12 +106,16 @@ class Quantized:
                     f"`codec` must be None or a rmsjax.quantization.BlockCodec, got "
                     f"{type(self.codec).__name__}."
                 )
-            if (self.bits, self.block_size, self.min_size) != (self.codec.bits, None, 4096):
+            if self.bits not in (8, self.codec.bits) or (self.block_size, self.min_size) != (
+                None,
+                4096,
+            ):
                 raise ValueError(
                     "`codec` fixes the bits, block size and minimum size itself; pass it alone "
                     f"(got bits={self.bits}, block_size={self.block_size}, "
                     f"min_size={self.min_size} with a {self.codec.bits}-bit codec)."
                 )
+            object.__setattr__(self, "bits", self.codec.bits)
 
     def codec_for(self, signed: bool) -> BlockCodec:
         """The codec of a moment that can be negative (``signed``) or not."""
@@ -196,7 +200,7 @@ def quantized(
         bitsandbytes' ``min_8bit_size``).
       codec: a :class:`rmsjax.quantization.BlockCodec` to use as is for every moment this is
         applied to (the library presets pass ``bitsandbytes_codec`` / ``torchao_codec``); then
-        ``bits``, ``block_size`` and ``min_size`` must keep their defaults.
+        ``block_size`` and ``min_size`` must keep their defaults and ``bits`` is the codec's.
 
     Returns:
       A :class:`Quantized` value (frozen, hashable, validated here).
@@ -329,6 +333,12 @@ def store(array: jax.Array, spec: Storage, *, signed: bool, salt: str = "") -> A
     if not codec.applies_to(array.shape):
         return array
     codes, scales = codec.encode(_finite(array))
+    # An all-zero moment starts as zero codes and zero scales, as the libraries create their
+    # state: it decodes to exactly 0 under every convention (torchao's encoder would give a
+    # zero block the scale 1e-12, and its zero-free 4-bit map would decode it to 6.25e-14).
+    empty = jnp.all(array == 0)
+    codes = jnp.where(empty, jnp.zeros_like(codes), codes)
+    scales = jnp.where(empty, jnp.zeros_like(scales), scales)
     return StoredArray(QuantizedArray(codes, scales, codec, tuple(array.shape), array.dtype), spec)
 
 

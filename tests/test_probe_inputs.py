@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 
 import rmsjax
+import rmsjax.compat.bitsandbytes
 import rmsjax.compat.keras
 import rmsjax.compat.pytorch
 import rmsjax.compat.tf1
+import rmsjax.compat.torchao
 import rmsjax.fused
 import rmsjax.schedules
 
@@ -63,6 +65,8 @@ def _modules() -> Iterator[tuple[str, Any]]:
     yield "rmsjax.compat.pytorch", rmsjax.compat.pytorch
     yield "rmsjax.compat.keras", rmsjax.compat.keras
     yield "rmsjax.compat.tf1", rmsjax.compat.tf1
+    yield "rmsjax.compat.bitsandbytes", rmsjax.compat.bitsandbytes
+    yield "rmsjax.compat.torchao", rmsjax.compat.torchao
     yield "rmsjax.fused", rmsjax.fused
 
 
@@ -129,6 +133,8 @@ def test_the_walk_finds_every_kind_of_factory() -> None:
         "rmsjax.compat.pytorch.adam",
         "rmsjax.compat.keras.rmsprop",
         "rmsjax.compat.tf1.rmsprop",
+        "rmsjax.compat.bitsandbytes.rmsprop8bit",
+        "rmsjax.compat.torchao.adamw4bit",
         "rmsjax.fused.sgd",
     ]:
         assert expected in names

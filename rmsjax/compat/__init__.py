@@ -11,6 +11,6 @@ the real frameworks.
     opt = torch_optim.rmsprop(lr=1e-2, momentum=0.9)   # torch.optim.RMSprop(params, lr=1e-2, ...)
 """
 
-from rmsjax.compat import keras, pytorch, tf1
+from rmsjax.compat import bitsandbytes, keras, pytorch, tf1, torchao
 
-__all__ = ["keras", "pytorch", "tf1"]
+__all__ = ["bitsandbytes", "keras", "pytorch", "tf1", "torchao"]

@@ -901,7 +901,9 @@ def scheduler_signatures() -> dict[str, list[list[Any]]]:
 # to bfloat16 precision so the stored stream compresses), stored as ``<run>/<tensor>/grads``
 # (bfloat16 bit patterns, uint16). ``big`` parameters are stored after the steps in
 # ``LOWBIT_CHECKPOINTS``, ``small`` ones after every step; the final states are stored as the
-# libraries hold them (codes and scales, or float32). ``lowbit_cases`` describes the runs.
+# libraries hold them (codes and scales, or float32). ``lowbit_cases`` describes the runs;
+# ``signatures`` records the five classes' arguments (names, kinds, defaults) for the presets of
+# ``rmsjax.compat.bitsandbytes`` and ``rmsjax.compat.torchao``.
 
 LOWBIT_STEPS = 30
 LOWBIT_CHECKPOINTS = [1, 2, 10, 30]
@@ -1179,6 +1181,28 @@ def lowbit_stochastic_rounding() -> dict[str, np.ndarray]:
     }
 
 
+def lowbit_signatures() -> dict[str, list[list[Any]]]:
+    """The classes' own arguments, [name, kind, default] in order (``params`` left out), under
+    the names of the rmsjax presets (``rmsjax.compat.bitsandbytes`` / ``.torchao``)."""
+    import inspect
+
+    import bitsandbytes.optim as bnb
+    import torchao.optim as tao
+
+    classes = {
+        "bitsandbytes.adam8bit": bnb.Adam8bit,
+        "bitsandbytes.adamw8bit": bnb.AdamW8bit,
+        "bitsandbytes.rmsprop8bit": bnb.RMSprop8bit,
+        "torchao.adamw8bit": tao.AdamW8bit,
+        "torchao.adamw4bit": tao.AdamW4bit,
+    }
+    out = {}
+    for preset, cls in classes.items():
+        params = inspect.signature(cls).parameters.values()
+        out[preset] = [[p.name, p.kind.name, p.default] for p in params if p.name != "params"]
+    return out
+
+
 def generate_lowbit() -> dict[str, np.ndarray]:
     arrays = lowbit_codec_vectors()
     arrays.update(lowbit_stochastic_rounding())
@@ -1315,6 +1339,7 @@ def build(product: str) -> dict[str, np.ndarray]:
     if product == "lowbit":
         arrays = generate_lowbit()
         arrays["versions"] = np.array(json.dumps(lowbit_versions()))
+        arrays["signatures"] = np.array(json.dumps(lowbit_signatures()))
         return arrays
     arrays = generate(product)
     arrays["versions"] = np.array(json.dumps(versions()))

@@ -122,7 +122,7 @@ def rmsprop(
     """
     check_learning_rate("learning_rate", learning_rate)
     check_storage("mu_dtype", mu_dtype)  # also when not centered: a typo fails early
-    common = dict(
+    common: dict[str, Any] = dict(
         decay=decay,
         eps=eps,
         initial_scale=initial_scale,

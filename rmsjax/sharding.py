@@ -10,6 +10,12 @@ compiler nothing to propagate. :func:`state_sharding` computes those ``out_shard
 
     init = jax.jit(opt.init, out_shardings=rmsjax.state_sharding(opt, params))
     opt_state = init(params)  # each moment sharded like its parameter, `count` replicated
+
+Stored moments (:mod:`rmsjax.storage`) are sharded with their parameter too: the codes and
+scales of a quantized moment get the parameter's sharding on the leading axes (rmsjax's
+default block layout runs along the last axis only, so no block crosses a shard of a leading
+axis), a stochastically rounded moment's values get the parameter's sharding and its PRNG key
+is replicated.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from rmsjax.quantization import BlockCodec, QuantizedArray
+from rmsjax.storage import StoredArray, is_stored
 
 __all__ = ["state_sharding"]
 
@@ -63,6 +72,56 @@ def _replicated_like(shardings: list[Sharding]) -> Sharding | None:
     return None
 
 
+def _axis_size(mesh: Any, entry: Any) -> int:
+    """How many shards a PartitionSpec entry (None, an axis name, a tuple of them) makes."""
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return int(np.prod([mesh.shape[name] for name in names], dtype=np.int64))
+
+
+def _codes_and_scales(
+    codec: BlockCodec, shape: tuple[int, ...], sharding: Sharding, replicated: Sharding
+) -> tuple[Sharding, Sharding]:
+    """Shardings of a quantized moment's codes and scales, from its parameter's sharding."""
+    if sharding.is_fully_replicated:
+        return sharding, sharding
+    if not isinstance(sharding, NamedSharding) or not shape:
+        return replicated, replicated
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(tuple(sharding.spec)))
+    named = lambda *entries: NamedSharding(sharding.mesh, PartitionSpec(*entries))
+    if codec.layout == "flat":  # blocks over the flattened array: only 8-bit codes mirror it
+        return (sharding if codec.bits == 8 else replicated), replicated
+    # Leading axes follow the parameter. The last axis does too when every shard holds whole
+    # blocks (and whole bytes of 4-bit codes); otherwise it is not split.
+    n, shards = shape[-1], _axis_size(sharding.mesh, spec[-1])
+    local = n // shards if n % shards == 0 else 0
+    whole = local > 0 and local % codec.block_size == 0 and (codec.bits == 8 or local % 2 == 0)
+    last = spec[-1] if whole else None
+    return named(*spec[:-1], last), named(*spec[:-1], last)
+
+
+def _stored_sharding(
+    stored: StoredArray, sharding: Sharding | None, replicated: Sharding
+) -> StoredArray:
+    """A :class:`StoredArray` whose array leaves are replaced by their shardings."""
+    if isinstance(stored.data, QuantizedArray):
+        q = stored.data
+        codes, scales = (
+            (replicated, replicated)
+            if sharding is None
+            else _codes_and_scales(q.codec, q.shape, sharding, replicated)
+        )
+        data: Any = QuantizedArray(codes, scales, q.codec, q.shape, q.dtype)
+    else:  # (values, key) of stochastic rounding
+        data = (replicated if sharding is None else sharding, replicated)
+    return StoredArray(data, stored.storage)
+
+
+def _stored_shape(stored: StoredArray) -> tuple[int, ...]:
+    if isinstance(stored.data, QuantizedArray):
+        return tuple(stored.data.shape)
+    return tuple(stored.data[0].shape)
+
+
 def state_sharding(
     opt: Any,
     params: Any,
@@ -78,6 +137,12 @@ def state_sharding(
 
     A state leaf mirrors a parameter when the parameter's key path is a suffix of the leaf's key
     path in the state tree and the shapes agree: ``state[0].nu["w"]`` mirrors ``params["w"]``.
+    A stored moment (:class:`rmsjax.StoredArray`, from ``rmsjax.quantized`` or
+    ``rmsjax.stochastic_rounding``) mirrors a parameter the same way, by its decoded shape; its
+    arrays then get: uint8 codes and float32 scales, the parameter's sharding on the leading
+    axes, and on the last axis when each shard holds whole blocks (else the last axis is not
+    split; the libraries' flat layout shards only 8-bit codes); bfloat16/float16 values, the
+    parameter's sharding; PRNG keys, ``replicated``.
     This holds for every rmsjax and optax transformation and for wrappers that keep the
     parameter tree inside their state (``optax.chain``, ``optax.masked``, ``optax.MultiSteps``,
     ``optax.inject_hyperparams``, ``flax.nnx.Optimizer``).
@@ -125,14 +190,19 @@ def state_sharding(
 
     abstract = jax.eval_shape(opt.init, params)
 
-    def leaf_sharding(path: Any, leaf: Any) -> Sharding | None:
+    def mirrored(path: Any, shape: tuple[int, ...]) -> Sharding | None:
         path = tuple(path)
-        shape = tuple(leaf.shape)
         # Longest suffix first: the most specific parameter wins.
         for start in range(len(path) + 1):
             hit = by_path.get(path[start:])
             if hit is not None and hit[0] == shape:
                 return hit[1]
-        return replicated
+        return None
 
-    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract)
+    def leaf_sharding(path: Any, leaf: Any) -> Any:
+        if is_stored(leaf):
+            return _stored_sharding(leaf, mirrored(path, _stored_shape(leaf)), replicated)
+        found = mirrored(path, tuple(leaf.shape))
+        return replicated if found is None else found
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract, is_leaf=is_stored)

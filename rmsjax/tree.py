@@ -112,7 +112,7 @@ def state_like(
     streams of two moments of one parameter apart.
     """
     plain = S.plain_dtype(dtype)
-    spec = None if dtype is None or plain is not None else dtype
+    spec = dtype if isinstance(dtype, S.Quantized | S.StochasticRounding) else None
     is_signed = (not real) if signed is None else signed
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
 

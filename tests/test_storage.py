@@ -13,12 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 from typing import Any
 
 import chex
@@ -33,8 +27,6 @@ from hypothesis import strategies as st
 import rmsjax
 from rmsjax.quantization import moment_codec
 from rmsjax.storage import StoredArray, decode, is_stored
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SPECS = {
     "q8": rmsjax.quantized(8),
@@ -421,70 +413,6 @@ def test_fused_step_keeps_working_with_stored_moments() -> None:
             for a, b in zip(leaves(s_fused), leaves(s_ref), strict=True):
                 assert np.mean(~np.isclose(a, b, rtol=1e-5, atol=0)) <= 2e-3
             params, state = p_fused, s_fused
-
-
-# ------------------------------------------------------------------------------------------
-# Checkpoints: an Orbax save/restore in a fresh process resumes bit for bit
-# ------------------------------------------------------------------------------------------
-
-CHECKPOINT = textwrap.dedent(
-    """
-    import json, sys
-    import jax, jax.numpy as jnp, numpy as np
-    import orbax.checkpoint as ocp
-    import rmsjax
-
-    phase, path = sys.argv[1], sys.argv[2]
-    specs = {"q8": rmsjax.quantized(8), "q4": rmsjax.quantized(4),
-             "sr": rmsjax.stochastic_rounding()}
-    opt = rmsjax.chain(
-        rmsjax.rmsprop(1e-2, centered=True, momentum=0.9, nu_dtype=specs["q4"],
-                       mu_dtype=specs["q8"], momentum_dtype=specs["sr"]),
-    )
-    rng = np.random.default_rng(0)
-    params = {"w": jnp.asarray(rng.normal(size=(32, 256)), jnp.float32), "b": jnp.ones(5)}
-    grads = [jax.tree.map(lambda x, t=t: jnp.sin(x * (t + 1)), params) for t in range(6)]
-    update = jax.jit(opt.update)
-
-    def steps(params, state, gs):
-        for g in gs:
-            u, state = update(g, state, params)
-            params = rmsjax.apply_updates(params, u)
-        return params, state
-
-    ckpt = ocp.StandardCheckpointer()
-    if phase == "save":
-        params, state = steps(params, opt.init(params), grads[:3])
-        ckpt.save(path + "/ckpt", {"params": params, "state": state})
-        ckpt.wait_until_finished()
-        params, state = steps(params, state, grads[3:])
-    else:
-        abstract = {"params": params, "state": jax.eval_shape(opt.init, params)}
-        restored = ckpt.restore(path + "/ckpt", abstract)
-        params, state = steps(restored["params"], restored["state"], grads[3:])
-    leaves = jax.tree.leaves((params, state))
-    print(json.dumps([np.asarray(x).tobytes().hex() for x in leaves]))
-    """
-)
-
-
-def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-
-    def run(phase: str) -> list[str]:
-        proc = subprocess.run(
-            [sys.executable, "-c", CHECKPOINT, phase, str(tmp_path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    straight = run("save")
-    resumed = run("restore")
-    assert straight == resumed
 
 
 # ------------------------------------------------------------------------------------------

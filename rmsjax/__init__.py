@@ -9,7 +9,7 @@ from typing import Any
 
 from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 
-from rmsjax import compat, quantization, storage
+from rmsjax import compat, quantization
 from rmsjax._numerics import precise_debias
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, rprop, sgd
 from rmsjax.schedules import (
@@ -153,7 +153,6 @@ __all__ = [
     "state_sharding",
     "stochastic_round",
     "stochastic_rounding",
-    "storage",
     "trace",
     "warmup_cosine_decay_schedule",
 ]

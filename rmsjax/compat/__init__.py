@@ -1,5 +1,8 @@
 """Exact presets of other frameworks' optimizers: ``pytorch`` (torch.optim 2.x), ``keras``
-(Keras 3) and ``tf1`` (TensorFlow 1's RMSPropOptimizer).
+(Keras 3), ``tf1`` (TensorFlow 1's RMSPropOptimizer), and the low-bit optimizers of
+``bitsandbytes`` (0.50: ``Adam8bit``, ``AdamW8bit``, ``RMSprop8bit``) and ``torchao`` (0.18:
+``AdamW8bit``, ``AdamW4bit``; tests against the libraries' runs in
+``tests/test_lowbit_presets.py``).
 
 Each preset takes the framework's own argument names and defaults and returns an optax-protocol
 transformation that, fed the same gradients, follows the framework's parameter trajectory

@@ -135,6 +135,12 @@ def _register(path: Path) -> ctypes.CDLL:
     built_from = source_id().decode()
     if _SOURCE.exists() and built_from != _recipe.source_id(_SOURCE):
         raise RuntimeError(f"it was built from a different fused_step.cc (id {built_from})")
+    # Start the CPU backend first: registering before it exists only queues the handler, and
+    # a handler XLA refuses (one compiled against the FFI headers of a newer jaxlib, as a
+    # wheel or an isolated sdist build may be) would then fail the backend's start-up and
+    # every later JAX call. With the backend up, the refusal raises here and the caller falls
+    # back to the first-use build, compiled against this jaxlib's headers.
+    jax.devices("cpu")
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RmsjaxFusedStep), platform="cpu")
     return lib
 

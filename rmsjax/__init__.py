@@ -10,6 +10,7 @@ from typing import Any
 from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 
 from rmsjax import compat
+from rmsjax._numerics import precise_debias
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, rprop, sgd
 from rmsjax.schedules import (
     constant_schedule,
@@ -24,8 +25,13 @@ from rmsjax.schedules import (
 from rmsjax.sharding import state_sharding
 from rmsjax.transforms import (
     AddDecayedWeightsState,
+    DampenedTraceState,
+    DecoupledWeightDecayState,
     ScaleByAdaDeltaState,
+    ScaleByAdamEpsHatState,
+    ScaleByAdamExactBiasState,
     ScaleByAdamState,
+    ScaleByAmsgradState,
     ScaleByCenteredRmsState,
     ScaleByRmsState,
     ScaleByRpropState,
@@ -33,11 +39,17 @@ from rmsjax.transforms import (
     ScaleByRStdDevState,
     ScaleByScheduleState,
     ScaleState,
+    SplitRealAndImaginaryState,
     TraceState,
     add_decayed_weights,
+    dampened_trace,
+    decoupled_weight_decay,
     scale,
     scale_by_adadelta,
     scale_by_adam,
+    scale_by_adam_eps_hat,
+    scale_by_adam_exact_bias,
+    scale_by_amsgrad,
     scale_by_centered_rms,
     scale_by_learning_rate,
     scale_by_rms,
@@ -45,24 +57,10 @@ from rmsjax.transforms import (
     scale_by_rss,
     scale_by_schedule,
     scale_by_stddev,
+    split_real_and_imaginary,
     trace,
 )
 from rmsjax.updates import apply_updates
-from rmsjax.variants import (
-    DampenedTraceState,
-    DecoupledWeightDecayState,
-    ScaleByAdamEpsHatState,
-    ScaleByAdamExactBiasState,
-    ScaleByAmsgradState,
-    SplitRealAndImaginaryState,
-    dampened_trace,
-    decoupled_weight_decay,
-    precise_debias,
-    scale_by_adam_eps_hat,
-    scale_by_adam_exact_bias,
-    scale_by_amsgrad,
-    split_real_and_imaginary,
-)
 
 __version__ = "0.1.0"
 

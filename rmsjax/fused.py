@@ -60,7 +60,10 @@ from jax.typing import ArrayLike, DTypeLike
 from rmsjax import native
 from rmsjax import optimizers as O
 from rmsjax import transforms as T
+from rmsjax._numerics import debias, increment
+from rmsjax._types import ScalarOrSchedule
 from rmsjax.updates import apply_updates
+from rmsjax.validation import check_learning_rate
 
 __all__ = ["FusedOptimizer", "adam", "adamw", "inject_hyperparams", "rmsprop", "sgd"]
 
@@ -139,8 +142,8 @@ def _rmsprop_spec(hp: dict[str, Any]) -> _Spec:
 
     def scalars(state: Any) -> list[Any]:
         decay = hp["decay"]
-        count = T._increment(state[0].count)
-        corr = T.debias(decay, count) if hp["bias_correction"] else 1.0
+        count = increment(state[0].count)
+        corr = debias(decay, count) if hp["bias_correction"] else 1.0
         beta = hp["momentum"] if has_mom else 0.0
         return [1 - decay, decay, hp["eps"], corr, _step_size(hp["learning_rate"], state[1]), beta]
 
@@ -156,9 +159,9 @@ def _rmsprop_spec(hp: dict[str, Any]) -> _Spec:
 
 def _adam_scalars(hp: dict[str, Any], state: Any, lr_index: int, wd: Any) -> list[Any]:
     b1, b2 = hp["b1"], hp["b2"]
-    count = T._increment(state[0].count)
-    c1, c2 = T.debias(b1, count), T.debias(b2, count)
-    c1_next = T.debias(b1, T._increment(count))
+    count = increment(state[0].count)
+    c1, c2 = debias(b1, count), debias(b2, count)
+    c1_next = debias(b1, increment(count))
     lr = _step_size(hp["learning_rate"], state[lr_index])
     return [1 - b1, b1, 1 - b2, b2, hp["eps"], hp["eps_root"], c1, c2, c1_next, lr, wd]
 
@@ -435,7 +438,7 @@ def _hyperparams(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def rmsprop(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     decay: ArrayLike = 0.9,
     eps: ArrayLike = 1e-8,
     initial_scale: ArrayLike = 0.0,
@@ -473,13 +476,13 @@ def rmsprop(
 
 
 def adamw(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
     mu_dtype: DTypeLike | None = None,
-    weight_decay: T.ScalarOrSchedule = 1e-4,
+    weight_decay: ScalarOrSchedule = 1e-4,
     mask: Any | None = None,
     *,
     nesterov: bool = False,
@@ -503,7 +506,7 @@ def adamw(
 
 
 def adam(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
@@ -525,13 +528,13 @@ def adam(
     :func:`rmsprop`). Same numbers as ``optax.adam`` (differences: those of
     :func:`rmsjax.scale_by_adam`).
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     hp = _hyperparams(locals())
     return _make(_adam_spec, hp, backend)
 
 
 def sgd(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     momentum: ArrayLike | None = None,
     nesterov: bool = False,
     accumulator_dtype: DTypeLike | None = None,
@@ -551,7 +554,7 @@ def sgd(
     Same numbers as ``optax.sgd`` (torch's SGD without dampening, with the learning rate
     outside the buffer).
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     hp = _hyperparams(locals())
     return _make(_sgd_spec, hp, backend)
 

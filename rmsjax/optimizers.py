@@ -12,13 +12,14 @@ import optax
 from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax import transforms as T
-from rmsjax.validation import check_in_range
+from rmsjax._types import ScalarOrSchedule
+from rmsjax.validation import check_in_range, check_learning_rate
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
 
 
 def rmsprop(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     decay: ArrayLike = 0.9,
     eps: ArrayLike = 1e-8,
     initial_scale: ArrayLike = 0.0,
@@ -63,8 +64,21 @@ def rmsprop(
     Same trajectory as ``optax.rmsprop`` to float32 rounding. Deliberate differences: the
     centered variance is clamped at zero (optax and torch return NaN once it rounds negative),
     half precision state is float32 by default, and a zero divisor gives a zero step.
+
+    Example:
+      The first step moves every coordinate by about :math:`\eta/\sqrt{1-\rho}`, whatever
+      the size of its gradient (here :math:`0.01/\sqrt{0.1} = 0.0316`):
+
+      >>> import jax, jax.numpy as jnp, rmsjax
+      >>> params = {"w": jnp.array([1.0, -0.01])}
+      >>> opt = rmsjax.rmsprop(learning_rate=0.01, decay=0.9)
+      >>> state = opt.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)  # 2.0 and -0.02
+      >>> updates, state = opt.update(grads, state, params)
+      >>> [round(float(u), 4) for u in updates["w"]]
+      [-0.0316, 0.0316]
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     if momentum is not None:
         check_in_range("momentum", momentum, low=0.0, high=1.0)
     scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
@@ -85,13 +99,13 @@ def rmsprop(
 
 
 def adamw(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
     mu_dtype: DTypeLike | None = None,
-    weight_decay: T.ScalarOrSchedule = 1e-4,
+    weight_decay: ScalarOrSchedule = 1e-4,
     mask: Any | None = None,
     *,
     nesterov: bool = False,
@@ -119,8 +133,19 @@ def adamw(
 
     Same trajectory as ``optax.adamw``. Like optax and torch, the decay is multiplied by the
     learning rate (torch: :math:`\theta \leftarrow \theta(1 - \eta\lambda)`).
+
+    Example:
+      With a zero gradient only the decay acts, :math:`u = -\eta\lambda\theta`
+      (here :math:`-0.1 \cdot 0.5 \cdot 2 = -0.1`):
+
+      >>> import jax.numpy as jnp, rmsjax
+      >>> params = {"w": jnp.array([2.0])}
+      >>> opt = rmsjax.adamw(learning_rate=0.1, weight_decay=0.5)
+      >>> updates, _ = opt.update({"w": jnp.zeros(1)}, opt.init(params), params)
+      >>> round(float(updates["w"][0]), 6)
+      -0.1
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_adam(
             b1=b1,
@@ -137,7 +162,7 @@ def adamw(
 
 
 def sgd(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     momentum: ArrayLike | None = None,
     nesterov: bool = False,
     accumulator_dtype: DTypeLike | None = None,
@@ -165,8 +190,23 @@ def sgd(
     default and the update has the gradient's dtype. torch's SGD is the same for
     ``dampening=0`` (its first step copies the gradient into the buffer, which is what
     :math:`m_1 = g_1 + \beta \cdot 0` does).
+
+    Example:
+      With a constant gradient 1 the heavy-ball buffer grows as
+      :math:`1, 1 + \beta, 1 + \beta + \beta^2, \ldots`:
+
+      >>> import jax.numpy as jnp, rmsjax
+      >>> params = {"w": jnp.zeros(1)}
+      >>> opt = rmsjax.sgd(learning_rate=0.1, momentum=0.9)
+      >>> state = opt.init(params)
+      >>> for _ in range(3):
+      ...     updates, state = opt.update({"w": jnp.ones(1)}, state, params)
+      ...     print(round(float(updates["w"][0]), 6))
+      -0.1
+      -0.19
+      -0.271
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.trace(
             decay=momentum,
@@ -181,7 +221,7 @@ def sgd(
 
 
 def adam(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
@@ -210,8 +250,20 @@ def adam(
     :func:`rmsjax.scale_by_adam` (float32 moments for half precision, 0 instead of NaN on a zero
     divisor). torch's Adam with ``weight_decay=0`` is this with its defaults; Keras' Adam uses
     the "epsilon hat" form (see ``rmsjax.compat.keras``).
+
+    Example:
+      The moments are bias-corrected, so the first step is :math:`-\eta\,g/(|g| + \epsilon)`,
+      a step of :math:`\eta` against the gradient's sign, for tiny and large gradients alike:
+
+      >>> import jax.numpy as jnp, rmsjax
+      >>> params = {"w": jnp.zeros(3)}
+      >>> opt = rmsjax.adam(learning_rate=0.01)
+      >>> grads = {"w": jnp.array([1e-3, -5.0, 200.0])}
+      >>> updates, _ = opt.update(grads, opt.init(params), params)
+      >>> [round(float(u), 5) for u in updates["w"]]
+      [-0.01, 0.01, -0.01]
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_adam(
             b1=b1,
@@ -227,7 +279,7 @@ def adam(
 
 
 def adagrad(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     initial_accumulator_value: ArrayLike = 0.1,
     eps: ArrayLike = 1e-7,
     *,
@@ -248,7 +300,7 @@ def adagrad(
     torch's Adagrad puts :math:`\epsilon` outside the root, starts the sum at 0 and has an
     ``lr_decay``; Keras' matches this one (see ``rmsjax.compat``).
     """
-    T._check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.scale_by_rss(
             initial_accumulator_value=initial_accumulator_value,
@@ -260,10 +312,10 @@ def adagrad(
 
 
 def adadelta(
-    learning_rate: T.ScalarOrSchedule | None = None,
+    learning_rate: ScalarOrSchedule | None = None,
     rho: ArrayLike = 0.9,
     eps: ArrayLike = 1e-6,
-    weight_decay: T.ScalarOrSchedule = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     weight_decay_mask: Any | None = None,
     *,
     promote_half: bool = True,
@@ -295,7 +347,7 @@ def adadelta(
     :func:`rmsjax.scale_by_adadelta`).
     """
     if learning_rate is not None:
-        T._check_learning_rate("learning_rate", learning_rate)
+        check_learning_rate("learning_rate", learning_rate)
     return optax.chain(
         T.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         T.scale_by_adadelta(rho=rho, eps=eps, promote_half=promote_half),
@@ -304,7 +356,7 @@ def adadelta(
 
 
 def rprop(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     eta_minus: ArrayLike = 0.5,
     eta_plus: ArrayLike = 1.2,
     min_step_size: ArrayLike = 1e-6,

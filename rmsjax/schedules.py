@@ -36,7 +36,7 @@ from optax import (
     warmup_cosine_decay_schedule,
 )
 
-from rmsjax.transforms import Schedule
+from rmsjax._types import Schedule
 from rmsjax.validation import check_in_range
 
 __all__ = [
@@ -81,6 +81,15 @@ def inverse_time_decay(
     Raises:
       ValueError: for a concrete non-finite ``init_value``, a negative ``decay_rate`` or a
         non-positive ``decay_steps`` (traced values are not checked).
+
+    Example:
+      >>> import rmsjax
+      >>> lr = rmsjax.inverse_time_decay(0.1, decay_rate=0.5, decay_steps=1000)
+      >>> [round(float(lr(t)), 4) for t in (0, 1000, 2000)]  # 0.1 / (1 + 0.5 t / 1000)
+      [0.1, 0.0667, 0.05]
+      >>> stairs = rmsjax.inverse_time_decay(0.1, 0.5, 1000, staircase=True)
+      >>> [round(float(stairs(t)), 4) for t in (999, 1000, 1999)]
+      [0.1, 0.0667, 0.0667]
     """
     check_in_range("init_value", init_value)
     check_in_range(

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["argument_names", "check_in_range", "display_name", "is_concrete"]
+__all__ = [
+    "argument_names",
+    "check_decay",
+    "check_in_range",
+    "check_learning_rate",
+    "check_nonneg",
+    "display_name",
+    "is_concrete",
+]
 
 _NAMES: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
-    "rmsjax_argument_names", default={}
+    "rmsjax_argument_names", default=types.MappingProxyType({})
 )
 
 
@@ -100,3 +109,27 @@ def check_in_range(
             f"`{name}` must be a finite number in {interval}, got {shown}."
             + (f" {hint}" if hint else "")
         )
+
+
+def check_decay(name: str, value: Any) -> None:
+    """A moving-average decay rate: in [0, 1)."""
+    check_in_range(
+        name,
+        value,
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        hint="It is the decay rate of a moving average; 1 would never forget (use AdaGrad).",
+    )
+
+
+def check_nonneg(name: str, value: Any) -> None:
+    """A finite number >= 0."""
+    check_in_range(name, value, low=0.0)
+
+
+def check_learning_rate(name: str, value: Any) -> None:
+    """A learning rate: a finite number >= 0, or a schedule (callable, not checked)."""
+    check_in_range(
+        name, value, low=0.0, hint="Pass a non-negative step size or a schedule (a callable)."
+    )

@@ -1,5 +1,6 @@
-"""The framework-variant transformations of ``rmsjax.variants``: against optax live where optax
-has the same rule, against NumPy statements of the update equations where it has not."""
+"""The framework-variant transformations (PyTorch's, Keras' and optax's forms): against optax
+live where optax has the same rule, against NumPy statements of the update equations where it
+has not."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import optax
 import pytest
 
 import rmsjax
-from rmsjax import variants as V
+import rmsjax as V
 from tests.common import enable_x64
 
 STEPS = 12

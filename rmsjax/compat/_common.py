@@ -7,9 +7,8 @@ from typing import Any
 import optax
 
 from rmsjax import transforms as T
-from rmsjax.validation import check_in_range
 
-__all__ = ["check_lr", "is_static_zero", "sign_flip"]
+__all__ = ["is_static_zero", "sign_flip"]
 
 
 def is_static_zero(value: Any) -> bool:
@@ -20,11 +19,6 @@ def is_static_zero(value: Any) -> bool:
     depends on a traced value; the numbers are the same either way.
     """
     return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
-
-
-def check_lr(name: str, value: Any) -> None:
-    """A learning rate must be >= 0 (a schedule is not checked)."""
-    check_in_range(name, value, low=0.0, hint="Pass a non-negative step size or a schedule.")
 
 
 def sign_flip(maximize: bool) -> list[optax.GradientTransformation]:

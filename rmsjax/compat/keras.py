@@ -15,50 +15,128 @@ Porting notes that hold for every preset:
   ``LearningRateSchedule`` called with ``optimizer.iterations``).
 * ``weight_decay`` (every optimizer) is decoupled and scaled by the learning rate: Keras runs
   ``param -= param * weight_decay * lr`` before the update; here
-  :func:`rmsjax.decoupled_weight_decay` is the last link of the chain (same numbers).
+  :func:`rmsjax.decoupled_weight_decay` is the last link of the rule (same numbers).
   ``weight_decay=None`` (the default except for AdamW) adds nothing.
 * Keras keeps the learning rate in a float32 variable. For float64 parameters its steps
   therefore use ``float32(learning_rate)``; pass that value to reproduce Keras in float64.
 * A ``momentum`` given as the Python number 0 keeps no buffer (as in Keras); an array or traced
   value always keeps one, with identical numbers.
+* Errors name Keras' arguments (``epsilon``, ``beta_1``, ...), also where the range is checked
+  by the underlying rmsjax transformation.
 
-Not reproduced: ``clipnorm``/``clipvalue``/``global_clipnorm`` (chain ``optax.clip_by_*``
-in front), ``use_ema``, ``loss_scale_factor``, ``gradient_accumulation_steps``
-(``optax.MultiSteps``), ``exclude_from_weight_decay`` (use ``mask`` of
-:func:`rmsjax.decoupled_weight_decay` in your own chain).
+Arguments every preset takes (Keras' ``BaseOptimizer``), in Keras' order of operations:
+
+* ``loss_scale_factor``: ``None`` or > 0; every gradient is first divided by it.
+* ``gradient_accumulation_steps``: ``None`` or a Python int >= 2. Gradients are summed; every
+  N-th call the mean of the last N is used for one update, and the other calls return a zero
+  update. A learning-rate schedule is evaluated at the CALL count (0, 1, 2, ...: Keras'
+  ``optimizer._iterations``), so the k-th update uses ``schedule(N k + N - 1)``; Adam's bias
+  corrections count updates.
+* ``clipnorm`` (each leaf's gradient to L2 norm <= clipnorm), ``global_clipnorm`` (the whole
+  tree) or ``clipvalue`` (each entry to [-v, v]): ``None`` or > 0, at most one of them; applied
+  to the (mean) gradient before the rule and the weight decay.
+* ``use_ema``, ``ema_momentum`` (in [0, 1]), ``ema_overwrite_frequency`` (``None`` or a
+  Python int >= 1; both checked only when ``use_ema``, as in Keras): a moving average of the
+  parameters, updated after every call, kept in the optimizer state as
+  :class:`EmaState` ``.ema``. Read it with :func:`finalize_variable_values` (Keras'
+  ``optimizer.finalize_variable_values``). With ``ema_overwrite_frequency`` F the parameters
+  are replaced by the average every F updates (Keras: on the calls where
+  ``(iterations + 1) % F == 0``, ``iterations`` counting updates).
+* ``name``: accepted and ignored (it names Keras variables).
+* ``exclude_from_weight_decay`` (keyword-only; in Keras a method of the optimizer): a string
+  or strings, regular expressions searched in each leaf's key path
+  (``jax.tree_util.keystr``, e.g. ``"['dense']['bias']"``); matching leaves get no weight
+  decay, as Keras' ``exclude_from_weight_decay(var_names=...)``.
+
+Differences from Keras in these arguments: ``None`` switches a feature off, and a value <= 0
+(which Keras silently ignores for the clipping arguments, or takes as "off" for
+``gradient_accumulation_steps=0``) raises ``ValueError``; after an EMA overwrite the
+parameters equal the average to within one rounding (the update is ``average - params``); the
+average starts as a copy of the parameters (Keras: zeros; the same from the first call on).
+The combination is an ordinary optax chain: ``[unscale], [accumulate([clip], rule, [decay])],
+[parameter_ema]``, so ``optax.MultiSteps`` is not needed (it would evaluate a schedule at the
+update count, and average differently).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optax
 from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
-from rmsjax import variants as V
-from rmsjax.compat._common import check_lr, is_static_zero
-from rmsjax.validation import check_in_range
+from rmsjax._types import ScalarOrSchedule
+from rmsjax.compat._common import is_static_zero
+from rmsjax.compat._keras_base import EmaState, finalize_variable_values, keras_chain
+from rmsjax.validation import argument_names
 
-__all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
+__all__ = [
+    "PRESETS",
+    "EmaState",
+    "adadelta",
+    "adagrad",
+    "adam",
+    "adamw",
+    "finalize_variable_values",
+    "rmsprop",
+    "sgd",
+]
+
+PRESETS = ("adadelta", "adagrad", "adam", "adamw", "rmsprop", "sgd")
+"""The names of the optimizer presets in this module."""
+
+# The arguments of Keras' BaseOptimizer, read by name from each preset's arguments.
+_BASE_ARGUMENTS = (
+    "learning_rate",
+    "weight_decay",
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
+    "name",
+    "exclude_from_weight_decay",
+)
+
+Rule = Callable[[ScalarOrSchedule], list[optax.GradientTransformation]]
 
 
-def _decay(
-    weight_decay: Any, learning_rate: T.ScalarOrSchedule
-) -> list[optax.GradientTransformation]:
-    if weight_decay is None:
+def _optimizer(rule: Rule, arguments: Mapping[str, Any]) -> optax.GradientTransformation:
+    """``rule(learning_rate)`` inside Keras' BaseOptimizer machinery; ``arguments`` are the
+    preset's own (its ``locals()``), from which the BaseOptimizer ones are taken by name."""
+    return keras_chain(rule, **{k: arguments[k] for k in _BASE_ARGUMENTS})
+
+
+def _momentum(momentum: ArrayLike, nesterov: bool = False) -> list[optax.GradientTransformation]:
+    if is_static_zero(momentum):
         return []
-    check_in_range("weight_decay", weight_decay, low=0.0)
-    return [V.decoupled_weight_decay(weight_decay, learning_rate)]
+    with argument_names({"decay": "momentum"}):
+        return [T.trace(decay=momentum, nesterov=nesterov)]
 
 
 def rmsprop(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     rho: ArrayLike = 0.9,
     momentum: ArrayLike = 0.0,
     epsilon: ArrayLike = 1e-7,
     centered: bool = False,
     weight_decay: ArrayLike | None = None,
+    clipnorm: ArrayLike | None = None,
+    clipvalue: ArrayLike | None = None,
+    global_clipnorm: ArrayLike | None = None,
+    use_ema: bool = False,
+    ema_momentum: ArrayLike = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: ArrayLike | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
+    *,
+    exclude_from_weight_decay: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformation:
     r"""``keras.optimizers.RMSprop``.
 
@@ -73,35 +151,42 @@ def rmsprop(
 
     plus :math:`\theta \mathrel{-}= \eta_t\lambda\theta` first when ``weight_decay`` is set.
     This is ``rmsjax.rmsprop(learning_rate, decay=rho, eps=epsilon, momentum=...)`` with
-    Keras' defaults. Chain: ``scale_by_rms | scale_by_centered_rms, scale_by_learning_rate,
+    Keras' defaults. Rule: ``scale_by_rms | scale_by_centered_rms, scale_by_learning_rate,
     [trace], [decoupled_weight_decay]``.
 
     Args:
       learning_rate: >= 0 or a schedule. rho: in [0, 1). momentum: in [0, 1].
       epsilon: >= 0. centered: divide by the estimated standard deviation.
       weight_decay: ``None`` or >= 0 (decoupled, scaled by the learning rate).
+      The others: see the module docstring (every Keras optimizer takes them).
 
     Difference from Keras: the centered variance is clamped at 0 before ``epsilon`` is added.
     """
-    check_lr("learning_rate", learning_rate)
-    check_in_range("rho", rho, low=0.0, high=1.0, high_open=True)
-    check_in_range("momentum", momentum, low=0.0, high=1.0)
     scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
-    return optax.chain(
-        scaler(decay=rho, eps=epsilon, eps_in_sqrt=True),
-        T.scale_by_learning_rate(learning_rate),
-        *([] if is_static_zero(momentum) else [T.trace(decay=momentum)]),
-        *_decay(weight_decay, learning_rate),
-    )
+    with argument_names({"decay": "rho", "eps": "epsilon"}):
+        second_moment = scaler(decay=rho, eps=epsilon, eps_in_sqrt=True)
+    buffer = _momentum(momentum)
+    return _optimizer(lambda lr: [second_moment, T.scale_by_learning_rate(lr), *buffer], locals())
 
 
 def adam(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     beta_1: ArrayLike = 0.9,
     beta_2: ArrayLike = 0.999,
     epsilon: ArrayLike = 1e-7,
     amsgrad: bool = False,
     weight_decay: ArrayLike | None = None,
+    clipnorm: ArrayLike | None = None,
+    clipvalue: ArrayLike | None = None,
+    global_clipnorm: ArrayLike | None = None,
+    use_ema: bool = False,
+    ema_momentum: ArrayLike = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: ArrayLike | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
+    *,
+    exclude_from_weight_decay: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformation:
     r"""``keras.optimizers.Adam`` ("epsilon hat" form).
 
@@ -115,28 +200,38 @@ def adam(
     with :math:`v_t = \nu_t`, or the running maximum of the raw :math:`\nu` with ``amsgrad``.
     Written in torch/optax form this is ``eps = epsilon / sqrt(1 - beta_2**t)``: the effective
     eps starts about 32 times larger and shrinks towards ``epsilon``; tiny gradients therefore
-    move much less than under torch's Adam. Chain: ``scale_by_adam_eps_hat,
+    move much less than under torch's Adam. :math:`t` counts updates (with
+    ``gradient_accumulation_steps``, not calls). Rule: ``scale_by_adam_eps_hat,
     scale_by_learning_rate, [decoupled_weight_decay]``.
 
     Args:
       learning_rate: >= 0 or a schedule. beta_1, beta_2: in [0, 1). epsilon: >= 0.
       amsgrad: AMSGrad. weight_decay: ``None`` or >= 0 (decoupled).
+      The others: see the module docstring (every Keras optimizer takes them).
     """
-    check_lr("learning_rate", learning_rate)
-    return optax.chain(
-        V.scale_by_adam_eps_hat(b1=beta_1, b2=beta_2, eps=epsilon, amsgrad=amsgrad),
-        T.scale_by_learning_rate(learning_rate),
-        *_decay(weight_decay, learning_rate),
-    )
+    with argument_names({"b1": "beta_1", "b2": "beta_2", "eps": "epsilon"}):
+        moments = T.scale_by_adam_eps_hat(b1=beta_1, b2=beta_2, eps=epsilon, amsgrad=amsgrad)
+    return _optimizer(lambda lr: [moments, T.scale_by_learning_rate(lr)], locals())
 
 
 def adamw(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     weight_decay: ArrayLike = 0.004,
     beta_1: ArrayLike = 0.9,
     beta_2: ArrayLike = 0.999,
     epsilon: ArrayLike = 1e-7,
     amsgrad: bool = False,
+    clipnorm: ArrayLike | None = None,
+    clipvalue: ArrayLike | None = None,
+    global_clipnorm: ArrayLike | None = None,
+    use_ema: bool = False,
+    ema_momentum: ArrayLike = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: ArrayLike | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
+    *,
+    exclude_from_weight_decay: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformation:
     r"""``keras.optimizers.AdamW``: :func:`adam` with ``weight_decay`` defaulting to 0.004.
 
@@ -151,21 +246,25 @@ def adamw(
             "`weight_decay` must be a number >= 0 for AdamW, got None; use "
             "rmsjax.compat.keras.adam for Adam without weight decay."
         )
-    return adam(
-        learning_rate=learning_rate,
-        beta_1=beta_1,
-        beta_2=beta_2,
-        epsilon=epsilon,
-        amsgrad=amsgrad,
-        weight_decay=weight_decay,
-    )
+    return adam(**locals())  # the same arguments as Adam, in AdamW's order
 
 
 def sgd(
-    learning_rate: T.ScalarOrSchedule = 0.01,
+    learning_rate: ScalarOrSchedule = 0.01,
     momentum: ArrayLike = 0.0,
     nesterov: bool = False,
     weight_decay: ArrayLike | None = None,
+    clipnorm: ArrayLike | None = None,
+    clipvalue: ArrayLike | None = None,
+    global_clipnorm: ArrayLike | None = None,
+    use_ema: bool = False,
+    ema_momentum: ArrayLike = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: ArrayLike | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
+    *,
+    exclude_from_weight_decay: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformation:
     r"""``keras.optimizers.SGD``.
 
@@ -175,27 +274,34 @@ def sgd(
 
     (no momentum: :math:`\theta \mathrel{-}= \eta_t g_t`). ``learning_rate`` is INSIDE the
     buffer, there is no dampening, and the first step is :math:`m_1 = -\eta_1 g_1` (torch:
-    :math:`b_1 = g_1`, lr outside; equal for a constant lr). Chain: ``scale_by_learning_rate,
+    :math:`b_1 = g_1`, lr outside; equal for a constant lr). Rule: ``scale_by_learning_rate,
     [trace(momentum, nesterov)], [decoupled_weight_decay]``.
 
     Args:
       learning_rate: >= 0 or a schedule. momentum: in [0, 1]. nesterov: Nesterov momentum.
       weight_decay: ``None`` or >= 0 (decoupled).
+      The others: see the module docstring (every Keras optimizer takes them).
     """
-    check_lr("learning_rate", learning_rate)
-    check_in_range("momentum", momentum, low=0.0, high=1.0)
-    return optax.chain(
-        T.scale_by_learning_rate(learning_rate),
-        *([] if is_static_zero(momentum) else [T.trace(decay=momentum, nesterov=nesterov)]),
-        *_decay(weight_decay, learning_rate),
-    )
+    buffer = _momentum(momentum, nesterov)
+    return _optimizer(lambda lr: [T.scale_by_learning_rate(lr), *buffer], locals())
 
 
 def adagrad(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     initial_accumulator_value: ArrayLike = 0.1,
     epsilon: ArrayLike = 1e-7,
     weight_decay: ArrayLike | None = None,
+    clipnorm: ArrayLike | None = None,
+    clipvalue: ArrayLike | None = None,
+    global_clipnorm: ArrayLike | None = None,
+    use_ema: bool = False,
+    ema_momentum: ArrayLike = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: ArrayLike | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
+    *,
+    exclude_from_weight_decay: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformation:
     r"""``keras.optimizers.Adagrad``.
 
@@ -204,26 +310,35 @@ def adagrad(
       \theta \mathrel{-}= \eta_t\, g_t / \sqrt{s_t + \epsilon}
 
     ``epsilon`` INSIDE the root (torch: outside, and :math:`s_0 = 0`). This is optax's
-    ``adagrad`` with Keras' defaults. Chain: ``scale_by_rss, scale_by_learning_rate,
+    ``adagrad`` with Keras' defaults. Rule: ``scale_by_rss, scale_by_learning_rate,
     [decoupled_weight_decay]``.
 
     Args:
       learning_rate: >= 0 or a schedule. initial_accumulator_value: >= 0. epsilon: >= 0.
       weight_decay: ``None`` or >= 0 (decoupled).
+      The others: see the module docstring (every Keras optimizer takes them).
     """
-    check_lr("learning_rate", learning_rate)
-    return optax.chain(
-        T.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=epsilon),
-        T.scale_by_learning_rate(learning_rate),
-        *_decay(weight_decay, learning_rate),
-    )
+    with argument_names({"eps": "epsilon"}):
+        squares = T.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=epsilon)
+    return _optimizer(lambda lr: [squares, T.scale_by_learning_rate(lr)], locals())
 
 
 def adadelta(
-    learning_rate: T.ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     rho: ArrayLike = 0.95,
     epsilon: ArrayLike = 1e-7,
     weight_decay: ArrayLike | None = None,
+    clipnorm: ArrayLike | None = None,
+    clipvalue: ArrayLike | None = None,
+    global_clipnorm: ArrayLike | None = None,
+    use_ema: bool = False,
+    ema_momentum: ArrayLike = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: ArrayLike | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
+    *,
+    exclude_from_weight_decay: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformation:
     r"""``keras.optimizers.Adadelta``.
 
@@ -233,16 +348,17 @@ def adadelta(
       a_t = \rho a_{t-1} + (1-\rho)\delta_t^2, \qquad \theta \mathrel{-}= \eta_t\delta_t
 
     The same rule as torch's Adadelta with other defaults (rho 0.95, epsilon 1e-7, and a
-    learning rate of 1e-3 where torch uses 1.0). Chain: ``scale_by_adadelta,
+    learning rate of 1e-3 where torch uses 1.0). Rule: ``scale_by_adadelta,
     scale_by_learning_rate, [decoupled_weight_decay]``.
 
     Args:
-      learning_rate: >= 0 or a schedule. rho: in [0, 1]. epsilon: >= 0.
+      learning_rate: >= 0 or a schedule. rho: in [0, 1). epsilon: > 0.
       weight_decay: ``None`` or >= 0 (decoupled).
+      The others: see the module docstring (every Keras optimizer takes them).
+
+    Difference from Keras: ``rho = 1`` and ``epsilon = 0`` (with which AdaDelta never moves)
+    raise ``ValueError``.
     """
-    check_lr("learning_rate", learning_rate)
-    return optax.chain(
-        T.scale_by_adadelta(rho=rho, eps=epsilon),
-        T.scale_by_learning_rate(learning_rate),
-        *_decay(weight_decay, learning_rate),
-    )
+    with argument_names({"eps": "epsilon"}):
+        rescale = T.scale_by_adadelta(rho=rho, eps=epsilon)
+    return _optimizer(lambda lr: [rescale, T.scale_by_learning_rate(lr)], locals())

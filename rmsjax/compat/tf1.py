@@ -10,14 +10,15 @@ import optax
 from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
-from rmsjax.compat._common import check_lr, is_static_zero
-from rmsjax.validation import check_in_range
+from rmsjax._types import ScalarOrSchedule
+from rmsjax.compat._common import is_static_zero
+from rmsjax.validation import argument_names
 
 __all__ = ["rmsprop"]
 
 
 def rmsprop(
-    learning_rate: T.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     decay: ArrayLike = 0.9,
     momentum: ArrayLike = 0.0,
     epsilon: ArrayLike = 1e-10,
@@ -48,13 +49,13 @@ def rmsprop(
       centered: divide by the estimated standard deviation.
 
     TF1 always keeps a momentum slot; here a ``momentum`` given as the Python number 0 keeps
-    none (same numbers). Difference from TF1: the centered variance is clamped at 0.
+    none (same numbers). Difference from TF1: the centered variance is clamped at 0. Errors
+    name TF1's arguments (``epsilon``, ``momentum``), also where the range is checked by the
+    underlying rmsjax transformation.
     """
-    check_lr("learning_rate", learning_rate)
-    check_in_range("momentum", momentum, low=0.0, high=1.0)
     scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
-    return optax.chain(
-        scaler(decay=decay, eps=epsilon, initial_scale=1.0, eps_in_sqrt=True),
-        T.scale_by_learning_rate(learning_rate),
-        *([] if is_static_zero(momentum) else [T.trace(decay=momentum)]),
-    )
+    with argument_names({"eps": "epsilon"}):
+        mean_square = scaler(decay=decay, eps=epsilon, initial_scale=1.0, eps_in_sqrt=True)
+    with argument_names({"decay": "momentum"}):
+        buffer = [] if is_static_zero(momentum) else [T.trace(decay=momentum)]
+    return optax.chain(mean_square, T.scale_by_learning_rate(learning_rate), *buffer)

@@ -2,11 +2,12 @@
 
 Needs the optional extra ``reference`` (torch, keras): ``pip install -e ".[reference]"``, then
 
-    python tests/reference/generate.py            # rewrite the three .npz files
+    python tests/reference/generate.py            # rewrite the four .npz files
     python tests/reference/generate.py --check    # regenerate in memory and compare with them
+    python tests/reference/generate.py --only torch_lr   # one file
 
-The test suite (``tests/test_compat.py``) reads only the .npz files; it never imports torch or
-keras.
+The test suite (``tests/test_compat.py``, ``tests/test_lr_scheduler.py``) reads only the .npz
+files; it never imports torch or keras.
 
 Every run starts from fixed seeded parameters (6 entries) and makes 30 steps. On each step the
 gradient is a fixed nonlinear function of the framework's CURRENT parameters, computed in NumPy
@@ -26,11 +27,17 @@ Each file also records the framework classes' argument names, kinds and defaults
 * ``tf1.npz``: TF1's ``ApplyRMSProp`` / ``ApplyCenteredRMSProp`` kernels stated in NumPy, in
   float64 and float32.
 
+* ``torch_lr.npz``: the learning rates of ``torch.optim.lr_scheduler`` runs (see "Learning-rate
+  schedulers" below for its layout), and the scheduler classes' signatures.
+
 Layout of each file: ``cases`` is a JSON list of ``{"name", "preset", "kwargs", "runs"}``, where
 ``kwargs`` are the preset's keyword arguments (a schedule is ``{"schedule": {...}}``) and each
 run is ``{"key", "dtype", "scale"}``; arrays ``<key>/params`` (steps + 1, 6) and
 ``<key>/grads`` (steps, 6) hold the trajectory (parameters before each step, then the final
-ones) and the gradients fed.
+ones) and the gradients fed. A Keras case may also have ``"leaves"``, ``[name, size]`` pairs
+that split the 6 entries into separately named variables (for clipping per variable and
+weight-decay exclusion by name), and a run with ``use_ema`` stores ``<key>/ema`` (steps, 6),
+Keras' moving average of the parameters after each step.
 """
 
 from __future__ import annotations
@@ -358,6 +365,122 @@ KERAS_CASES: list[dict[str, Any]] = [
     },
 ]
 
+# Keras' BaseOptimizer arguments. "leaves" splits the 6 entries into named variables (a dict
+# of leaves in the test), so that per-variable and global clipping and weight-decay exclusion
+# by name differ from one variable; "ema" runs also store the moving average after each step.
+KERAS_LEAVES = [["kernel", 2], ["bias", 4]]
+KERAS_SGD_PIECEWISE = piecewise([9, 19], [2.0**-3, 2.0**-4, 2.0**-6])
+
+KERAS_OPTION_CASES: list[dict[str, Any]] = [
+    {
+        "name": "sgd_clipnorm",
+        "preset": "sgd",
+        "kwargs": {"learning_rate": 0.1, "momentum": 0.9, "clipnorm": 0.5},
+        "leaves": KERAS_LEAVES,
+        "runs": REAL,
+    },
+    {
+        "name": "sgd_global_clipnorm",
+        "preset": "sgd",
+        "kwargs": {"learning_rate": 0.1, "momentum": 0.9, "global_clipnorm": 0.7},
+        "leaves": KERAS_LEAVES,
+        "runs": REAL,
+    },
+    {
+        "name": "adagrad_clipvalue",
+        "preset": "adagrad",
+        "kwargs": {"learning_rate": 0.1, "clipvalue": 0.2},
+        "runs": REAL,
+    },
+    {
+        "name": "adagrad_loss_scale",
+        "preset": "adagrad",
+        "kwargs": {"learning_rate": 0.1, "loss_scale_factor": 1000.0},
+        "runs": runs((F64, 1000.0), (F32, 1000.0)),
+    },
+    {
+        "name": "adam_global_clipnorm_ema",
+        "preset": "adam",
+        "kwargs": {"learning_rate": 0.05, "global_clipnorm": 1.0, "use_ema": True},
+        "leaves": KERAS_LEAVES,
+        "runs": REAL,
+    },
+    {
+        "name": "rmsprop_ema_overwrite",
+        "preset": "rmsprop",
+        "kwargs": {
+            "learning_rate": 0.01,
+            "momentum": 0.9,
+            "use_ema": True,
+            "ema_momentum": 0.8,
+            "ema_overwrite_frequency": 4,
+        },
+        "runs": REAL,
+    },
+    {
+        "name": "adam_accumulate_schedule",
+        "preset": "adam",
+        "kwargs": {"learning_rate": KERAS_PIECEWISE, "gradient_accumulation_steps": 3},
+        "runs": REAL,
+    },
+    {
+        "name": "sgd_accumulate_weight_decay",
+        "preset": "sgd",
+        "kwargs": {
+            "learning_rate": KERAS_SGD_PIECEWISE,
+            "momentum": 0.9,
+            "weight_decay": 0.5,
+            "gradient_accumulation_steps": 4,
+            "exclude_from_weight_decay": ["bias"],
+        },
+        "leaves": KERAS_LEAVES,
+        "runs": REAL,
+    },
+    {
+        "name": "adadelta_clipnorm_ema",
+        "preset": "adadelta",
+        "kwargs": {
+            "learning_rate": 1.0,
+            "clipnorm": 0.1,
+            "use_ema": True,
+            "ema_overwrite_frequency": 10,
+        },
+        "runs": REAL,
+    },
+    {
+        "name": "adamw_clipvalue_accumulate_ema",
+        "preset": "adamw",
+        "kwargs": {
+            "learning_rate": 0.05,
+            "weight_decay": 0.5,
+            "clipvalue": 0.5,
+            "use_ema": True,
+            "ema_overwrite_frequency": 7,
+            "gradient_accumulation_steps": 2,
+        },
+        "runs": REAL,
+    },
+    {
+        "name": "rmsprop_every_option",
+        "preset": "rmsprop",
+        "kwargs": {
+            "learning_rate": KERAS_PIECEWISE,
+            "momentum": 0.9,
+            "centered": True,
+            "weight_decay": 0.2,
+            "clipnorm": 1.0,
+            "use_ema": True,
+            "ema_momentum": 0.9,
+            "ema_overwrite_frequency": 2,
+            "loss_scale_factor": 10.0,
+            "gradient_accumulation_steps": 3,
+            "exclude_from_weight_decay": ["kernel"],
+        },
+        "leaves": KERAS_LEAVES,
+        "runs": runs((F64, 10.0), (F32, 10.0)),
+    },
+]
+
 TF1_CASES: list[dict[str, Any]] = [
     {
         "name": "rmsprop_defaults",
@@ -460,7 +583,13 @@ def run_torch(preset: str, kwargs: dict[str, Any], dtype: str, scale: float):
     return np.stack(params), np.stack(grads)
 
 
-def run_keras(preset: str, kwargs: dict[str, Any], dtype: str, scale: float):
+def run_keras(
+    preset: str,
+    kwargs: dict[str, Any],
+    dtype: str,
+    scale: float,
+    leaves: list[list[Any]] | None = None,
+):
     import keras
 
     classes = {
@@ -472,21 +601,44 @@ def run_keras(preset: str, kwargs: dict[str, Any], dtype: str, scale: float):
         "adadelta": keras.optimizers.Adadelta,
     }
     kw = dict(kwargs)
+    exclude = kw.pop("exclude_from_weight_decay", None)
     if _is_schedule(kw.get("learning_rate")):
         spec = kw["learning_rate"]["schedule"]
         assert spec["kind"] == "piecewise"
         kw["learning_rate"] = keras.optimizers.schedules.PiecewiseConstantDecay(
             spec["boundaries"], spec["values"]
         )
-    var = keras.Variable(start(dtype), dtype=dtype)
+    if leaves is None:
+        variables = [keras.Variable(start(dtype), dtype=dtype)]
+    else:
+        parts = np.split(start(dtype), np.cumsum([size for _, size in leaves])[:-1])
+        variables = [
+            keras.Variable(part, dtype=dtype, name=name)
+            for (name, _), part in zip(leaves, parts, strict=True)
+        ]
     opt = classes[preset](**kw)
-    params, grads = [np.array(var.numpy())], []
+    if exclude is not None:
+        opt.exclude_from_weight_decay(var_names=exclude)
+
+    def joined(vs: list[Any]) -> np.ndarray:
+        return np.concatenate([np.array(v.numpy()) for v in vs])
+
+    params, grads, averages = [joined(variables)], [], []
     for _ in range(STEPS):
         g = gradient(params[-1], scale)
-        opt.apply_gradients([(keras.ops.convert_to_tensor(g, dtype=dtype), var)])
+        g_parts = np.split(g, np.cumsum([v.shape[0] for v in variables])[:-1])
+        opt.apply_gradients(
+            [
+                (keras.ops.convert_to_tensor(part, dtype=dtype), var)
+                for part, var in zip(g_parts, variables, strict=True)
+            ]
+        )
         grads.append(g)
-        params.append(np.array(var.numpy()))
-    return np.stack(params), np.stack(grads)
+        params.append(joined(variables))
+        if kw.get("use_ema"):
+            averages.append(joined(opt._model_variables_moving_average))
+    extra = {"ema": np.stack(averages)} if averages else {}
+    return np.stack(params), np.stack(grads), extra
 
 
 def run_tf1(preset: str, kwargs: dict[str, Any], dtype: str, scale: float):
@@ -520,9 +672,223 @@ def run_tf1(preset: str, kwargs: dict[str, Any], dtype: str, scale: float):
     return np.stack(params), np.stack(grads)
 
 
+# ------------------------------------------------------------------------------------------
+# Learning-rate schedulers (torch_lr.npz)
+# ------------------------------------------------------------------------------------------
+#
+# Each case builds one torch scheduler on an SGD optimizer and records
+# ``param_groups[0]["lr"]`` before each of LR_STEPS ``optimizer.step()`` calls, with
+# ``scheduler.step()`` after every ``updates_per_epoch``-th update (1: per-step stepping). For
+# ReduceLROnPlateau, ``scheduler.step(value)`` reads the value fed with the epoch's last
+# update. Layout: ``cases`` is a JSON list of ``{"key", "scheduler", "lr", "kwargs",
+# "updates_per_epoch"}`` (``lr`` None for OneCycleLR, which sets its own); arrays
+# ``<key>/lr`` (LR_STEPS,) hold the learning rates and, for ReduceLROnPlateau,
+# ``<key>/values`` (LR_STEPS,) the values fed. A LambdaLR ``lr_lambda`` is a key of
+# LR_LAMBDAS; a SequentialLR's ``schedulers`` are ``{"scheduler", "kwargs"}`` dicts.
+
+LR_STEPS = 300
+EPOCH = 4  # updates per scheduler step in the per-epoch runs
+
+# Written with operators that work on a Python int (torch) and on a jax int32 array (rmsjax).
+LR_LAMBDAS = {
+    "halve_every_10": lambda e: 0.5 ** (e // 10),
+    "inverse_time": lambda e: 1.0 / (1.0 + 0.05 * e),
+    "sawtooth_warmup": lambda e: (e % 50 + 1) / 50,
+}
+
+
+def plateau_losses() -> np.ndarray:
+    """A loss that improves, stalls (with noise far below the thresholds), improves, stalls."""
+    k = np.arange(LR_STEPS, dtype=np.float64)
+    loss = np.where(k < 40, 1.0 - 0.01 * k, 0.6 + 1e-6 * (-1.0) ** k)
+    loss = np.where((k >= 100) & (k < 140), 0.6 - 0.004 * (k - 99), loss)
+    loss = np.where((k >= 140) & (k < 220), 0.44 + 1e-5 + 1e-3 * np.abs(np.sin(k)), loss)
+    return np.where(k >= 220, 0.44 - 7e-4 * (k - 219), loss)
+
+
+def _sched(name: str, lr: float | None, modes: tuple[int, ...] = (1, EPOCH), **kwargs: Any):
+    return [{"scheduler": name, "lr": lr, "kwargs": kwargs, "updates_per_epoch": n} for n in modes]
+
+
+def _child(name: str, **kwargs: Any) -> dict[str, Any]:
+    return {"scheduler": name, "kwargs": kwargs}
+
+
+LR_CASES: list[dict[str, Any]] = [
+    *_sched("StepLR", 0.1, step_size=7, gamma=0.5),
+    *_sched("StepLR", 0.5, step_size=50),
+    *_sched("MultiStepLR", 0.1, milestones=[30, 80, 80, 200], gamma=0.5),
+    *_sched("MultiStepLR", 1.0, milestones=[100, 20, 0]),
+    *_sched("ExponentialLR", 0.1, gamma=0.97),
+    *_sched("ExponentialLR", 2.0, gamma=0.999),
+    *_sched("CosineAnnealingLR", 0.1, T_max=50),
+    *_sched("CosineAnnealingLR", 0.05, T_max=299, eta_min=1e-4),
+    *_sched("CosineAnnealingLR", 0.1, T_max=7, eta_min=0.01),
+    *_sched("CosineAnnealingLR", 0.1, T_max=1),
+    *_sched("CosineAnnealingWarmRestarts", 0.1, T_0=10),
+    *_sched("CosineAnnealingWarmRestarts", 0.1, T_0=5, T_mult=2, eta_min=1e-3),
+    *_sched("CosineAnnealingWarmRestarts", 0.02, T_0=3, T_mult=3),
+    *_sched("LinearLR", 0.1),
+    *_sched("LinearLR", 0.1, start_factor=1.0, end_factor=0.0, total_iters=200),
+    *_sched("LinearLR", 0.1, start_factor=0.1, total_iters=0),
+    *_sched("OneCycleLR", None, (1,), max_lr=0.1, total_steps=LR_STEPS - 1),
+    *_sched(
+        "OneCycleLR",
+        None,
+        (1,),
+        max_lr=0.05,
+        total_steps=LR_STEPS - 1,
+        pct_start=0.25,
+        anneal_strategy="linear",
+        three_phase=True,
+        div_factor=10.0,
+        final_div_factor=100.0,
+    ),
+    *_sched("OneCycleLR", None, (1,), max_lr=0.01, epochs=13, steps_per_epoch=23),
+    *_sched("OneCycleLR", None, (EPOCH,), max_lr=0.1, total_steps=LR_STEPS // EPOCH - 1),
+    *_sched(
+        "OneCycleLR",
+        None,
+        (EPOCH,),
+        max_lr=0.1,
+        total_steps=LR_STEPS // EPOCH - 1,
+        three_phase=True,
+    ),
+    *_sched("LambdaLR", 0.1, lr_lambda="halve_every_10"),
+    *_sched("LambdaLR", 0.1, lr_lambda="inverse_time"),
+    *_sched("LambdaLR", 0.1, lr_lambda="sawtooth_warmup"),
+    *_sched(
+        "SequentialLR",
+        0.1,
+        schedulers=[
+            _child("LinearLR", start_factor=0.1, total_iters=10),
+            _child("CosineAnnealingLR", T_max=100),
+        ],
+        milestones=[10],
+    ),
+    *_sched(
+        "SequentialLR",
+        0.1,
+        schedulers=[
+            _child("ExponentialLR", gamma=0.9),
+            _child("StepLR", step_size=20, gamma=0.5),
+            _child("CosineAnnealingWarmRestarts", T_0=30),
+            _child("LambdaLR", lr_lambda="sawtooth_warmup"),
+        ],
+        milestones=[25, 100, 150],
+    ),
+    *_sched("ReduceLROnPlateau", 0.1),
+    *_sched("ReduceLROnPlateau", 1e-3, (1,), factor=0.5, patience=3, eps=1e-4),
+    *_sched(
+        "ReduceLROnPlateau",
+        0.05,
+        mode="max",
+        factor=0.3,
+        patience=2,
+        threshold=1e-3,
+        threshold_mode="abs",
+        cooldown=5,
+        min_lr=0.004,
+    ),
+    *_sched("ReduceLROnPlateau", 1.0, patience=0, threshold=0.0, factor=0.9, min_lr=0.01),
+]
+
+
+def _torch_scheduler(opt: Any, name: str, kwargs: dict[str, Any]) -> Any:
+    import torch
+
+    kw = dict(kwargs)
+    if name == "LambdaLR":
+        kw["lr_lambda"] = LR_LAMBDAS[kw["lr_lambda"]]
+    if name == "SequentialLR":
+        kw["schedulers"] = [
+            _torch_scheduler(opt, c["scheduler"], c["kwargs"]) for c in kw["schedulers"]
+        ]
+    return getattr(torch.optim.lr_scheduler, name)(opt, **kw)
+
+
+def lr_key(case: dict[str, Any], index: int) -> str:
+    return f"{index:02d}_{case['scheduler']}|{case['updates_per_epoch']}"
+
+
+def run_torch_lr(case: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    import warnings
+
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.SGD([param], lr=1.0 if case["lr"] is None else case["lr"])
+    plateau = case["scheduler"] == "ReduceLROnPlateau"
+    values = None
+    if plateau:
+        values = plateau_losses() * (-1.0 if case["kwargs"].get("mode") == "max" else 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheduler = _torch_scheduler(opt, case["scheduler"], case["kwargs"])
+        lrs = []
+        for k in range(LR_STEPS):
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            param.grad = torch.zeros_like(param)
+            opt.step()
+            if k + 1 < LR_STEPS and (k + 1) % case["updates_per_epoch"] == 0:
+                scheduler.step(float(values[k])) if plateau else scheduler.step()
+    return np.asarray(lrs, np.float64), values
+
+
+def generate_torch_lr() -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    meta = []
+    for index, case in enumerate(LR_CASES):
+        key = lr_key(case, index)
+        lrs, values = run_torch_lr(case)
+        if not np.all(np.isfinite(lrs)):
+            raise RuntimeError(f"torch_lr {key}: non-finite learning rate")
+        arrays[f"{key}/lr"] = lrs
+        if values is not None:
+            arrays[f"{key}/values"] = values
+        meta.append({"key": key, **case})
+    arrays["cases"] = np.array(json.dumps(meta))
+    return arrays
+
+
+LR_SCHEDULERS = [
+    "StepLR",
+    "MultiStepLR",
+    "ExponentialLR",
+    "CosineAnnealingLR",
+    "CosineAnnealingWarmRestarts",
+    "LinearLR",
+    "OneCycleLR",
+    "LambdaLR",
+    "SequentialLR",
+    "ReduceLROnPlateau",
+]
+# Scheduler arguments the presets do not take: the optimizer (replaced by its initial ``lr``),
+# the resume index, and OneCycleLR's momentum cycling (documented there).
+LR_NOT_CARRIED = {"optimizer", "last_epoch", "cycle_momentum", "base_momentum", "max_momentum"}
+REQUIRED = "<required>"
+
+
+def scheduler_signatures() -> dict[str, list[list[Any]]]:
+    """torch's scheduler arguments: [name, kind, default or REQUIRED] in order, per class."""
+    import inspect
+
+    import torch
+
+    out = {}
+    for name in LR_SCHEDULERS:
+        params = inspect.signature(getattr(torch.optim.lr_scheduler, name)).parameters.values()
+        out[name] = [
+            [p.name, p.kind.name, REQUIRED if p.default is inspect.Parameter.empty else p.default]
+            for p in params
+            if p.name not in LR_NOT_CARRIED
+        ]
+    return out
+
+
 FRAMEWORKS = {
     "torch": (TORCH_CASES, run_torch),
-    "keras": (KERAS_CASES, run_keras),
+    "keras": (KERAS_CASES + KERAS_OPTION_CASES, run_keras),
     "tf1": (TF1_CASES, run_tf1),
 }
 
@@ -532,15 +898,20 @@ def generate(framework: str) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     meta = []
     for case in cases:
-        entry = {k: case[k] for k in ("name", "preset", "kwargs")}
+        entry = {k: case[k] for k in ("name", "preset", "kwargs", "leaves") if k in case}
+        options = {"leaves": case["leaves"]} if "leaves" in case else {}
         entry["runs"] = []
         for run in case["runs"]:
             key = f"{case['name']}|{run['dtype']}|{run['scale']:g}"
-            params, grads = runner(case["preset"], case["kwargs"], run["dtype"], run["scale"])
+            params, grads, *extra = runner(
+                case["preset"], case["kwargs"], run["dtype"], run["scale"], **options
+            )
             if not (np.all(np.isfinite(params)) and np.all(np.isfinite(grads))):
                 raise RuntimeError(f"{framework} {key}: non-finite trajectory")
             arrays[f"{key}/params"] = params
             arrays[f"{key}/grads"] = grads
+            for name, values in (extra[0] if extra else {}).items():
+                arrays[f"{key}/{name}"] = values
             entry["runs"].append({"key": key, **run})
         meta.append(entry)
     arrays["cases"] = np.array(json.dumps(meta))
@@ -548,7 +919,7 @@ def generate(framework: str) -> dict[str, np.ndarray]:
 
 
 # Arguments the presets deliberately do not take (implementation switches with the same numbers,
-# or features documented as not carried over).
+# and Keras' **kwargs, which takes only the long-ignored `decay`).
 NOT_CARRIED = {
     "params",
     "foreach",
@@ -556,15 +927,6 @@ NOT_CARRIED = {
     "differentiable",
     "fused",
     "decoupled_weight_decay",
-    "clipnorm",
-    "clipvalue",
-    "global_clipnorm",
-    "use_ema",
-    "ema_momentum",
-    "ema_overwrite_frequency",
-    "loss_scale_factor",
-    "gradient_accumulation_steps",
-    "name",
     "kwargs",
 }
 
@@ -614,17 +976,35 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "keras": keras.__version__, "numpy": np.__version__}
 
 
+def build(product: str) -> dict[str, np.ndarray]:
+    """The arrays of ``<product>.npz``."""
+    if product == "torch_lr":
+        import torch
+
+        arrays = generate_torch_lr()
+        arrays["versions"] = np.array(
+            json.dumps({"torch": torch.__version__, "numpy": np.__version__})
+        )
+        arrays["signatures"] = np.array(json.dumps(scheduler_signatures()))
+        return arrays
+    arrays = generate(product)
+    arrays["versions"] = np.array(json.dumps(versions()))
+    arrays["signatures"] = np.array(json.dumps(signatures(product)))
+    return arrays
+
+
+PRODUCTS = sorted([*FRAMEWORKS, "torch_lr"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare, do not write")
-    parser.add_argument("--only", choices=sorted(FRAMEWORKS), action="append")
+    parser.add_argument("--only", choices=PRODUCTS, action="append")
     args = parser.parse_args()
     ok = True
-    for framework in args.only or sorted(FRAMEWORKS):
-        arrays = generate(framework)
-        arrays["versions"] = np.array(json.dumps(versions()))
-        arrays["signatures"] = np.array(json.dumps(signatures(framework)))
-        path = HERE / f"{framework}.npz"
+    for product in args.only or PRODUCTS:
+        arrays = build(product)
+        path = HERE / f"{product}.npz"
         if args.check:
             with np.load(path) as stored:
                 same = set(stored.files) == set(arrays) and all(

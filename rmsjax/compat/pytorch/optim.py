@@ -17,8 +17,11 @@ Porting notes that hold for every preset:
   i.e. the real and imaginary parts get separate second moments; the presets do the same
   (:func:`rmsjax.split_real_and_imaginary`). torch's ``.grad`` of a real loss is the conjugate
   of ``jax.grad``'s, so pass ``jnp.conj(jax.grad(loss)(params))`` for complex parameters.
-* Invalid hyperparameters raise ``ValueError`` naming the argument (torch raises
-  ``ValueError("Invalid ...")`` for the same cases), at construction for concrete values.
+* Invalid hyperparameters raise ``ValueError`` at construction (for concrete values), naming
+  torch's argument (``alpha``, ``betas[0]``, ``etas[1]``, ...). The ranges are those of the
+  rmsjax transformations each preset is built from, which check them (the preset only renames
+  the arguments, with :func:`rmsjax.validation.argument_names`); where they are narrower than
+  torch's, the preset's docstring says so.
 * A hyperparameter that enables an optional buffer (``momentum``, ``weight_decay``) and is the
   Python number 0 leaves the buffer out, as torch does; an array or traced value (e.g. via
   ``optax.inject_hyperparams``) always keeps it, with identical numbers.
@@ -36,28 +39,30 @@ import optax
 from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
-from rmsjax import variants as V
-from rmsjax.compat._common import check_lr, is_static_zero, sign_flip
-from rmsjax.validation import check_in_range, is_concrete
+from rmsjax._types import ScalarOrSchedule
+from rmsjax.compat._common import is_static_zero, sign_flip
+from rmsjax.validation import argument_names, check_learning_rate, check_nonneg, is_concrete
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
 
 
+# torch's names for the arguments of the transformations the presets are built from.
+_LR = {"learning_rate": "lr"}
+
+
 def _coupled_decay(weight_decay: Any) -> list[optax.GradientTransformation]:
-    check_in_range("weight_decay", weight_decay, low=0.0)
+    # add_decayed_weights checks `weight_decay`; a static 0 (valid) leaves the term out.
     return [] if is_static_zero(weight_decay) else [T.add_decayed_weights(weight_decay)]
 
 
-def _check_betas(betas: tuple[Any, Any]) -> tuple[Any, Any]:
-    if len(betas) != 2:
-        raise ValueError(f"`betas` must be a pair (beta1, beta2), got {betas!r}.")
-    for i, b in enumerate(betas):
-        check_in_range(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
-    return betas[0], betas[1]
+def _pair(name: str, value: Any, what: str) -> tuple[Any, Any]:
+    if len(value) != 2:
+        raise ValueError(f"`{name}` must be a pair {what}, got {value!r}.")
+    return value[0], value[1]
 
 
 def rmsprop(
-    lr: T.ScalarOrSchedule = 1e-2,
+    lr: ScalarOrSchedule = 1e-2,
     alpha: ArrayLike = 0.99,
     eps: ArrayLike = 1e-8,
     weight_decay: ArrayLike = 0,
@@ -83,35 +88,32 @@ def rmsprop(
     [trace], scale_by_learning_rate``.
 
     Args:
-      lr: >= 0, or a schedule. alpha: in [0, 1) (torch also accepts 1). eps: >= 0.
-      weight_decay: >= 0 (coupled L2). momentum: in [0, 1]. centered: divide by the estimated
-      standard deviation. maximize: ascend.
+      lr: >= 0, or a schedule. alpha: in [0, 1). eps: >= 0. weight_decay: >= 0 (coupled L2).
+      momentum: in [0, 1]. centered: divide by the estimated standard deviation.
+      maximize: ascend.
 
-    Difference from torch: the centered variance is clamped at 0 (torch returns NaN when it
-    rounds negative under near-constant gradients).
+    Differences from torch: the centered variance is clamped at 0 (torch returns NaN when it
+    rounds negative under near-constant gradients); torch accepts any ``alpha >= 0`` and
+    ``momentum >= 0`` (``alpha >= 1`` never forgets or diverges, ``momentum > 1`` diverges).
     """
-    check_lr("lr", lr)
-    check_in_range("alpha", alpha, low=0.0, high=1.0, high_open=True)
-    check_in_range("eps", eps, low=0.0)
-    check_in_range("momentum", momentum, low=0.0, high=1.0)
     scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
-    return optax.chain(
-        *sign_flip(maximize),
-        *_coupled_decay(weight_decay),
-        V.split_real_and_imaginary(scaler(decay=alpha, eps=eps, eps_in_sqrt=False)),
-        *([] if is_static_zero(momentum) else [T.trace(decay=momentum)]),
-        T.scale_by_learning_rate(lr),
-    )
+    with argument_names({**_LR, "decay": "alpha"}):
+        rms = T.split_real_and_imaginary(scaler(decay=alpha, eps=eps, eps_in_sqrt=False))
+        step = T.scale_by_learning_rate(lr)
+    with argument_names({"decay": "momentum"}):
+        buffer = [] if is_static_zero(momentum) else [T.trace(decay=momentum)]
+    return optax.chain(*sign_flip(maximize), *_coupled_decay(weight_decay), rms, *buffer, step)
 
 
-def _adam_scaler(b1: Any, b2: Any, eps: Any, amsgrad: bool) -> optax.GradientTransformation:
-    check_in_range("eps", eps, low=0.0)
-    inner = V.scale_by_adam_exact_bias(b1=b1, b2=b2, eps=eps, amsgrad=amsgrad)
-    return V.split_real_and_imaginary(inner)
+def _adam_scaler(betas: Any, eps: Any, amsgrad: bool) -> optax.GradientTransformation:
+    b1, b2 = _pair("betas", betas, "(beta1, beta2)")
+    with argument_names({"b1": "betas[0]", "b2": "betas[1]"}):
+        inner = T.scale_by_adam_exact_bias(b1=b1, b2=b2, eps=eps, amsgrad=amsgrad)
+    return T.split_real_and_imaginary(inner)
 
 
 def adam(
-    lr: T.ScalarOrSchedule = 1e-3,
+    lr: ScalarOrSchedule = 1e-3,
     betas: tuple[ArrayLike, ArrayLike] = (0.9, 0.999),
     eps: ArrayLike = 1e-8,
     weight_decay: ArrayLike = 0,
@@ -137,21 +139,17 @@ def adam(
       lr: >= 0 or a schedule. betas: each in [0, 1). eps: >= 0. weight_decay: >= 0.
       amsgrad: AMSGrad. maximize: ascend.
     """
-    check_lr("lr", lr)
-    b1, b2 = _check_betas(betas)
-    return optax.chain(
-        *sign_flip(maximize),
-        *_coupled_decay(weight_decay),
-        _adam_scaler(b1, b2, eps, amsgrad),
-        T.scale_by_learning_rate(lr),
-    )
+    scaler = _adam_scaler(betas, eps, amsgrad)
+    with argument_names(_LR):
+        step = T.scale_by_learning_rate(lr)
+    return optax.chain(*sign_flip(maximize), *_coupled_decay(weight_decay), scaler, step)
 
 
 def adamw(
-    lr: T.ScalarOrSchedule = 1e-3,
+    lr: ScalarOrSchedule = 1e-3,
     betas: tuple[ArrayLike, ArrayLike] = (0.9, 0.999),
     eps: ArrayLike = 1e-8,
-    weight_decay: T.ScalarOrSchedule = 1e-2,
+    weight_decay: ScalarOrSchedule = 1e-2,
     amsgrad: bool = False,
     *,
     maximize: bool = False,
@@ -171,18 +169,15 @@ def adamw(
       lr: >= 0 or a schedule. betas: each in [0, 1). eps: >= 0. weight_decay: >= 0 or a
       schedule. amsgrad: AMSGrad on the raw second moment. maximize: ascend.
     """
-    check_lr("lr", lr)
-    b1, b2 = _check_betas(betas)
-    return optax.chain(
-        *sign_flip(maximize),
-        _adam_scaler(b1, b2, eps, amsgrad),
-        T.scale_by_learning_rate(lr),
-        V.decoupled_weight_decay(weight_decay, lr),
-    )
+    scaler = _adam_scaler(betas, eps, amsgrad)
+    with argument_names(_LR):
+        step = T.scale_by_learning_rate(lr)
+        decay = T.decoupled_weight_decay(weight_decay, lr)
+    return optax.chain(*sign_flip(maximize), scaler, step, decay)
 
 
 def sgd(
-    lr: T.ScalarOrSchedule = 1e-3,
+    lr: ScalarOrSchedule = 1e-3,
     momentum: ArrayLike = 0,
     dampening: ArrayLike = 0,
     weight_decay: ArrayLike = 0,
@@ -203,13 +198,14 @@ def sgd(
     [dampened_trace], scale_by_learning_rate``.
 
     Args:
-      lr: >= 0 or a schedule. momentum: in [0, 1]. dampening: in [0, 1].
+      lr: >= 0 or a schedule. momentum: in [0, 1]. dampening: in [0, 1], checked only with a
+      momentum buffer (a static ``momentum=0`` leaves it out, and ``dampening`` unused).
       weight_decay: >= 0. nesterov: needs ``momentum > 0`` and ``dampening == 0`` (torch's
       rule; ``ValueError`` otherwise). maximize: ascend.
+
+    Difference from torch: torch accepts any ``momentum >= 0`` and never checks
+    ``dampening``.
     """
-    check_lr("lr", lr)
-    check_in_range("momentum", momentum, low=0.0, high=1.0)
-    check_in_range("dampening", dampening, low=0.0, high=1.0)
     if nesterov and (
         (is_concrete(momentum) and float(momentum) <= 0)
         or (is_concrete(dampening) and float(dampening) != 0)
@@ -219,21 +215,18 @@ def sgd(
             f"momentum={momentum!r}, dampening={dampening!r}. Set a momentum and dampening=0, "
             "or nesterov=False."
         )
-    buffer = (
-        []
-        if is_static_zero(momentum)
-        else [V.dampened_trace(decay=momentum, dampening=dampening, nesterov=nesterov)]
-    )
-    return optax.chain(
-        *sign_flip(maximize),
-        *_coupled_decay(weight_decay),
-        *buffer,
-        T.scale_by_learning_rate(lr),
-    )
+    with argument_names({**_LR, "decay": "momentum"}):
+        buffer = (
+            []
+            if is_static_zero(momentum)
+            else [T.dampened_trace(decay=momentum, dampening=dampening, nesterov=nesterov)]
+        )
+        step = T.scale_by_learning_rate(lr)
+    return optax.chain(*sign_flip(maximize), *_coupled_decay(weight_decay), *buffer, step)
 
 
 def adagrad(
-    lr: T.ScalarOrSchedule = 1e-2,
+    lr: ScalarOrSchedule = 1e-2,
     lr_decay: ArrayLike = 0,
     weight_decay: ArrayLike = 0,
     initial_accumulator_value: ArrayLike = 0,
@@ -258,8 +251,9 @@ def adagrad(
       lr: >= 0 or a schedule. lr_decay: >= 0. weight_decay: >= 0.
       initial_accumulator_value: >= 0. eps: >= 0. maximize: ascend.
     """
-    check_lr("lr", lr)
-    check_in_range("lr_decay", lr_decay, low=0.0)
+    # The transformations never see `lr` itself (only the decayed schedule) nor `lr_decay`.
+    check_learning_rate("lr", lr)
+    check_nonneg("lr_decay", lr_decay)
 
     def decayed_lr(count: Any) -> Any:
         base = lr(count) if callable(lr) else lr
@@ -268,7 +262,7 @@ def adagrad(
     return optax.chain(
         *sign_flip(maximize),
         *_coupled_decay(weight_decay),
-        V.split_real_and_imaginary(
+        T.split_real_and_imaginary(
             T.scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=False)
         ),
         T.scale_by_learning_rate(decayed_lr),
@@ -276,7 +270,7 @@ def adagrad(
 
 
 def adadelta(
-    lr: T.ScalarOrSchedule = 1.0,
+    lr: ScalarOrSchedule = 1.0,
     rho: ArrayLike = 0.9,
     eps: ArrayLike = 1e-6,
     weight_decay: ArrayLike = 0,
@@ -297,20 +291,22 @@ def adadelta(
     split_real_and_imaginary(scale_by_adadelta), scale_by_learning_rate``.
 
     Args:
-      lr: >= 0 or a schedule. rho: in [0, 1]. eps: >= 0. weight_decay: >= 0. maximize: ascend.
+      lr: >= 0 or a schedule. rho: in [0, 1). eps: > 0. weight_decay: >= 0. maximize: ascend.
+
+    Difference from torch: torch also accepts ``rho = 1`` and ``eps = 0``, which
+    :func:`rmsjax.scale_by_adadelta` rejects as degenerate. With ``rho = 1`` both averages
+    stay 0 and torch's step is ``lr * g`` (plain SGD, not AdaDelta: use :func:`sgd`); with
+    ``eps = 0`` the numerator :math:`\sqrt{a_{t-1}}` starts at 0 and torch never moves (its step
+    is NaN where a gradient is 0).
     """
-    check_lr("lr", lr)
-    check_in_range("rho", rho, low=0.0, high=1.0)
-    return optax.chain(
-        *sign_flip(maximize),
-        *_coupled_decay(weight_decay),
-        V.split_real_and_imaginary(T.scale_by_adadelta(rho=rho, eps=eps)),
-        T.scale_by_learning_rate(lr),
-    )
+    with argument_names(_LR):
+        rescale = T.split_real_and_imaginary(T.scale_by_adadelta(rho=rho, eps=eps))
+        step = T.scale_by_learning_rate(lr)
+    return optax.chain(*sign_flip(maximize), *_coupled_decay(weight_decay), rescale, step)
 
 
 def rprop(
-    lr: T.ScalarOrSchedule = 1e-2,
+    lr: ScalarOrSchedule = 1e-2,
     etas: tuple[ArrayLike, ArrayLike] = (0.5, 1.2),
     step_sizes: tuple[ArrayLike, ArrayLike] = (1e-6, 50),
     *,
@@ -336,34 +332,28 @@ def rprop(
     Args:
       lr: the initial step size, >= 0. A schedule is evaluated at 0 only: as in torch, later
         learning rates have no effect on Rprop. etas: ``(eta_minus, eta_plus)`` with
-        ``0 < eta_minus < 1 < eta_plus``. step_sizes: ``(min, max)`` with ``0 < min <= max``.
+        ``0 < eta_minus < 1 < eta_plus`` (torch's range). step_sizes: ``(min, max)`` with
+        ``0 < min <= max``.
       maximize: ascend.
 
-    torch has no ``weight_decay`` for Rprop.
+    torch has no ``weight_decay`` for Rprop. Difference from torch: torch never checks
+    ``step_sizes``; a zero ``min`` would let a step size reach 0 and stay there.
     """
-    check_lr("lr", lr)
-    if len(etas) != 2 or len(step_sizes) != 2:
-        raise ValueError(
-            f"`etas` and `step_sizes` must be pairs, got etas={etas!r}, step_sizes={step_sizes!r}."
-        )
-    check_in_range("etas[0]", etas[0], low=0.0, high=1.0, low_open=True, high_open=True)
-    check_in_range("etas[1]", etas[1], low=1.0, low_open=True)
-    check_in_range("step_sizes[0]", step_sizes[0], low=0.0)
-    check_in_range("step_sizes[1]", step_sizes[1], low=0.0)
-    if (
-        is_concrete(step_sizes[0])
-        and is_concrete(step_sizes[1])
-        and float(step_sizes[0]) > float(step_sizes[1])
-    ):
-        raise ValueError(f"`step_sizes` must be (min, max) with min <= max, got {step_sizes!r}.")
-    return optax.chain(
-        *sign_flip(maximize),
-        T.scale_by_rprop(
+    eta_minus, eta_plus = _pair("etas", etas, "(eta_minus, eta_plus)")
+    smallest, largest = _pair("step_sizes", step_sizes, "(min, max)")
+    names = {
+        **_LR,
+        "eta_minus": "etas[0]",
+        "eta_plus": "etas[1]",
+        "min_step_size": "step_sizes[0]",
+        "max_step_size": "step_sizes[1]",
+    }
+    with argument_names(names):
+        rescale = T.scale_by_rprop(
             lr,
-            eta_minus=etas[0],
-            eta_plus=etas[1],
-            min_step_size=step_sizes[0],
-            max_step_size=step_sizes[1],
-        ),
-        T.scale(-1.0),
-    )
+            eta_minus=eta_minus,
+            eta_plus=eta_plus,
+            min_step_size=smallest,
+            max_step_size=largest,
+        )
+    return optax.chain(*sign_flip(maximize), rescale, T.scale(-1.0))

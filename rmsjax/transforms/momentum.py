@@ -1,0 +1,145 @@
+r"""Momentum buffers: :func:`trace` (optax's heavy-ball / Nesterov) and :func:`dampened_trace`
+(PyTorch SGD's, with dampening and a copied first step). Notation as in :mod:`rmsjax.transforms`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike, DTypeLike
+
+from rmsjax._numerics import (
+    increment,
+    zero_count,
+)
+from rmsjax.tree import map_rule, state_like
+from rmsjax.validation import (
+    check_in_range,
+)
+
+__all__ = [
+    "DampenedTraceState",
+    "TraceState",
+    "dampened_trace",
+    "trace",
+]
+
+
+class TraceState(NamedTuple):
+    """State of :func:`trace`: the momentum buffer."""
+
+    trace: Any
+
+
+def _trace_rule(
+    g: jax.Array, m: jax.Array, *, decay: ArrayLike, nesterov: bool
+) -> tuple[jax.Array, jax.Array]:
+    m = g + decay * m
+    return (g + decay * m if nesterov else m), m
+
+
+def trace(
+    decay: ArrayLike,
+    nesterov: bool = False,
+    accumulator_dtype: DTypeLike | None = None,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformation:
+    r"""Heavy-ball momentum: :math:`m_t = g_t + \beta\,m_{t-1}`, :math:`u_t = m_t`.
+
+    With ``nesterov=True``, :math:`u_t = g_t + \beta\,m_t`. There is no dampening: this is the
+    undamped buffer of optax and of torch's SGD with ``dampening=0``.
+
+    Args:
+      decay: :math:`\beta`, in [0, 1].
+      nesterov: use Nesterov's look-ahead form.
+      accumulator_dtype: dtype of :math:`m`; ``None`` uses the parameter's dtype (float32 for
+        float16/bfloat16 parameters unless ``promote_half=False``).
+      promote_half: see :func:`scale_by_rms`.
+
+    Differences from ``optax.trace``: half precision buffers are float32 by default, and the
+    update has the gradient's dtype (optax returns the buffer's dtype).
+    """
+    check_in_range("decay", decay, low=0.0, high=1.0)
+
+    def init_fn(params: Any) -> TraceState:
+        return TraceState(
+            trace=state_like(params, 0.0, dtype=accumulator_dtype, promote_half=promote_half)
+        )
+
+    def update_fn(updates: Any, state: TraceState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        rule = lambda g, m: _trace_rule(g, m, decay=decay, nesterov=nesterov)
+        out, (m,) = map_rule(rule, updates, (state.trace,))
+        return out, TraceState(trace=m)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class DampenedTraceState(NamedTuple):
+    """State of :func:`dampened_trace`: update count (int32) and the momentum buffer."""
+
+    count: jax.Array
+    trace: Any
+
+
+def _dampened_trace_rule(
+    g: jax.Array,
+    b: jax.Array,
+    *,
+    first: jax.Array,
+    decay: ArrayLike,
+    dampening: ArrayLike,
+    nesterov: bool,
+) -> tuple[jax.Array, jax.Array]:
+    b = jnp.where(first, g, decay * b + (1 - dampening) * g)
+    return (g + decay * b if nesterov else b), b
+
+
+def dampened_trace(
+    decay: ArrayLike,
+    dampening: ArrayLike = 0.0,
+    nesterov: bool = False,
+    accumulator_dtype: DTypeLike | None = None,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformation:
+    r"""PyTorch's SGD momentum buffer, with dampening.
+
+    .. math::
+      b_1 = g_1, \qquad b_t = \mu\,b_{t-1} + (1 - d)\,g_t \ (t > 1), \qquad
+      u_t = b_t \ \text{ or (Nesterov) } \ u_t = g_t + \mu\,b_t
+
+    Args:
+      decay: :math:`\mu`, in [0, 1].
+      dampening: :math:`d`, in [0, 1]. The first step is never dampened (torch copies the
+        gradient into the new buffer).
+      nesterov: Nesterov's look-ahead form (torch requires ``dampening == 0`` for it; this
+        transformation accepts any value).
+      accumulator_dtype: dtype of :math:`b` (``None``: the parameter's; float32 for half).
+      promote_half: see :func:`rmsjax.scale_by_rms`.
+
+    With ``dampening=0`` this is :func:`rmsjax.trace` (optax's ``trace``) with one extra
+    count. Differences from torch: the "first step" is counted per transformation, not per
+    parameter, so a leaf whose gradient is ``None`` on step 1 is not copied later.
+    """
+    check_in_range("decay", decay, low=0.0, high=1.0)
+    check_in_range("dampening", dampening, low=0.0, high=1.0)
+
+    def init_fn(params: Any) -> DampenedTraceState:
+        buf = state_like(params, 0.0, dtype=accumulator_dtype, promote_half=promote_half)
+        return DampenedTraceState(count=zero_count(), trace=buf)
+
+    def update_fn(updates: Any, state: DampenedTraceState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        first = state.count == 0
+        rule = lambda g, b: _dampened_trace_rule(
+            g, b, first=first, decay=decay, dampening=dampening, nesterov=nesterov
+        )
+        out, (buf,) = map_rule(rule, updates, (state.trace,))
+        return out, DampenedTraceState(count=increment(state.count), trace=buf)
+
+    return optax.GradientTransformation(init_fn, update_fn)

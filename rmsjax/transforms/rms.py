@@ -1,0 +1,354 @@
+r"""The RMS family: divide by the root of an average (or sum) of squared gradients.
+
+:func:`scale_by_rms` (RMSProp), :func:`scale_by_centered_rms` (centered RMSProp, optax's
+``scale_by_stddev``), :func:`scale_by_rss` (AdaGrad) and :func:`scale_by_adadelta` (AdaDelta).
+Notation as in :mod:`rmsjax.transforms`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from rmsjax._numerics import (
+    abs_sq,
+    debias,
+    ema,
+    increment,
+    rms_scale,
+    safe_div,
+    unbias,
+    zero_count,
+)
+from rmsjax.tree import map_rule, state_like
+from rmsjax.validation import (
+    check_decay,
+    check_in_range,
+    check_nonneg,
+)
+
+__all__ = [
+    "ScaleByAdaDeltaState",
+    "ScaleByCenteredRmsState",
+    "ScaleByRStdDevState",
+    "ScaleByRmsState",
+    "ScaleByRssState",
+    "scale_by_adadelta",
+    "scale_by_centered_rms",
+    "scale_by_rms",
+    "scale_by_rss",
+    "scale_by_stddev",
+]
+
+
+class ScaleByRmsState(NamedTuple):
+    """State of :func:`scale_by_rms`: update count (int32) and the EMA of :math:`|g|^2`."""
+
+    count: jax.Array
+    nu: Any
+
+
+class ScaleByCenteredRmsState(NamedTuple):
+    """State of :func:`scale_by_centered_rms`: count, EMA of :math:`g` and of :math:`|g|^2`."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+ScaleByRStdDevState = ScaleByCenteredRmsState
+
+
+def _rms_rule(
+    g: jax.Array,
+    nu: jax.Array,
+    *,
+    decay: ArrayLike,
+    eps: ArrayLike,
+    correction: ArrayLike | None,
+    eps_in_sqrt: bool,
+) -> tuple[jax.Array, jax.Array]:
+    nu = ema(abs_sq(g), nu, decay)
+    return rms_scale(g, unbias(nu, correction), eps, eps_in_sqrt=eps_in_sqrt), nu
+
+
+def _centered_rms_rule(
+    g: jax.Array,
+    mu: jax.Array,
+    nu: jax.Array,
+    *,
+    decay: ArrayLike,
+    eps: ArrayLike,
+    correction: ArrayLike | None,
+    eps_in_sqrt: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    mu = ema(g, mu, decay)
+    nu = ema(abs_sq(g), nu, decay)
+    variance = jnp.maximum(unbias(nu, correction) - abs_sq(unbias(mu, correction)), 0)
+    return rms_scale(g, variance, eps, eps_in_sqrt=eps_in_sqrt), mu, nu
+
+
+def _check_rms_args(decay: Any, eps: Any, initial_scale: Any) -> None:
+    check_decay("decay", decay)
+    check_nonneg("eps", eps)
+    check_nonneg("initial_scale", initial_scale)
+
+
+def scale_by_rms(
+    decay: ArrayLike = 0.9,
+    eps: ArrayLike = 1e-8,
+    initial_scale: ArrayLike = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformation:
+    r"""Divide updates by the root of a moving average of their squares (RMSProp's core).
+
+    .. math::
+      \nu_t = \rho\,\nu_{t-1} + (1 - \rho)\,|g_t|^2, \qquad
+      \hat\nu_t = \nu_t / (1 - \rho^t) \text{ if bias\_correction else } \nu_t
+
+      u_t = g_t / \sqrt{\hat\nu_t + \epsilon} \text{ (eps\_in\_sqrt) }
+      \quad\text{or}\quad u_t = g_t / (\sqrt{\hat\nu_t} + \epsilon)
+
+    with :math:`\nu_0` = ``initial_scale``.
+
+    Args:
+      decay: :math:`\rho`, in [0, 1).
+      eps: :math:`\epsilon`, >= 0.
+      initial_scale: :math:`\nu_0`, >= 0 (TF1 uses 1, PyTorch and optax 0). Bias correction
+        assumes 0, as in optax.
+      eps_in_sqrt: put :math:`\epsilon` inside the square root (optax/Keras/TF1) or outside
+        (PyTorch).
+      bias_correction: divide :math:`\nu_t` by :math:`1 - \rho^t` (Adam-style).
+      promote_half: keep :math:`\nu` of float16/bfloat16 leaves in float32 (default); False
+        stores it in the leaf's dtype, saving memory but overflowing float16 for
+        :math:`|g| > 256` and underflowing for :math:`|g| < 10^{-4}`, as optax does.
+
+    Differences from ``optax.scale_by_rms``: the state always carries an int32 ``count``; half
+    precision state is float32 by default; a zero divisor (``eps=0`` and :math:`\nu=0`) gives a
+    zero update instead of NaN; complex leaves keep :math:`\nu` in the real dtype (optax stores
+    a complex array with zero imaginary part). PyTorch's RMSprop uses ``eps_in_sqrt=False``.
+    """
+    _check_rms_args(decay, eps, initial_scale)
+
+    def init_fn(params: Any) -> ScaleByRmsState:
+        nu = state_like(params, initial_scale, promote_half=promote_half, real=True)
+        return ScaleByRmsState(count=zero_count(), nu=nu)
+
+    def update_fn(updates: Any, state: ScaleByRmsState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        count = increment(state.count)
+        correction = debias(decay, count) if bias_correction else None
+        rule = lambda g, nu: _rms_rule(
+            g, nu, decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt
+        )
+        out, (nu,) = map_rule(rule, updates, (state.nu,))
+        return out, ScaleByRmsState(count=count, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_centered_rms(
+    decay: ArrayLike = 0.9,
+    eps: ArrayLike = 1e-8,
+    initial_scale: ArrayLike = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformation:
+    r"""Divide updates by a moving estimate of their standard deviation (centered RMSProp).
+
+    .. math::
+      \mu_t = \rho\,\mu_{t-1} + (1 - \rho)\,g_t, \qquad
+      \nu_t = \rho\,\nu_{t-1} + (1 - \rho)\,|g_t|^2
+
+      \sigma^2_t = \max(\hat\nu_t - |\hat\mu_t|^2,\ 0), \qquad
+      u_t = g_t / \sqrt{\sigma^2_t + \epsilon} \text{ or } g_t / (\sqrt{\sigma^2_t} + \epsilon)
+
+    where hats divide by :math:`1 - \rho^t` when ``bias_correction``; :math:`\mu_0 = 0`,
+    :math:`\nu_0` = ``initial_scale``. optax names this ``scale_by_stddev``; that name is
+    exported too.
+
+    Args:
+      decay: :math:`\rho`, in [0, 1).
+      eps: :math:`\epsilon`, >= 0.
+      initial_scale: :math:`\nu_0`, >= 0.
+      eps_in_sqrt: :math:`\epsilon` inside (default) or outside the square root.
+      bias_correction: divide both moments by :math:`1 - \rho^t`.
+      promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
+
+    Differences from ``optax.scale_by_stddev`` (and torch's ``centered=True``): the variance is
+    clamped at 0. When gradients are nearly constant, :math:`\hat\nu - |\hat\mu|^2` is a
+    difference of two almost equal numbers and rounds below zero (after a few hundred steps
+    with :math:`\rho = 0.9`); optax and torch then take the root of a negative number and
+    return NaN, rmsjax returns :math:`g/\sqrt{\epsilon}` (or 0 when :math:`\epsilon = 0`).
+    Also: an int32 ``count`` is always kept, half precision state is float32 by default, and
+    :math:`\nu` of complex leaves is stored real.
+    """
+    _check_rms_args(decay, eps, initial_scale)
+
+    def init_fn(params: Any) -> ScaleByCenteredRmsState:
+        mu = state_like(params, 0.0, promote_half=promote_half)
+        nu = state_like(params, initial_scale, promote_half=promote_half, real=True)
+        return ScaleByCenteredRmsState(count=zero_count(), mu=mu, nu=nu)
+
+    def update_fn(
+        updates: Any, state: ScaleByCenteredRmsState, params: Any = None
+    ) -> tuple[Any, Any]:
+        del params
+        count = increment(state.count)
+        correction = debias(decay, count) if bias_correction else None
+        rule = lambda g, mu, nu: _centered_rms_rule(
+            g, mu, nu, decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt
+        )
+        out, (mu, nu) = map_rule(rule, updates, (state.mu, state.nu))
+        return out, ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+scale_by_stddev = scale_by_centered_rms
+
+
+class ScaleByRssState(NamedTuple):
+    """State of :func:`scale_by_rss`: the running sum of :math:`|g|^2` (real)."""
+
+    sum_of_squares: Any
+
+
+def _rss_rule(
+    g: jax.Array, s: jax.Array, *, eps: ArrayLike, eps_in_sqrt: bool
+) -> tuple[jax.Array, jax.Array]:
+    s = s + abs_sq(g)
+    return rms_scale(g, s, eps, eps_in_sqrt=eps_in_sqrt), s
+
+
+def scale_by_rss(
+    initial_accumulator_value: ArrayLike = 0.1,
+    eps: ArrayLike = 1e-7,
+    *,
+    eps_in_sqrt: bool = True,
+    promote_half: bool = True,
+) -> optax.GradientTransformation:
+    r"""Divide updates by the root of the sum of all past squared updates (AdaGrad's core).
+
+    .. math::
+      s_t = s_{t-1} + |g_t|^2, \qquad u_t = g_t / \sqrt{s_t + \epsilon}
+      \text{ (eps\_in\_sqrt) } \quad\text{or}\quad u_t = g_t / (\sqrt{s_t} + \epsilon)
+
+    with :math:`s_0` = ``initial_accumulator_value``. The sum only grows, so the step only
+    shrinks; :func:`scale_by_rms` replaces it by a moving average.
+
+    Args:
+      initial_accumulator_value: :math:`s_0`, >= 0 (optax and Keras 0.1, torch 0).
+      eps: :math:`\epsilon`, >= 0 (optax and Keras 1e-7, torch 1e-10).
+      eps_in_sqrt: put :math:`\epsilon` inside the square root (optax, Keras; the default) or
+        outside it (``torch.optim.Adagrad``, used by ``rmsjax.compat.pytorch.adagrad``). The
+        two differ where :math:`s_t` is comparable to :math:`\epsilon` (tiny gradients, or a
+        zero start).
+      promote_half: keep :math:`s` of float16/bfloat16 leaves in float32 (default); False
+        stores it in the leaf's dtype, as optax does (float16 overflows once the sum passes
+        65504).
+
+    Same numbers as ``optax.scale_by_rss`` with the default ``eps_in_sqrt=True`` (optax has no
+    eps-outside form). Differences: complex leaves keep :math:`s` in the real dtype (optax
+    stores a complex array with zero imaginary part), half precision state is float32 by
+    default, the update has the gradient's dtype, and where :math:`s_t + \epsilon` is exactly 0
+    the update is 0 (optax tests :math:`s_t > 0` instead, which differs only when
+    :math:`|g|^2` underflows to 0 while :math:`g \ne 0`). With ``eps_in_sqrt=False`` a zero
+    divisor (:math:`s_t = 0` and :math:`\epsilon = 0`) gives 0, where torch gives NaN.
+    """
+    check_nonneg("initial_accumulator_value", initial_accumulator_value)
+    check_nonneg("eps", eps)
+
+    def init_fn(params: Any) -> ScaleByRssState:
+        s = state_like(params, initial_accumulator_value, promote_half=promote_half, real=True)
+        return ScaleByRssState(sum_of_squares=s)
+
+    def update_fn(updates: Any, state: ScaleByRssState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        out, (s,) = map_rule(
+            lambda g, s: _rss_rule(g, s, eps=eps, eps_in_sqrt=eps_in_sqrt),
+            updates,
+            (state.sum_of_squares,),
+        )
+        return out, ScaleByRssState(sum_of_squares=s)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByAdaDeltaState(NamedTuple):
+    """State of :func:`scale_by_adadelta`: moving averages of :math:`|g|^2` and :math:`|u|^2`."""
+
+    e_g: Any
+    e_x: Any
+
+
+def _adadelta_rule(
+    g: jax.Array, e_g: jax.Array, e_x: jax.Array, *, rho: ArrayLike, eps: ArrayLike
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    e_g = ema(abs_sq(g), e_g, rho)
+    u = safe_div(jnp.sqrt(e_x + eps), jnp.sqrt(e_g + eps)) * g
+    e_x = ema(abs_sq(u), e_x, rho)
+    return u, e_g, e_x
+
+
+def scale_by_adadelta(
+    rho: ArrayLike = 0.9,
+    eps: ArrayLike = 1e-6,
+    *,
+    promote_half: bool = True,
+) -> optax.GradientTransformation:
+    r"""AdaDelta's rescaling (Zeiler 2012): RMS of past steps over RMS of past gradients.
+
+    .. math::
+      E[g^2]_t = \rho\,E[g^2]_{t-1} + (1-\rho)\,|g_t|^2
+
+      u_t = \frac{\sqrt{E[\Delta^2]_{t-1} + \epsilon}}{\sqrt{E[g^2]_t + \epsilon}}\; g_t,
+      \qquad E[\Delta^2]_t = \rho\,E[\Delta^2]_{t-1} + (1-\rho)\,|u_t|^2
+
+    with both averages starting at 0. The numerator carries the units of the parameter, so
+    AdaDelta needs no learning rate (multiply by :math:`-1`, or by :math:`-\eta`, to descend:
+    :func:`rmsjax.adadelta` does).
+
+    Args:
+      rho: :math:`\rho`, in [0, 1).
+      eps: :math:`\epsilon`, > 0. It sets the size of the first steps
+        (:math:`\sqrt{\epsilon / ((1-\rho)|g|^2)}\,|g|` on step one); with 0 AdaDelta never
+        moves, so 0 is rejected.
+      promote_half: keep both averages of float16/bfloat16 leaves in float32 (default).
+
+    Same numbers as ``optax.scale_by_adadelta`` for real leaves. Differences: complex leaves
+    use :math:`|g|^2` and :math:`|u|^2` with real state (optax squares the complex numbers,
+    :math:`g^2`, which is not a magnitude: the "average square" then rotates with the phase of
+    :math:`g` and the step is wrong); half precision state is float32 by default; the update
+    has the gradient's dtype.
+    """
+    check_decay("rho", rho)
+    check_in_range(
+        "eps",
+        eps,
+        low=0.0,
+        low_open=True,
+        hint="AdaDelta's steps start at sqrt(eps)-size; with eps = 0 it never moves.",
+    )
+
+    def init_fn(params: Any) -> ScaleByAdaDeltaState:
+        e_g = state_like(params, 0.0, promote_half=promote_half, real=True)
+        e_x = state_like(params, 0.0, promote_half=promote_half, real=True)
+        return ScaleByAdaDeltaState(e_g=e_g, e_x=e_x)
+
+    def update_fn(updates: Any, state: ScaleByAdaDeltaState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        rule = lambda g, e_g, e_x: _adadelta_rule(g, e_g, e_x, rho=rho, eps=eps)
+        out, (e_g, e_x) = map_rule(rule, updates, (state.e_g, state.e_x))
+        return out, ScaleByAdaDeltaState(e_g=e_g, e_x=e_x)
+
+    return optax.GradientTransformation(init_fn, update_fn)

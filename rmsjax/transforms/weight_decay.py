@@ -1,0 +1,149 @@
+r"""Weight decay: :func:`add_decayed_weights` (optax's; coupled or decoupled by its place in the
+chain) and :func:`decoupled_weight_decay` (learning-rate-scaled, PyTorch's AdamW and Keras).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+from jax.typing import ArrayLike
+
+from rmsjax._numerics import (
+    increment,
+    zero_count,
+)
+from rmsjax._types import ScalarOrSchedule
+from rmsjax.tree import map_rule
+from rmsjax.validation import (
+    check_learning_rate,
+    check_nonneg,
+)
+
+__all__ = [
+    "AddDecayedWeightsState",
+    "DecoupledWeightDecayState",
+    "add_decayed_weights",
+    "decoupled_weight_decay",
+]
+
+
+class AddDecayedWeightsState(NamedTuple):
+    """State of :func:`add_decayed_weights`: update count (int32) for a schedule."""
+
+    count: jax.Array
+
+
+def _decay_rule(g: jax.Array, p: jax.Array, weight_decay: ArrayLike) -> tuple[jax.Array]:
+    return (g + weight_decay * p,)
+
+
+def add_decayed_weights(
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: Any | Callable[[Any], Any] | None = None,
+) -> optax.GradientTransformation:
+    r"""Add the parameters scaled by the weight decay: :math:`u_t = g_t + \lambda_t\,\theta_t`.
+
+    Placed before an adaptive scaling it is L2 regularisation ("coupled", torch's
+    ``weight_decay``); placed after it, as in :func:`rmsjax.adamw`, it is decoupled weight
+    decay (Loshchilov & Hutter).
+
+    Args:
+      weight_decay: :math:`\lambda`, a float >= 0 or a schedule ``count -> lambda`` evaluated
+        at 0, 1, 2, ...
+      mask: a tree of booleans with the params' structure (or a prefix of it), or a callable
+        ``params -> such a tree``; leaves marked False are left undecayed (via
+        ``optax.masked``).
+
+    Same numbers as ``optax.add_decayed_weights``; the state is always
+    ``AddDecayedWeightsState(count)``. Raises ``ValueError`` when ``params`` is not given.
+    """
+    if not callable(weight_decay):
+        check_nonneg("weight_decay", weight_decay)
+    coefficient = weight_decay if callable(weight_decay) else lambda count: weight_decay
+    return _params_rule_transform(
+        _decay_rule, coefficient, AddDecayedWeightsState, "add_decayed_weights", mask
+    )
+
+
+def _params_rule_transform(
+    rule: Callable[[jax.Array, jax.Array, ArrayLike], tuple[jax.Array]],
+    coefficient: Callable[[jax.Array], ArrayLike],
+    state_cls: Callable[..., Any],
+    name: str,
+    mask: Any | Callable[[Any], Any] | None,
+) -> optax.GradientTransformation:
+    """``u_t = rule(g_t, params, coefficient(count))`` (count 0, 1, 2, ...) with state
+    ``state_cls(count)``, optionally masked; shared by :func:`add_decayed_weights` and
+    :func:`rmsjax.decoupled_weight_decay`. ``name`` is the public name used in errors."""
+
+    def init_fn(params: Any) -> Any:
+        del params
+        return state_cls(count=zero_count())
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if params is None:
+            raise ValueError(f"{name} needs the parameters: call `update(grads, state, params)`.")
+        c = coefficient(state.count)
+        out, _ = map_rule(lambda g, p: rule(g, p, c), updates, extras=(params,))
+        return out, state_cls(count=increment(state.count))
+
+    transform = optax.GradientTransformation(init_fn, update_fn)
+    return transform if mask is None else optax.masked(transform, mask)
+
+
+class DecoupledWeightDecayState(NamedTuple):
+    """State of :func:`decoupled_weight_decay`: update count (int32) for schedules."""
+
+    count: jax.Array
+
+
+def _decoupled_decay_rule(g: jax.Array, p: jax.Array, factor: ArrayLike) -> tuple[jax.Array]:
+    return (g - factor * p,)
+
+
+def decoupled_weight_decay(
+    weight_decay: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
+    mask: Any | Callable[[Any], Any] | None = None,
+) -> optax.GradientTransformation:
+    r"""Subtract :math:`\eta_t \lambda_t \theta` from the (final) update.
+
+    .. math::  u_t = g_t - \eta_t\,\lambda_t\,\theta_{t-1}
+
+    Placed LAST in a chain (after the learning rate and any momentum buffer), it gives the
+    decoupled weight decay of ``torch.optim.AdamW`` (:math:`\theta \leftarrow
+    \theta(1 - \eta\lambda)` before the step) and of every Keras optimizer's ``weight_decay``
+    (:math:`\theta \leftarrow \theta - \theta\lambda\eta`): the decay never enters a moment or
+    momentum buffer, and it follows a learning-rate schedule.
+
+    Args:
+      weight_decay: :math:`\lambda`, a float >= 0 or a schedule ``count -> lambda``.
+      learning_rate: :math:`\eta`, a float >= 0 or a schedule ``count -> eta`` (pass the same
+        one as to the optimizer); counts are 0, 1, 2, ...
+      mask: which leaves are decayed (a boolean tree or a callable returning one), as in
+        :func:`rmsjax.add_decayed_weights`.
+
+    Equivalent to ``chain(add_decayed_weights(wd), scale_by_learning_rate(lr))`` applied to the
+    parameters alone; optax has no single transformation for it. Raises ``ValueError`` when
+    ``params`` is not given to ``update``.
+    """
+    if not callable(weight_decay):
+        check_nonneg("weight_decay", weight_decay)
+    if not callable(learning_rate):
+        check_learning_rate("learning_rate", learning_rate)
+
+    def coefficient(count: jax.Array) -> Any:
+        wd = weight_decay(count) if callable(weight_decay) else weight_decay
+        lr = learning_rate(count) if callable(learning_rate) else learning_rate
+        return lr * wd
+
+    return _params_rule_transform(
+        _decoupled_decay_rule,
+        coefficient,
+        DecoupledWeightDecayState,
+        "decoupled_weight_decay",
+        mask,
+    )

@@ -81,6 +81,10 @@ class HonestWheel(bdist_wheel):
             self.skip_build = True
         built = Path(self.get_finalized_command("build_ext").get_ext_fullpath(KERNEL))
         self.root_is_pure = not built.is_file()
+        if self.root_is_pure:
+            # Without the kernel the distribution has no extension: install then lays the
+            # package out as purelib, matching the wheel's root.
+            self.distribution.ext_modules = []
         super().run()
 
     def get_tag(self) -> tuple[str, str, str]:

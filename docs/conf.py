@@ -44,7 +44,8 @@ napoleon_use_rtype = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
-autodoc_preserve_defaults = True
+# Not preserve_defaults: the fused factories carry a computed __signature__ (rmsjax.fused.fuse)
+# whose defaults are not in their source, which that option reads.
 # Type aliases shown by name instead of expanded into long unions.
 autodoc_type_aliases = {
     "ScalarOrSchedule": "ScalarOrSchedule",

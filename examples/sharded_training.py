@@ -15,6 +15,15 @@ Checkpoint and resume with Orbax (the second command continues the first exactly
     XLA_FLAGS=... python examples/sharded_training.py --steps 100 --checkpoint /tmp/ckpt --resume
 
 ``--compare`` also runs the same training on one device and prints the largest difference.
+
+Several processes (several hosts, or two processes on one machine as here) run the same command
+with their own ``--process-id``; the mesh then spans the devices of all of them, and each process
+feeds only its own rows of every batch:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/sharded_training.py \
+        --coordinator 127.0.0.1:8476 --num-processes 2 --process-id 0 &
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/sharded_training.py \
+        --coordinator 127.0.0.1:8476 --num-processes 2 --process-id 1
 """
 
 from __future__ import annotations
@@ -67,6 +76,24 @@ def make_optimizer(momentum: float | None = None) -> optax.GradientTransformatio
     """Centered RMSProp with a decaying learning rate: its position in the schedule is state."""
     lr = optax.exponential_decay(3e-3, transition_steps=20, decay_rate=0.7)
     return rmsjax.rmsprop(lr, decay=0.95, centered=True, momentum=momentum)
+
+
+def connect(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Join the other processes (``jax.distributed``); call it before anything touches a device.
+
+    ``coordinator`` is ``HOST:PORT`` of process 0, the same in every process. A loopback
+    coordinator (``127.0.0.1``, ``localhost``: all processes on one machine) listens on the
+    loopback interface only; any other listens on all of process 0's interfaces. Between
+    processes, CPU devices exchange data through gloo (GPUs and TPUs use their own transport).
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    loopback = coordinator.rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        coordinator_bind_address=coordinator if loopback else None,
+    )
 
 
 def make_mesh(axis_type: str = "explicit") -> jax.sharding.Mesh:
@@ -133,16 +160,20 @@ class Run:
         assert self.mesh is not None
         return NamedSharding(self.mesh, spec)
 
-    def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
+    def host_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch number ``step`` (a pure function of the step, so a resumed run sees the same)."""
         start = (step * BATCH) % DATASET
-        x, y = self.x[start : start + BATCH], self.y[start : start + BATCH]
+        return self.x[start : start + BATCH], self.y[start : start + BATCH]
+
+    def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
+        """Batch ``step`` on the devices: split over the mesh, each process giving its rows."""
+        x, y = self.host_batch(step)
         if self.mesh is None:
             return jnp.asarray(x), jnp.asarray(y)
         axis = AXIS if self.shard_batch else None
         return (
-            jax.device_put(x, self.sharding(P(axis, None))),
-            jax.device_put(y, self.sharding(P(axis))),
+            from_process_rows(x, self.sharding(P(axis, None))),
+            from_process_rows(y, self.sharding(P(axis))),
         )
 
     def train(self, steps: int) -> list[float]:
@@ -201,11 +232,35 @@ class Run:
         self.step_count = step
 
 
+def from_process_rows(whole: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The global array ``whole``, built from the rows this process's devices hold.
+
+    With several processes each one passes only its part (a data loader on each host reads only
+    that part); with one process that part is all of ``whole``.
+    """
+    spans = [
+        index[0].indices(len(whole))[:2]
+        for index in sharding.addressable_devices_indices_map(whole.shape).values()
+    ]
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    return jax.make_array_from_process_local_data(sharding, whole[start:stop], whole.shape)
+
+
+def host_values(tree: Any) -> Any:
+    """``tree`` with every leaf's full value as a NumPy array, in every process (a collective
+    when the arrays span several processes: every process must call it)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def state_bytes(opt_state: Any) -> tuple[int, int]:
-    """(total bytes of the state, bytes of it held on the first device)."""
+    """(total bytes of the state, bytes of it held on this process's first device)."""
     leaves = jax.tree.leaves(opt_state)
     total = sum(leaf.nbytes for leaf in leaves)
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     on_device = sum(
         shard.data.nbytes
         for leaf in leaves
@@ -223,36 +278,49 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="directory to save the run to")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--compare", action="store_true", help="also train on one device")
+    group = parser.add_argument_group("several processes (all three, the same in each but the id)")
+    group.add_argument("--coordinator", help="HOST:PORT of process 0")
+    group.add_argument("--num-processes", type=int)
+    group.add_argument("--process-id", type=int)
     args = parser.parse_args()
+    distributed = (args.coordinator, args.num_processes, args.process_id)
+    if any(a is not None for a in distributed):
+        if any(a is None for a in distributed):
+            parser.error("--coordinator, --num-processes and --process-id go together")
+        connect(args.coordinator, args.num_processes, args.process_id)
+    # Every process runs all of the code below (the collectives need them all); one reports.
+    say = print if jax.process_index() == 0 else lambda *_: None
 
     mesh = make_mesh(args.axis_type)
-    print(f"{jax.device_count()} devices, mesh {dict(mesh.shape)} ({args.axis_type} axes)")
+    say(
+        f"{jax.device_count()} devices in {jax.process_count()} process(es), "
+        f"mesh {dict(mesh.shape)} ({args.axis_type} axes)"
+    )
     if jax.device_count() == 1:
-        print("(one device only: set XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+        say("(one device only: set XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     run = Run(mesh, args.momentum)
     if args.resume:
         run.restore(args.checkpoint)
-        print(f"resumed from step {run.step_count} in {args.checkpoint}")
+        say(f"resumed from step {run.step_count} in {args.checkpoint}")
     total, on_device = state_bytes(run.opt_state)
-    print(f"optimizer state: {total} bytes in all, {on_device} bytes on device 0")
+    say(f"optimizer state: {total} bytes in all, {on_device} bytes on one device")
     losses = run.train(max(args.steps - run.step_count, 0))
     first = run.step_count - len(losses)
     for i, loss in enumerate(losses):
         if (first + i) % 10 == 0 or i == len(losses) - 1:
-            print(f"step {first + i + 1:4d}  loss {loss:.4f}")
+            say(f"step {first + i + 1:4d}  loss {loss:.4f}")
     if args.checkpoint:
         run.save(args.checkpoint)
-        print(f"saved step {run.step_count} to {args.checkpoint}")
+        say(f"saved step {run.step_count} to {args.checkpoint}")
     if args.compare:
+        params = host_values(run.params)
         single = Run(None, args.momentum)
         single.train(run.step_count)
         diff = max(
-            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-            for a, b in zip(
-                jax.tree.leaves(run.params), jax.tree.leaves(single.params), strict=True
-            )
+            float(np.max(np.abs(a - np.asarray(b))))
+            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single.params), strict=True)
         )
-        print(f"largest parameter difference, {jax.device_count()} devices vs 1: {diff:.2e}")
+        say(f"largest parameter difference, {jax.device_count()} devices vs 1: {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 
 from optax import GradientTransformation, GradientTransformationExtraArgs, chain
 
-from rmsjax import compat
+from rmsjax import compat, quantization
 from rmsjax._numerics import precise_debias
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, rprop, sgd
 from rmsjax.schedules import (
@@ -23,6 +23,7 @@ from rmsjax.schedules import (
     warmup_cosine_decay_schedule,
 )
 from rmsjax.sharding import state_sharding
+from rmsjax.stochastic import apply_updates_stochastic, stochastic_round
 from rmsjax.transforms import (
     AddDecayedWeightsState,
     DampenedTraceState,
@@ -34,13 +35,16 @@ from rmsjax.transforms import (
     ScaleByAmsgradState,
     ScaleByCenteredRmsState,
     ScaleByRmsState,
+    ScaleByRmsWithCountState,
     ScaleByRpropState,
     ScaleByRssState,
     ScaleByRStdDevState,
+    ScaleByRStdDevWithCountState,
     ScaleByScheduleState,
     ScaleState,
     SplitRealAndImaginaryState,
     TraceState,
+    WeightDecaySchedule,
     add_decayed_weights,
     dampened_trace,
     decoupled_weight_decay,
@@ -86,19 +90,23 @@ __all__ = [
     "ScaleByAmsgradState",
     "ScaleByCenteredRmsState",
     "ScaleByRStdDevState",
+    "ScaleByRStdDevWithCountState",
     "ScaleByRmsState",
+    "ScaleByRmsWithCountState",
     "ScaleByRpropState",
     "ScaleByRssState",
     "ScaleByScheduleState",
     "ScaleState",
     "SplitRealAndImaginaryState",
     "TraceState",
+    "WeightDecaySchedule",
     "adadelta",
     "adagrad",
     "adam",
     "adamw",
     "add_decayed_weights",
     "apply_updates",
+    "apply_updates_stochastic",
     "chain",
     "compat",
     "constant_schedule",
@@ -113,6 +121,7 @@ __all__ = [
     "piecewise_constant_schedule",
     "polynomial_schedule",
     "precise_debias",
+    "quantization",
     "rmsprop",
     "rprop",
     "scale",
@@ -131,6 +140,7 @@ __all__ = [
     "sgd",
     "split_real_and_imaginary",
     "state_sharding",
+    "stochastic_round",
     "trace",
     "warmup_cosine_decay_schedule",
 ]

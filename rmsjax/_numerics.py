@@ -9,7 +9,7 @@ saturating step counter. The transformations in :mod:`rmsjax.transforms` and the
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ __all__ = [
     "ema",
     "increment",
     "is_positive",
+    "moment_div",
     "precise_debias",
     "rms_scale",
     "safe_div",
@@ -43,7 +44,9 @@ def abs_sq(x: jax.Array) -> jax.Array:
 
 def ema(new: jax.Array, old: jax.Array, decay: ArrayLike) -> jax.Array:
     """Exponential moving average ``(1 - decay) * new + decay * old`` (optax's operand order)."""
-    return (1 - decay) * new + decay * old
+    # (cast: with an ArrayLike decay the type checker also sees NumPy results; the rules
+    # always pass jax arrays, so the result is one)
+    return cast(jax.Array, (1 - decay) * new + decay * old)
 
 
 def select(ok: jax.Array, x: jax.Array, fill: float) -> jax.Array:
@@ -64,6 +67,20 @@ def safe_div(num: jax.Array, den: jax.Array, *, den_positive: bool = False) -> j
         return num / den
     ok = den != 0
     return select(ok, num / select(ok, den, 1), 0)
+
+
+def moment_div(
+    num: jax.Array, den: jax.Array, g: jax.Array, *, den_positive: bool = False
+) -> jax.Array:
+    """:func:`safe_div` for a first moment over the root of a second one (the Adam forms).
+
+    Where the divisor is ``+inf`` (the second moment overflowed: float32 :math:`|g| \\ge
+    2^{64}`) and the gradient ``g`` is finite, the result is 0, the documented zero step, even
+    when the bias-corrected numerator overflowed too (``inf / inf`` would be NaN). A NaN or
+    infinite gradient still gives NaN.
+    """
+    out = safe_div(num, den, den_positive=den_positive)
+    return jnp.where((den == jnp.inf) & jnp.isfinite(g), 0, out)
 
 
 def safe_rsqrt_scale(g: jax.Array, den2: jax.Array, *, den_positive: bool = False) -> jax.Array:
@@ -92,7 +109,7 @@ def rms_scale(g: jax.Array, second: jax.Array, eps: ArrayLike, *, eps_in_sqrt: b
 
 def debias(decay: ArrayLike, count: jax.Array) -> jax.Array:
     """``1 - decay**count``: what a zero-started EMA is divided by to remove its bias."""
-    return 1 - decay**count
+    return cast(jax.Array, 1 - decay**count)
 
 
 def unbias(moment: jax.Array, correction: ArrayLike | None) -> jax.Array:

@@ -35,6 +35,10 @@ Environment variables:
 * ``RMSJAX_NATIVE_ISA=baseline`` makes the kernel use its baseline loops even where AVX2+FMA
   is available (for testing; read once per process).
 
+The kernel's operands (scalars, state slots, flags per kind) are defined once, in
+``rmsjax/_native/table.py``; the build turns that table into a C++ header, and a library built
+from another table is treated like one built from another source (not loaded).
+
 Check which path is active (and build it if needed) with ``python -m rmsjax.native``.
 """
 
@@ -52,15 +56,17 @@ from typing import Any
 
 from rmsjax._native import build as _recipe
 
-__all__ = ["TARGET", "available", "build", "library_path", "status"]
+__all__ = ["TARGET", "available", "build", "enabled", "library_path", "reset", "status"]
 
 TARGET = "rmsjax_fused_step"
-_NATIVE_DIR = Path(__file__).with_name("_native")
+_DEFAULT_DIR = Path(__file__).with_name("_native")
+_NATIVE_DIR = _DEFAULT_DIR
 _SOURCE = _recipe.SOURCE
 _INSTALLED_STEM = "_fused_step"  # setup.py's extension rmsjax._native._fused_step
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"tried": False, "ok": False, "why": "not built yet", "path": None}
+_INITIAL = {"tried": False, "ok": False, "why": "not built yet", "path": None}
+_state: dict[str, Any] = dict(_INITIAL)
 
 
 def _cache_dir() -> Path:
@@ -82,7 +88,7 @@ def library_path() -> Path:
     cxx = _recipe.find_compiler()
     key = hashlib.sha256()
     for part in (
-        _SOURCE.read_bytes() if _SOURCE.exists() else b"",
+        _recipe.source_id(_SOURCE).encode() if _SOURCE.exists() else b"",
         jaxlib.__version__.encode(),
         " ".join(cxx or ["none"]).encode(),
         " ".join(_recipe.FLAGS).encode(),
@@ -140,7 +146,9 @@ def _register(path: Path) -> ctypes.CDLL:
     source_id.restype = ctypes.c_char_p
     built_from = source_id().decode()
     if _SOURCE.exists() and built_from != _recipe.source_id(_SOURCE):
-        raise RuntimeError(f"it was built from a different fused_step.cc (id {built_from})")
+        raise RuntimeError(
+            f"it was built from a different fused_step.cc or operand table (id {built_from})"
+        )
     # Start the CPU backend first: registering before it exists only queues the handler, and
     # a handler XLA refuses (one compiled against the FFI headers of a newer jaxlib, as a
     # wheel or an isolated sdist build may be) would then fail the backend's start-up and
@@ -157,8 +165,14 @@ def _kernel_isa(lib: ctypes.CDLL) -> str:
     return fn().decode()
 
 
+def enabled() -> bool:
+    """False when ``RMSJAX_NATIVE=0`` (or ``false``/``no``/``off``) turns the native path off
+    on purpose; then :func:`available` is False too, and nothing is built or loaded."""
+    return os.environ.get("RMSJAX_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _load() -> None:
-    if os.environ.get("RMSJAX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not enabled():
         _state.update(ok=False, why="disabled by RMSJAX_NATIVE=0")
         return
     note = ""
@@ -178,6 +192,20 @@ def _load() -> None:
         _state.update(ok=False, why=f"{type(err).__name__}: {err}{note}")
         return
     _state.update(ok=True, how="built on first use", path=str(path), lib=lib, note=note)
+
+
+def reset(installed_dir: Path | str | None = None) -> None:
+    """Forget the outcome of the last look-up, so the next :func:`available` looks again.
+
+    For tests of the look-up order: ``installed_dir`` replaces the folder searched for an
+    installed library (default: ``rmsjax/_native``). A library already loaded stays loaded
+    (and registered with jax) in this process.
+    """
+    global _NATIVE_DIR
+    with _lock:
+        _NATIVE_DIR = Path(installed_dir) if installed_dir is not None else _DEFAULT_DIR
+        _state.clear()
+        _state.update(_INITIAL)
 
 
 def available() -> bool:

@@ -1,7 +1,13 @@
 r"""Ready optimizers: short chains of the transformations in :mod:`rmsjax.transforms`.
 
 Names, signatures and defaults are optax 0.2.x's, so ``optax.rmsprop`` can be swapped for
-``rmsjax.rmsprop``. Each returns an ``optax.GradientTransformationExtraArgs``.
+``rmsjax.rmsprop``. Each returns an ``optax.GradientTransformationExtraArgs`` whose state has
+exactly the structure of the optax optimizer's state (the same ``NamedTuple`` classes, fields
+and order), so an optax state or Orbax checkpoint restores into the rmsjax optimizer.
+
+Every ``learning_rate`` must be given: ``None`` raises ``ValueError`` (``optax.rmsprop(None)``
+skips the scaling and so steps up the gradient), except in :func:`adadelta`, where ``None``
+means a rate of 1.
 """
 
 from __future__ import annotations
@@ -13,9 +19,29 @@ from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax import transforms as T
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.validation import check_in_range, check_learning_rate
+from rmsjax.validation import argument_names, check_float_dtype, check_learning_rate
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
+
+
+def _momentum(
+    momentum: ArrayLike | None,
+    nesterov: bool,
+    accumulator_dtype: DTypeLike | None = None,
+    *,
+    promote_half: bool,
+) -> optax.GradientTransformation:
+    """``trace(momentum)``, or ``identity`` for ``None`` (optax's layout); a bad ``momentum``
+    is reported under that name, not as ``trace``'s ``decay``."""
+    if momentum is None:
+        return optax.identity()
+    with argument_names({"decay": "momentum"}):
+        return T.trace(
+            decay=momentum,
+            nesterov=nesterov,
+            accumulator_dtype=accumulator_dtype,
+            promote_half=promote_half,
+        )
 
 
 def rmsprop(
@@ -79,8 +105,6 @@ def rmsprop(
       [-0.0316, 0.0316]
     """
     check_learning_rate("learning_rate", learning_rate)
-    if momentum is not None:
-        check_in_range("momentum", momentum, low=0.0, high=1.0)
     scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
     return optax.chain(
         scaler(
@@ -92,9 +116,7 @@ def rmsprop(
             promote_half=promote_half,
         ),
         T.scale_by_learning_rate(learning_rate),
-        T.trace(decay=momentum, nesterov=nesterov, promote_half=promote_half)
-        if momentum is not None
-        else optax.identity(),
+        _momentum(momentum, nesterov, promote_half=promote_half),
     )
 
 
@@ -207,15 +229,9 @@ def sgd(
       -0.271
     """
     check_learning_rate("learning_rate", learning_rate)
+    check_float_dtype("accumulator_dtype", accumulator_dtype)
     return optax.chain(
-        T.trace(
-            decay=momentum,
-            nesterov=nesterov,
-            accumulator_dtype=accumulator_dtype,
-            promote_half=promote_half,
-        )
-        if momentum is not None
-        else optax.identity(),
+        _momentum(momentum, nesterov, accumulator_dtype, promote_half=promote_half),
         T.scale_by_learning_rate(learning_rate),
     )
 

@@ -23,6 +23,8 @@ numbers); only :func:`inverse_time_decay`, which optax lacks, is written here.
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -101,6 +103,6 @@ def inverse_time_decay(
         tau = jnp.asarray(count, dtype=float) / decay_steps
         if staircase:
             tau = jnp.floor(tau)
-        return init_value / (1 + decay_rate * tau)
+        return cast(jax.Array, init_value / (1 + decay_rate * tau))
 
     return schedule

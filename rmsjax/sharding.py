@@ -17,12 +17,24 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec, Sharding
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 __all__ = ["state_sharding"]
 
 
-def _sharding_of(path: Any, leaf: Any) -> Sharding:
+def _is_uncommitted(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array) and not leaf.committed
+
+
+def _sharding_of(path: Any, leaf: Any, *, follow_uncommitted: bool) -> Sharding | None:
+    """The sharding a parameter leaf pins its state to; None for a leaf that pins nothing (a
+    Python scalar, or, unless ``follow_uncommitted``, a ``jax.Array`` not committed to a
+    device)."""
+    if isinstance(leaf, int | float | complex):
+        return None
+    if _is_uncommitted(leaf) and not follow_uncommitted:
+        return None
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, Sharding):
         raise TypeError(
@@ -74,8 +86,14 @@ def state_sharding(
       opt: anything with an ``init(params)`` (an ``optax.GradientTransformation``).
       params: the parameter tree: ``jax.Array`` leaves with their sharding, or
         ``jax.ShapeDtypeStruct`` leaves with a ``sharding``. Nothing is computed on them; ``init``
-        is only traced (``jax.eval_shape``).
-      replicated: sharding for leaves that mirror no parameter.
+        is only traced (``jax.eval_shape``). A Python scalar leaf pins nothing: its state gets
+        ``replicated`` like the step counts. So does a ``jax.Array`` that is not committed to
+        a device (``jnp.float32(1.0)``, which JAX may move anywhere) when other leaves are
+        committed, so it never mixes the default device into a mesh-sharded state. NumPy
+        arrays raise ``TypeError``.
+      replicated: sharding for leaves that mirror no placed parameter; by default a fully
+        replicated ``NamedSharding`` on the parameters' mesh (the default device when no
+        parameter is placed).
 
     Returns:
       A tree with the structure of ``opt.init(params)`` whose leaves are ``jax.sharding.Sharding``.
@@ -83,11 +101,27 @@ def state_sharding(
     optax has no counterpart; its ``tree_map_params`` can express the same thing by hand.
     """
     param_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    by_path: dict[tuple[Any, ...], tuple[tuple[int, ...], Sharding]] = {}
+    placed: dict[tuple[Any, ...], tuple[tuple[int, ...], Sharding]] = {}
+    floating: dict[tuple[Any, ...], tuple[int, ...]] = {}
+    # Uncommitted arrays live on the default device; they are followed only when no leaf is
+    # committed (one device, plain `jnp` arrays), never next to mesh-placed parameters.
+    follow = not any(
+        isinstance(getattr(leaf, "sharding", None), Sharding) and not _is_uncommitted(leaf)
+        for _, leaf in param_paths
+    )
     for path, leaf in param_paths:
-        by_path[tuple(path)] = (tuple(leaf.shape), _sharding_of(path, leaf))
+        sharding = _sharding_of(path, leaf, follow_uncommitted=follow)
+        if sharding is None:
+            floating[tuple(path)] = tuple(np.shape(leaf))
+        else:
+            placed[tuple(path)] = (tuple(np.shape(leaf)), sharding)
     if replicated is None:
-        replicated = _replicated_like([s for _, s in by_path.values()])
+        replicated = _replicated_like([s for _, s in placed.values()])
+    if replicated is None:  # nothing is placed: the default device
+        replicated = SingleDeviceSharding(jax.devices()[0])
+    by_path = dict(placed)
+    for path, shape in floating.items():
+        by_path[path] = (shape, replicated)
 
     abstract = jax.eval_shape(opt.init, params)
 

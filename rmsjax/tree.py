@@ -5,15 +5,20 @@ Every transformation in rmsjax writes its rule for a single array,
 :func:`map_rule` to apply it leaf by leaf. ``map_rule`` owns the policies that must be the same
 everywhere:
 
-* ``None`` gradient leaves pass through: the update is ``None`` and the state leaf is kept.
-* The gradient tree must have the state's structure; if not, the error shows both structures.
+* ``None`` gradient leaves pass through: the update is ``None`` and the state leaf is kept
+  (``update(None, state, params)`` returns ``(None, state)``, as optax's stateless
+  transformations do).
+* The gradient tree must have the state's structure; if not, the error shows both structures
+  and says which keys only the gradients have and which only the state has.
 * Integer and boolean gradient leaves raise ``TypeError`` naming the leaf.
 * The rule sees the gradient promoted to the common dtype of the gradient and its state leaves
   (a float16 gradient with float32 moments is computed in float32); the update it returns is
   cast back to the gradient's dtype, and every state leaf keeps its own dtype.
 
 :func:`state_like` builds state leaves with the dtype policy shared by all transformations:
+moments are floating point (the default float dtype for integer and boolean parameters), and
 moments of float16/bfloat16 parameters are kept in float32 unless asked otherwise.
+:func:`check_state` is the check every transformation runs on the state it is given.
 """
 
 from __future__ import annotations
@@ -26,7 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-__all__ = ["map_rule", "real_dtype", "state_dtype", "state_like"]
+__all__ = [
+    "check_state",
+    "describe_difference",
+    "flatten_like",
+    "map_rule",
+    "real_dtype",
+    "state_dtype",
+    "state_like",
+    "structure_error",
+]
 
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -40,13 +54,19 @@ def state_dtype(
 ) -> jnp.dtype:
     """Dtype of a state leaf for a parameter of ``param_dtype``.
 
-    ``override`` wins when given. Otherwise float16/bfloat16 become float32 when
-    ``promote_half`` (their range cannot hold squared gradients: 300**2 overflows float16 and
-    1e-4**2 underflows it), and every other dtype is kept.
+    ``override`` wins when given (the transformations reject integer and boolean overrides
+    at construction, see :func:`rmsjax.validation.check_float_dtype`). Otherwise integer and
+    boolean parameters get the default float dtype (float32, float64 under ``jax_enable_x64``):
+    a moving average of float gradients kept in int32 would round to 0 forever.
+    float16/bfloat16 become float32 when ``promote_half`` (their range cannot hold squared
+    gradients: 300**2 overflows float16 and 1e-4**2 underflows it); every other float and
+    complex dtype is kept.
     """
     if override is not None:
         return jnp.dtype(override)
     dtype = jnp.dtype(param_dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return jnp.dtype(jnp.result_type(float))
     if promote_half and dtype in _HALF:
         return jnp.dtype(jnp.float32)
     return dtype
@@ -78,32 +98,131 @@ def state_like(
         dt = state_dtype(jnp.result_type(p), dtype, promote_half=promote_half)
         if real:
             dt = real_dtype(dt)
-        return jnp.full_like(p, fill, dtype=dt)
+        value = fill
+        if jnp.iscomplexobj(fill) and not jnp.issubdtype(dt, jnp.complexfloating):
+            value = jnp.real(fill)  # a complex-typed real hyperparameter (see _cast_like)
+        return jnp.full_like(p, value, dtype=dt)
 
     return jax.tree.map(leaf, params)
 
 
-def _structure_error(what: str, updates: Any, other: Any, detail: str) -> ValueError:
-    return ValueError(
-        f"The gradient tree does not have the structure of the {what}.\n"
-        f"  gradients: {jax.tree.structure(updates, is_leaf=_is_none)}\n"
-        f"  {what}: {jax.tree.structure(other, is_leaf=_is_none)}\n"
-        f"({detail}) Pass gradients shaped like the params given to `init`, or re-run `init` "
-        "after changing the model."
+def check_state(state: Any, expected: type | tuple[type, ...], transform: str) -> None:
+    """Raise ``TypeError`` unless ``state`` is an instance of ``expected``.
+
+    Every transformation calls this first in ``update``: the state of another optimizer has
+    other fields (or a field such as ``count`` that resolves to ``tuple.count``), and would
+    otherwise fail somewhere inside the arithmetic, or worse, be accepted.
+    """
+    if isinstance(state, expected):
+        return
+    classes = expected if isinstance(expected, tuple) else (expected,)
+    names = " or ".join(c.__name__ for c in classes)
+    raise TypeError(
+        f"`{transform}` expected its state as {names}, got {type(state).__name__}: "
+        f"{_short(state)}. Pass the state returned by this optimizer's `init` (the state of "
+        "another optimizer, or of another configuration of this one, does not fit)."
     )
 
 
-def _leaves_like(updates: Any, treedef: Any, tree: Any, what: str) -> list[Any]:
+def _short(x: Any, limit: int = 200) -> str:
+    text = repr(jax.tree.map(lambda leaf: getattr(leaf, "shape", leaf), x))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Structure errors
+# --------------------------------------------------------------------------------------------
+
+
+def _children(x: Any) -> tuple[type, dict[Any, Any]] | None:
+    """The node type and ``{key: child}`` of a pytree node; ``None`` for a leaf (or None)."""
+    if x is None:
+        return None
+    kids = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)[0]
+    if len(kids) == 1 and kids[0][0] == ():
+        return None
+    return type(x), {path[0]: child for path, child in kids}
+
+
+def _keys(keys: list[Any]) -> str:
+    return ", ".join(jax.tree_util.keystr((k,)) for k in keys)
+
+
+def _has(name: str) -> str:
+    return f"the {name} have" if name.endswith("s") else f"the {name} has"
+
+
+def _lacks(name: str) -> str:
+    return f"the {name} lack" if name.endswith("s") else f"the {name} lacks"
+
+
+def describe_difference(
+    a: Any, b: Any, a_name: str, b_name: str, path: tuple[Any, ...] = ()
+) -> str:
+    """Where tree ``b`` stops matching tree ``a`` (whose leaves match any subtree), in words,
+    each key attributed to the tree that has it; ``""`` when ``b`` matches."""
+    node_a = _children(a)
+    if node_a is None:
+        return ""
+    where = f"at {jax.tree_util.keystr(path)}" if path else "at the root"
+    node_b = _children(b)
+    if node_b is None or node_a[0] is not node_b[0]:
+        kind_b = "a leaf" if node_b is None else f"a {type(b).__name__}"
+        return f"{where}, {_has(a_name)} a {type(a).__name__} where {_has(b_name)} {kind_b}"
+    only_a = [k for k in node_a[1] if k not in node_b[1]]
+    only_b = [k for k in node_b[1] if k not in node_a[1]]
+    if only_a or only_b:
+        parts = []
+        if only_a:
+            parts.append(f"{_has(a_name)} {_keys(only_a)}, which {_lacks(b_name)}")
+        if only_b:
+            parts.append(f"{_has(b_name)} {_keys(only_b)}, which {_lacks(a_name)}")
+        return f"{where}, " + "; ".join(parts)
+    for key, child in node_a[1].items():
+        found = describe_difference(child, node_b[1][key], a_name, b_name, (*path, key))
+        if found:
+            return found
+    return ""
+
+
+def structure_error(
+    tree: Any, other: Any, *, tree_name: str, other_name: str, detail: str = ""
+) -> ValueError:
+    """A ``ValueError`` saying that ``tree`` (the gradients, the updates) does not have the
+    structure of ``other`` (the state, the params): both structures, and where they differ,
+    each key attributed to the tree that has it."""
+    detail = (
+        detail
+        or describe_difference(tree, other, tree_name, other_name)
+        or "the two trees have the same keys but differ in a node's type or metadata"
+    )
+    return ValueError(
+        f"The tree of {tree_name} does not have the structure of the {other_name}.\n"
+        f"  {tree_name}: {jax.tree.structure(tree, is_leaf=_is_none)}\n"
+        f"  {other_name}: {jax.tree.structure(other, is_leaf=_is_none)}\n"
+        f"{detail[:1].upper() + detail[1:]}.\n"
+        f"Pass {tree_name} shaped like the params given to `init`, or re-run `init` after "
+        "changing the model."
+    )
+
+
+def flatten_like(
+    tree: Any, treedef: Any, other: Any, *, tree_name: str, other_name: str
+) -> list[Any]:
+    """``other`` flattened up to ``treedef`` (the structure of ``tree``, ``None`` leaves
+    included), or the :func:`structure_error` of the two."""
     try:
-        leaves = treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as err:
-        raise _structure_error(what, updates, tree, str(err)) from None
-    for leaf in leaves:
-        if leaf is not None and not hasattr(leaf, "dtype") and not np.isscalar(leaf):
-            raise _structure_error(
-                what, updates, tree, f"found a {type(leaf).__name__} where an array belongs."
-            )
-    return leaves
+        return list(treedef.flatten_up_to(other))
+    except (ValueError, TypeError):
+        raise structure_error(tree, other, tree_name=tree_name, other_name=other_name) from None
+
+
+def _check_leaf(tree: Any, other: Any, path: Any, leaf: Any, names: tuple[str, str]) -> None:
+    if leaf is None or hasattr(leaf, "dtype") or np.isscalar(leaf):
+        return
+    where = jax.tree_util.keystr(path) or "the root"
+    detail = f"at {where}, {_has(names[0])} an array where {_has(names[1])} a {type(leaf).__name__}"
+    raise structure_error(tree, other, tree_name=names[0], other_name=names[1], detail=detail)
 
 
 def _cast_like(x: Any, like: Any) -> jax.Array:
@@ -114,16 +233,23 @@ def _cast_like(x: Any, like: Any) -> jax.Array:
     else:
         dtype = like.dtype if hasattr(like, "dtype") else jnp.result_type(like)
     x = jnp.asarray(x)
-    return x if x.dtype == dtype else x.astype(dtype)
+    if x.dtype == dtype:
+        return x
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        # A real state computed with complex hyperparameters (optax.inject_hyperparams hands
+        # them over as complex64, imaginary part 0, for a complex model): the real part.
+        x = jnp.real(x)
+    return x.astype(dtype)
 
 
-def _check_gradient(path: Any, g: Any) -> None:
+def _check_gradient(path: Any, g: Any, leaf_name: str) -> None:
     dtype = jnp.result_type(g)
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"Gradient leaf {jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}; rmsjax "
-            "transformations need floating-point or complex gradients. Cast the leaf to a float "
-            "dtype, or keep it out of the optimizer with `optax.masked` / `optax.set_to_zero`."
+            f"{leaf_name.capitalize()} leaf {jax.tree_util.keystr(path) or '<root>'} has dtype "
+            f"{dtype}; rmsjax needs floating-point or complex {leaf_name}s. Cast the leaf to a "
+            "float dtype, or keep it out of the optimizer with `optax.masked` / "
+            "`optax.set_to_zero`."
         )
 
 
@@ -140,36 +266,43 @@ def map_rule(
 
     ``rule(g, *state_leaves, *extra_leaves)`` returns ``(update, *new_state_leaves)`` with one
     new leaf per tree in ``states``. ``extras`` are read-only trees (the params). Where a
-    gradient leaf is ``None``, the rule is skipped: the update is ``None`` and the state leaves
-    are returned unchanged.
+    gradient leaf is ``None`` (or the whole gradient tree is ``None``), the rule is skipped:
+    the update is ``None`` and the state leaves are returned unchanged. ``what`` and
+    ``extra_names`` name the trees in structure errors.
     """
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)
-    state_leaves = [_leaves_like(updates, treedef, s, what) for s in states]
-    extra_leaves = [
-        _leaves_like(updates, treedef, e, name)
-        for e, name in zip(extras, extra_names[: len(extras)], strict=True)
+    names = [what] * len(states) + list(extra_names[: len(extras)])
+    others = [*states, *extras]
+    if len(names) != len(others):
+        raise ValueError(f"map_rule: {len(extras)} extras but names {list(extra_names)}.")
+    flat = [
+        flatten_like(updates, treedef, o, tree_name="gradients", other_name=n)
+        for o, n in zip(others, names, strict=True)
     ]
+    n_states = len(states)
     out_updates: list[Any] = []
     out_states: list[list[Any]] = [[] for _ in states]
     for i, (path, g) in enumerate(path_leaves):
-        olds = [leaves[i] for leaves in state_leaves]
+        olds = [leaves[i] for leaves in flat[:n_states]]
         if g is None:
             out_updates.append(None)
             for acc, old in zip(out_states, olds, strict=True):
                 acc.append(old)
             continue
-        _check_gradient(path, g)
-        for old in olds:
-            if old is None:
-                raise _structure_error(
-                    what, updates, states[0], f"{jax.tree_util.keystr(path)} has no state"
+        _check_gradient(path, g, "gradient")
+        for leaves, other, name in zip(flat, others, names, strict=True):
+            if leaves[i] is None:
+                detail = f"{jax.tree_util.keystr(path) or 'the root'} has a gradient but no {name}"
+                raise structure_error(
+                    updates, other, tree_name="gradients", other_name=name, detail=detail
                 )
+            _check_leaf(updates, other, path, leaves[i], ("gradients", name))
         g_in = _cast_like(g, jnp.result_type(g, *olds)) if olds else g
-        u, *news = rule(g_in, *olds, *(leaves[i] for leaves in extra_leaves))
+        u, *news = rule(g_in, *olds, *(leaves[i] for leaves in flat[n_states:]))
         out_updates.append(_cast_like(u, g))
         for acc, old, new in zip(out_states, olds, news, strict=True):
             acc.append(_cast_like(new, old))
     return (
-        treedef.unflatten(out_updates),
-        tuple(treedef.unflatten(leaves) for leaves in out_states),
+        jax.tree_util.tree_unflatten(treedef, out_updates),
+        tuple(jax.tree_util.tree_unflatten(treedef, leaves) for leaves in out_states),
     )

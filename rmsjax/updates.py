@@ -4,25 +4,63 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmsjax.tree import map_rule
+import jax
+import jax.numpy as jnp
+
+from rmsjax.tree import describe_difference, structure_error
 
 __all__ = ["apply_updates"]
+
+
+def _add(path: Any, p: Any, u: Any, params: Any, updates: Any) -> Any:
+    if p is None:
+        return None
+    if u is None:
+        return p
+    if not hasattr(u, "dtype") and not isinstance(u, int | float | complex):
+        where = jax.tree_util.keystr(path) or "the root"
+        raise TypeError(
+            f"Update leaf {where} is a {type(u).__name__}, not an array: the tree of updates "
+            f"does not match the params ({jax.tree.structure(params)} versus "
+            f"{jax.tree.structure(updates)}). Pass the updates returned by `update`."
+        )
+    dtype = jnp.asarray(p).dtype
+    out = jnp.asarray(p + u)
+    return out if out.dtype == dtype else out.astype(dtype)
 
 
 def apply_updates(params: Any, updates: Any) -> Any:
     r"""Return :math:`\theta + u` leaf by leaf, in each parameter's own dtype.
 
-    ``None`` leaves (in either tree) stay ``None``. The update tree must have the params'
-    structure; if not, the error shows both. Same as ``optax.apply_updates``, whose sum is
-    likewise cast back to the parameter dtype.
+    A ``None`` parameter leaf stays ``None`` whatever its update (``apply_updates(None, u)`` is
+    ``None``; a frozen ``{"frozen": None}`` entry stays ``None``), and a ``None`` update leaves
+    its parameter unchanged. The update tree must have the params' structure (down to the
+    params' ``None`` leaves); if not, the error shows both structures and which keys only one
+    of them has. The sum is cast back to the parameter dtype.
 
     Args:
       params: the parameter tree :math:`\theta`.
       updates: a tree with the params' structure (``None`` leaves allowed): the output of an
         optimizer's ``update``.
-    """
 
-    # Lift "p + u" with the shared helper: the params play the part of the state tree, so a
-    # structure mismatch is reported with both trees and a None update keeps the parameter.
-    _, (new_params,) = map_rule(lambda u, p: (u, p + u), updates, (params,), what="params")
-    return new_params
+    Same as ``optax.apply_updates``, except that a ``None`` update keeps its parameter (optax
+    raises a ``TypeError`` adding ``None``) and a structure mismatch gets a readable error.
+    """
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+    spec: Any = treedef  # jax's PyTreeDef has no type information for flatten_up_to
+    try:
+        u_leaves = spec.flatten_up_to(updates)
+    except (ValueError, TypeError):
+        detail = describe_difference(params, updates, "params", "updates")
+        raise structure_error(
+            updates, params, tree_name="updates", other_name="params", detail=detail
+        ) from None
+    out = [
+        _add(path, p, u, params, updates)
+        for (path, p), u in zip(path_leaves, u_leaves, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None

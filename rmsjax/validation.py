@@ -1,25 +1,32 @@
 """Construction-time checks of hyperparameters.
 
-A value is checked only when it is concrete: a Python number, a NumPy array or a concrete
-``jax.Array``. Traced values (inside ``jax.jit``, or the arrays ``optax.inject_hyperparams``
-passes when the step is jitted) and schedules (callables) are never inspected, so checking can
-never break tracing.
+A hyperparameter is one real number: a Python ``int``/``float``, a NumPy or JAX real scalar,
+or a 0-d NumPy/JAX array. Anything else (``None`` where it has no documented meaning, strings,
+bools, complex numbers, lists, arrays with several elements) is rejected when the
+transformation is built, with an error naming the argument, its value and the valid range.
+Traced values (inside ``jax.jit``, or the arrays ``optax.inject_hyperparams`` passes when the
+step is jitted) are never inspected, so checking can never break tracing; schedules
+(callables) are accepted unevaluated where the argument takes one, and rejected elsewhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+import numbers
 import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
     "argument_names",
     "check_decay",
+    "check_float_dtype",
     "check_in_range",
     "check_learning_rate",
     "check_nonneg",
@@ -70,6 +77,45 @@ def _describe(low: float | None, high: float | None, low_open: bool, high_open: 
     return f"{left}{lo}, {hi}{right}"
 
 
+def _real_scalar(name: str, value: Any, expected: str) -> float:
+    """``value`` as a Python float, or a ``TypeError``/``ValueError`` saying what it is.
+
+    Accepted: Python ``int``/``float`` (not ``bool``), NumPy and JAX real scalars, and 0-d
+    NumPy/JAX arrays of an integer or floating dtype. A complex value is accepted only with an
+    imaginary part of exactly 0: ``optax.inject_hyperparams`` hands the hyperparameters over in
+    the parameters' widest dtype, complex64 for a complex model. Everything else (``None``,
+    strings, which NumPy would silently parse, bools, complex numbers, lists, arrays with more
+    than one element) is rejected: a hyperparameter is one real number.
+    """
+    got = f"got {value!r} of type {type(value).__name__}"
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"`{name}` must be {expected}, {got}: a bool is not a number.")
+    if isinstance(value, numbers.Number) and not isinstance(value, np.generic):
+        arr = np.asarray(value)  # Python int/float/complex, Fraction, ...
+        if arr.dtype == object:  # an int beyond the float range, or an exotic number type
+            try:
+                return float(value)  # type: ignore[arg-type]
+            except (OverflowError, TypeError):
+                return math.inf if value > 0 else -math.inf  # type: ignore[operator]
+    elif isinstance(value, np.ndarray | np.generic | jax.Array):
+        arr = np.asarray(value)
+    else:
+        raise TypeError(f"`{name}` must be {expected}, {got}.")
+    dtype = arr.dtype
+    if arr.ndim != 0:
+        raise ValueError(
+            f"`{name}` must be {expected}, got an array of shape {arr.shape}: "
+            "hyperparameters are scalars (one value for every parameter)."
+        )
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        if arr.imag != 0:
+            raise TypeError(f"`{name}` must be {expected}, {got}: a complex number is not real.")
+        arr = arr.real
+    elif not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"`{name}` must be {expected}, {got} (dtype {dtype}).")
+    return float(arr)
+
+
 def check_in_range(
     name: str,
     value: Any,
@@ -78,36 +124,47 @@ def check_in_range(
     high: float | None = None,
     low_open: bool = False,
     high_open: bool = False,
+    schedule: bool = False,
     hint: str = "",
 ) -> None:
-    """Raise ``ValueError`` if a concrete ``value`` is non-finite or outside the interval.
+    """Raise unless ``value`` is one finite real number in the interval (or is traced).
 
     The interval is ``[low, high]`` with each end made open by ``low_open`` / ``high_open``; a
-    ``None`` end is unbounded. Every element of an array value is checked. Traced values and
-    schedules pass unchecked.
+    ``None`` end is unbounded. ``schedule=True`` also accepts a callable (a schedule
+    ``count -> value``, not evaluated); elsewhere a callable is a ``TypeError``.
+
+    Raises:
+      TypeError: ``value`` is not a real number: ``None``, a string, a bool, a complex
+        number, a list, an array of a non-numeric dtype, or a callable where no schedule is
+        allowed.
+      ValueError: ``value`` is an array with more than one element, or is NaN, infinite or
+        outside the interval.
+
+    Tracers (inside ``jax.jit``, or what ``optax.inject_hyperparams`` passes under jit) pass
+    unchecked; concrete NumPy and JAX scalars are checked like Python numbers. The message
+    names the argument as the user typed it (see :func:`argument_names`).
     """
-    if not is_concrete(value):
+    if isinstance(value, jax.core.Tracer):
         return
     name = display_name(name)
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"`{name}` must be a real number (or a schedule where one is allowed), "
-            f"got {value!r} of type {type(value).__name__}."
-        ) from err
     interval = _describe(low, high, low_open, high_open)
-    bad = ~np.isfinite(arr)
+    expected = f"a finite real number in {interval}" + (" or a schedule" if schedule else "")
+    if callable(value):
+        if schedule:
+            return
+        raise TypeError(
+            f"`{name}` must be {expected}, got the callable {value!r}: only learning rates "
+            "and weight decays take a schedule."
+        )
+    x = _real_scalar(name, value, expected)
+    bad = not math.isfinite(x)
     if low is not None:
-        bad |= (arr <= low) if low_open else (arr < low)
+        bad |= (x <= low) if low_open else (x < low)
     if high is not None:
-        bad |= (arr >= high) if high_open else (arr > high)
-    if np.any(bad):
-        first_bad = arr[bad].ravel()[0].item()
-        shown = repr(arr.item()) if arr.ndim == 0 else f"an array holding {first_bad!r}"
+        bad |= (x >= high) if high_open else (x > high)
+    if bad:
         raise ValueError(
-            f"`{name}` must be a finite number in {interval}, got {shown}."
-            + (f" {hint}" if hint else "")
+            f"`{name}` must be {expected}, got {value!r}." + (f" {hint}" if hint else "")
         )
 
 
@@ -123,13 +180,46 @@ def check_decay(name: str, value: Any) -> None:
     )
 
 
-def check_nonneg(name: str, value: Any) -> None:
-    """A finite number >= 0."""
-    check_in_range(name, value, low=0.0)
+def check_nonneg(name: str, value: Any, *, schedule: bool = False) -> None:
+    """A finite number >= 0 (or a schedule, when ``schedule``)."""
+    check_in_range(name, value, low=0.0, schedule=schedule)
 
 
 def check_learning_rate(name: str, value: Any) -> None:
-    """A learning rate: a finite number >= 0, or a schedule (callable, not checked)."""
+    """A learning rate: a finite number >= 0, or a schedule (callable, not evaluated).
+
+    ``None`` is rejected with a ``ValueError``: ``optax.scale_by_learning_rate(None)`` is the
+    identity, so an optimizer built with it would step UP the gradient.
+    """
+    if value is None:
+        raise ValueError(
+            f"`{display_name(name)}` is None; pass a learning rate: a non-negative number "
+            "(e.g. 1e-3) or a schedule `count -> rate`. (None would mean no scaling at all, "
+            "and the optimizer would climb the gradient instead of descending it.)"
+        )
     check_in_range(
-        name, value, low=0.0, hint="Pass a non-negative step size or a schedule (a callable)."
+        name,
+        value,
+        low=0.0,
+        schedule=True,
+        hint="Pass a non-negative step size or a schedule (a callable).",
     )
+
+
+def check_float_dtype(name: str, dtype: Any) -> None:
+    """A state dtype (``mu_dtype``, ``accumulator_dtype``): ``None`` or a floating dtype.
+
+    Moments are averages of gradients; in an integer or boolean dtype they round to nothing.
+    """
+    if dtype is None:
+        return
+    name = display_name(name)
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(f"`{name}` must be None or a floating dtype, got {dtype!r}.") from err
+    if not jnp.issubdtype(dt, jnp.inexact):
+        raise ValueError(
+            f"`{name}` must be None or a floating dtype (e.g. jnp.float32, jnp.bfloat16), got "
+            f"{dt}: a moment stored as {dt} rounds every update away."
+        )

@@ -263,7 +263,7 @@ def nnx_check(ex: Any) -> tuple[bool, str]:
     for name, spec in specs.items():
         variable = getattr(model, name)
         variable.set_value(jax.device_put(variable.get_value(), NamedSharding(mesh, spec)))
-    tx = rmsjax.rmsprop(0.01, momentum=0.9)
+    tx = rmsjax.rmsprop(0.01, momentum=0.9, bias_correction=True)  # a count to replicate
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     shardings = rmsjax.state_sharding(tx, nnx.state(model, nnx.Param))
     bad = []

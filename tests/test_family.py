@@ -347,7 +347,7 @@ def test_adadelta_complex_uses_abs_squared() -> None:
 
 BAD = [
     ("sgd", dict(learning_rate=-0.1), "learning_rate"),
-    ("sgd", dict(learning_rate=0.1, momentum=1.5), "decay"),
+    ("sgd", dict(learning_rate=0.1, momentum=1.5), "`momentum`"),
     ("adam", dict(learning_rate=0.1, b1=1.0), "b1"),
     ("adam", dict(learning_rate=0.1, eps=-1.0), "eps"),
     ("adagrad", dict(learning_rate=float("nan")), "learning_rate"),

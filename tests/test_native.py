@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -29,20 +30,17 @@ import pytest
 import rmsjax
 from rmsjax import fused, native
 from rmsjax._native import build as recipe
+from rmsjax._native import table
+from rmsjax.fused import engine, plans
 from tests.common import loss
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CXX = recipe.find_compiler() is not None
 
 NATIVE = native.available()
-DEFAULT_MIN_ELEMENTS = fused._MIN_NATIVE_ELEMENTS
-
-
-@pytest.fixture(autouse=True)
-def _kernel_for_small_leaves(monkeypatch):
-    """The trees here are small; send every float32 leaf to the kernel so it is what is tested
-    (by default leaves under ``fused._MIN_NATIVE_ELEMENTS`` take the compiled pure-JAX rule)."""
-    monkeypatch.setattr(fused, "_MIN_NATIVE_ELEMENTS", 0)
+# The trees here are small: send every float32 leaf to the kernel so that it is what is tested
+# (by default leaves under fused.MIN_NATIVE_SIZE elements take the compiled pure-JAX rule).
+SMALL = {"min_native_size": 0}
 
 
 needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernel off: {native.status()}")
@@ -51,31 +49,58 @@ SCHED = optax.exponential_decay(0.05, transition_steps=3, decay_rate=0.5)
 WD_SCHED = optax.linear_schedule(0.1, 0.01, 5)
 
 CONFIGS = {
-    "rmsprop": lambda b: fused.rmsprop(0.01, backend=b),
+    "rmsprop": lambda b: fused.rmsprop(0.01, backend=b, **SMALL),
     "rmsprop_tf1": lambda b: fused.rmsprop(
-        0.01, decay=0.95, eps=1e-6, initial_scale=1.0, backend=b
+        0.01,
+        decay=0.95,
+        eps=1e-6,
+        initial_scale=1.0,
+        backend=b,
+        **SMALL,
     ),
-    "rmsprop_eps_outside": lambda b: fused.rmsprop(0.01, eps_in_sqrt=False, backend=b),
-    "rmsprop_bias_correction": lambda b: fused.rmsprop(0.01, bias_correction=True, backend=b),
-    "rmsprop_momentum_schedule": lambda b: fused.rmsprop(SCHED, momentum=0.9, backend=b),
-    "centered_momentum": lambda b: fused.rmsprop(0.01, centered=True, momentum=0.9, backend=b),
+    "rmsprop_eps_outside": lambda b: fused.rmsprop(0.01, eps_in_sqrt=False, backend=b, **SMALL),
+    "rmsprop_bias_correction": lambda b: fused.rmsprop(
+        0.01, bias_correction=True, backend=b, **SMALL
+    ),
+    "rmsprop_momentum_schedule": lambda b: fused.rmsprop(SCHED, momentum=0.9, backend=b, **SMALL),
+    "centered_momentum": lambda b: fused.rmsprop(
+        0.01, centered=True, momentum=0.9, backend=b, **SMALL
+    ),
     "centered_nesterov_torch": lambda b: fused.rmsprop(
-        0.01, centered=True, momentum=0.5, nesterov=True, eps_in_sqrt=False, backend=b
+        0.01,
+        centered=True,
+        momentum=0.5,
+        nesterov=True,
+        eps_in_sqrt=False,
+        backend=b,
+        **SMALL,
     ),
     # At t=1 the bias-corrected variance is g^2 - g^2 = 0 up to rounding, so the step
     # g/sqrt(var + eps) amplifies one-ulp differences unless eps dominates the rounding noise.
     "centered_bias_correction": lambda b: fused.rmsprop(
-        0.01, eps=0.1, centered=True, bias_correction=True, backend=b
+        0.01,
+        eps=0.1,
+        centered=True,
+        bias_correction=True,
+        backend=b,
+        **SMALL,
     ),
-    "adamw": lambda b: fused.adamw(0.01, weight_decay=0.1, backend=b),
+    "adamw": lambda b: fused.adamw(0.01, weight_decay=0.1, backend=b, **SMALL),
     "adamw_schedules_nesterov": lambda b: fused.adamw(
-        SCHED, weight_decay=WD_SCHED, eps_root=1e-8, nesterov=True, backend=b
+        SCHED,
+        weight_decay=WD_SCHED,
+        eps_root=1e-8,
+        nesterov=True,
+        backend=b,
+        **SMALL,
     ),
-    "adam": lambda b: fused.adam(0.01, backend=b),
-    "nadam_eps0": lambda b: fused.adam(0.01, eps=0.0, nesterov=True, backend=b),
-    "sgd": lambda b: fused.sgd(0.1, backend=b),
-    "sgd_momentum": lambda b: fused.sgd(0.05, momentum=0.9, backend=b),
-    "sgd_nesterov_schedule": lambda b: fused.sgd(SCHED, momentum=0.9, nesterov=True, backend=b),
+    "adam": lambda b: fused.adam(0.01, backend=b, **SMALL),
+    "nadam_eps0": lambda b: fused.adam(0.01, eps=0.0, nesterov=True, backend=b, **SMALL),
+    "sgd": lambda b: fused.sgd(0.1, backend=b, **SMALL),
+    "sgd_momentum": lambda b: fused.sgd(0.05, momentum=0.9, backend=b, **SMALL),
+    "sgd_nesterov_schedule": lambda b: fused.sgd(
+        SCHED, momentum=0.9, nesterov=True, backend=b, **SMALL
+    ),
 }
 
 
@@ -158,7 +183,7 @@ def test_native_matches_pure_jax(name):
     ],
 )
 def test_tree_shapes(name, shape, monkeypatch):
-    monkeypatch.setattr(fused, "_LEAVES_PER_CALL", 5)  # so that many_leaves needs three calls
+    monkeypatch.setattr(engine, "LEAVES_PER_CALL", 5)  # so that many_leaves needs three calls
     rng = np.random.default_rng(2)
     f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
     params = {
@@ -174,21 +199,21 @@ def test_tree_shapes(name, shape, monkeypatch):
 @pytest.mark.parametrize(
     "name, ours, theirs",
     [
-        ("rmsprop", lambda: fused.rmsprop(0.01), lambda: optax.rmsprop(0.01)),
+        ("rmsprop", lambda: fused.rmsprop(0.01, **SMALL), lambda: optax.rmsprop(0.01)),
         (
             "centered_momentum",
-            lambda: fused.rmsprop(0.01, centered=True, momentum=0.9),
+            lambda: fused.rmsprop(0.01, centered=True, momentum=0.9, **SMALL),
             lambda: optax.rmsprop(0.01, centered=True, momentum=0.9),
         ),
         (
             "adamw",
-            lambda: fused.adamw(0.01, weight_decay=0.1),
+            lambda: fused.adamw(0.01, weight_decay=0.1, **SMALL),
             lambda: optax.adamw(0.01, weight_decay=0.1),
         ),
-        ("adam", lambda: fused.adam(0.01), lambda: optax.adam(0.01)),
+        ("adam", lambda: fused.adam(0.01, **SMALL), lambda: optax.adam(0.01)),
         (
             "sgd_nesterov",
-            lambda: fused.sgd(0.05, momentum=0.9, nesterov=True),
+            lambda: fused.sgd(0.05, momentum=0.9, nesterov=True, **SMALL),
             lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
         ),
     ],
@@ -224,7 +249,8 @@ def test_traced_hyperparameters_do_not_recompile():
     grads = jax.grad(_loss)(params)
 
     def step(lr, decay, p, s, backend="auto"):
-        return fused.rmsprop(lr, decay=decay, momentum=0.9, backend=backend).step(p, grads, s)
+        opt = fused.rmsprop(lr, decay=decay, momentum=0.9, backend=backend, **SMALL)
+        return opt.step(p, grads, s)
 
     jitted = jax.jit(step)
     reference = jax.jit(lambda *a: step(*a, backend="jax"))
@@ -237,7 +263,9 @@ def test_traced_hyperparameters_do_not_recompile():
 
 def test_inject_hyperparams_matches_optax():
     params = mixed()
-    ours = fused.inject_hyperparams(fused.rmsprop)(learning_rate=SCHED, decay=0.95, momentum=0.9)
+    ours = fused.inject_hyperparams(fused.rmsprop)(
+        learning_rate=SCHED, decay=0.95, momentum=0.9, **SMALL
+    )
     theirs = optax.inject_hyperparams(rmsjax.rmsprop)(learning_rate=SCHED, decay=0.95, momentum=0.9)
     if NATIVE:
         assert uses_kernel(ours, params)
@@ -252,7 +280,7 @@ def test_grad_through_the_step():
     params = {k: v for k, v in mixed().items() if k != "half"}
 
     def objective(p, lr, backend):
-        opt = fused.rmsprop(lr, centered=True, momentum=0.9, backend=backend)
+        opt = fused.rmsprop(lr, centered=True, momentum=0.9, backend=backend, **SMALL)
         new_p, _ = opt.step(p, jax.grad(_loss)(p), opt.init(p))
         return _loss(new_p)
 
@@ -273,16 +301,17 @@ def test_vmap_over_a_batch_of_problems():
     grads = jax.tree.map(lambda x: jnp.cos(x.astype(jnp.float32)).astype(x.dtype), batch)
     results = {}
     for backend in ("auto", "jax"):
-        opt = fused.adamw(0.01, weight_decay=0.1, backend=backend)
+        opt = fused.adamw(0.01, weight_decay=0.1, backend=backend, **SMALL)
         states = jax.vmap(opt.init)(batch)
         results[backend] = jax.jit(jax.vmap(opt.step))(batch, grads, states)
     assert_close(results["auto"], results["jax"])
 
 
+@pytest.mark.filterwarnings("ignore::rmsjax.fused.NativeFallbackWarning")
 def test_fallback_when_the_kernel_is_unavailable(monkeypatch):
     monkeypatch.setattr(native, "available", lambda: False)
     params = mixed()
-    opt = fused.rmsprop(0.01, centered=True, momentum=0.9)
+    opt = fused.rmsprop(0.01, centered=True, momentum=0.9, **SMALL)
     assert not uses_kernel(opt, params)
     assert_close(run_fused(opt, params), run_protocol(opt, params))
     with pytest.raises(RuntimeError, match="backend='native'"):
@@ -302,12 +331,296 @@ def test_backend_is_validated():
         fused.adam(-1.0)
 
 
+# ---- the fused factories are derived from the protocol optimizers ----------------------------
+
+PROTOCOL = {
+    "rmsprop": rmsjax.rmsprop,
+    "adam": rmsjax.adam,
+    "adamw": rmsjax.adamw,
+    "sgd": rmsjax.sgd,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOL))
+def test_fused_factory_has_the_protocol_signature_plus_backend(name):
+    ours, theirs = inspect.signature(getattr(fused, name)), inspect.signature(PROTOCOL[name])
+    extra = [p for p in ours.parameters.values() if p.name not in theirs.parameters]
+    assert [p.name for p in extra] == ["backend", "min_native_size"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
+    assert [p for p in ours.parameters.values() if p.name in theirs.parameters] == list(
+        theirs.parameters.values()
+    )
+    assert getattr(fused, name).__doc__.count(PROTOCOL[name].__doc__.strip().splitlines()[0]) == 1
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("rmsprop", {"learning_rate": None}),
+        ("adam", {"learning_rate": None}),
+        ("sgd", {"learning_rate": -1.0}),
+        ("rmsprop", {"learning_rate": 0.1, "decay": 1.0}),
+        ("adamw", {"learning_rate": 0.1, "weight_decay": -1.0}),
+        ("sgd", {"learning_rate": 0.1, "momentum": 2.0}),
+    ],
+)
+def test_fused_factories_validate_as_the_protocol_optimizers(name, kwargs):
+    def outcome(factory):
+        try:
+            opt = factory(**kwargs)
+        except Exception as err:  # the error itself is what is compared
+            return type(err), str(err)
+        params = {"w": jnp.ones(4, jnp.float32)}
+        return "ok", jax.tree.map(np.asarray, opt.update(params, opt.init(params), params))
+
+    theirs = outcome(PROTOCOL[name])
+    ours = outcome(getattr(fused, name))
+    if theirs[0] == "ok":  # accepted by both: same state and updates
+        assert ours[0] == "ok"
+        jax.tree.map(np.testing.assert_array_equal, ours[1], theirs[1])
+    else:
+        assert ours == theirs
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOL))
+def test_init_and_update_are_the_protocol_optimizers(name):
+    params = {k: v for k, v in mixed().items() if k != "half"}
+    grads = jax.grad(_loss)(params)
+    ours, theirs = getattr(fused, name)(0.05), PROTOCOL[name](0.05)
+    state = ours.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(theirs.init(params))
+    got = jax.jit(ours.update)(grads, state, params)
+    want = jax.jit(theirs.update)(grads, state, params)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_fuse_derives_a_factory_and_rejects_unknown_ones():
+    opt = fused.fuse(rmsjax.rmsprop)(0.01, centered=True, backend="jax")
+    assert isinstance(opt, fused.FusedOptimizer)
+    with pytest.raises(TypeError, match=r"no plan for .*rmsjax\.rmsprop, rmsjax\.adam"):
+        fused.fuse(rmsjax.adagrad)
+
+
+# ---- the state slots are found by state type and field name ----------------------------------
+
+
+def test_state_slots_are_found_by_type_and_field():
+    nu = {"w": jnp.ones(3)}
+    # optax's own state types (rmsjax adopts them) anywhere in the state, any nesting
+    state = (
+        optax.EmptyState(),
+        {"inner": (optax.ScaleByRmsState(nu=nu), optax.TraceState(trace=nu))},
+    )
+    assert plans.find_state(state, plans.RMS_STATES, "nu").nu is nu
+    new = plans.replace_field(state, plans.TRACE_STATES, "trace", {"w": jnp.zeros(3)})
+    assert float(new[1]["inner"][1].trace["w"].sum()) == 0.0
+    assert new[1]["inner"][0].nu["w"] is nu["w"]  # the other sub-states are kept
+    with pytest.raises(plans.StateLayoutError, match=r"exactly one .* field 'mu'.* found 0"):
+        plans.find_state(state, plans.RMS_STATES, "mu")
+    twice = (optax.TraceState(trace=nu), optax.TraceState(trace=nu))
+    with pytest.raises(plans.StateLayoutError, match="found 2"):
+        plans.find_state(twice, plans.TRACE_STATES, "trace")
+
+
+# ---- the operand table: one definition for Python and C++ -------------------------------------
+
+
+def test_table_header_names_every_operand_in_table_order():
+    header = recipe.header()
+    assert f"kTableHash = 0x{table.TABLE_HASH:015x};" in header
+    camel = lambda n: "k" + "".join(part.capitalize() for part in n.split("_"))
+    for kind in table.KINDS:
+        body = header.split(f"namespace {kind.name} {{", 1)[1].split("}  // namespace", 1)[0]
+        assert f"kId = {kind.id};" in body
+        for section, names in (
+            ("scalar", kind.scalars),
+            ("slot", [s.name for s in kind.slots]),
+        ):
+            line = re.search(rf"namespace {section} {{ enum : int {{ (.*) }}; }}", body)[1]
+            want = [f"{camel(n)} = {i}" for i, n in enumerate(names)] + [f"kCount = {len(names)}"]
+            assert line.split(", ") == want
+        flags = re.search(r"namespace flag { enum : int64_t { (.*) }; }", body)[1]
+        assert flags.split(", ")[:-1] == [
+            f"{camel(n)} = {1 << i}" for i, n in enumerate(kind.flags)
+        ]
+
+
+def test_table_rejects_wrong_flags_and_gives_the_present_slots():
+    rms = table.kind("rms")
+    flags = {"centered": True, "eps_in_sqrt": True, "momentum": False, "nesterov": False}
+    assert table.present_slots(rms, flags) == ("mu", "nu")
+    assert table.flag_bits(rms, flags) == 0b0011
+    with pytest.raises(ValueError, match="takes exactly the flags"):
+        table.flag_bits(rms, {**flags, "weight_decay": True})
+    with pytest.raises(KeyError, match="no kernel kind 'lion'"):
+        table.kind("lion")
+
+
+def _sgd_operands(n=4):
+    p, g, m = (jnp.full(n, v, jnp.float32) for v in (1.0, 0.5, 0.25))
+    return p, g, m
+
+
+def test_kernel_call_checks_operand_names_at_trace_time():
+    sgd = table.kind("sgd")
+    flags = {"momentum": True, "nesterov": False}
+    p, g, m = _sgd_operands()
+    with pytest.raises(ValueError, match="takes the scalars"):
+        engine.kernel_call(sgd, flags, {"step_size": -0.1}, [p], [g], {"trace": [m]})
+    with pytest.raises(ValueError, match="takes the slots"):
+        engine.kernel_call(sgd, flags, {"step_size": -0.1, "momentum": 0.9}, [p], [g], {})
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"table": 12345}, "is not the one this library was built from"),
+        ({"n_scalars": 3}, "sgd takes 2 scalars, got 3"),
+        ({"leaves": 2}, "takes 3 operands and 2 results per leaf"),
+        ({"flags": 1 << 5}, "unknown flag bits"),
+        ({"kind": 7}, "unknown kind 7"),
+        ({"drop_slot": True}, "takes 3 operands and 2 results per leaf; got 2 and 1"),
+    ],
+)
+def test_kernel_rejects_operands_that_do_not_match_the_table(change, message):
+    # The C++ side checks every call against the table it was built from and returns an FFI
+    # error (raised by JAX) rather than reading misplaced operands.
+    p, g, m = _sgd_operands()
+    scalars = jnp.asarray([-0.1, 0.9, 0.0][: change.get("n_scalars", 2)], jnp.float32)
+    operands = [scalars, p, g] + ([] if change.get("drop_slot") else [m])
+    results = [jax.ShapeDtypeStruct(p.shape, jnp.float32)] * (1 if change.get("drop_slot") else 2)
+    attrs = {
+        "kind": np.int64(change.get("kind", table.kind("sgd").id)),
+        "flags": np.int64(change.get("flags", 1)),  # momentum
+        "leaves": np.int64(change.get("leaves", 1)),
+        "table": np.int64(change.get("table", table.TABLE_HASH)),
+    }
+    call = jax.ffi.ffi_call(native.TARGET, results)
+    with pytest.raises(Exception, match=re.escape(message)):
+        jax.block_until_ready(jax.jit(lambda *ops: call(*ops, **attrs))(*operands))
+    # and the same call with the table's operands works
+    if change.get("drop_slot") is None:
+        good = {**attrs, "kind": np.int64(2), "flags": np.int64(1), "leaves": np.int64(1)}
+        good["table"] = np.int64(table.TABLE_HASH)
+        ok = jax.jit(lambda *ops: call(*ops, **good))(jnp.asarray([-0.1, 0.9]), p, g, m)
+        np.testing.assert_allclose(np.asarray(ok[1]), 0.5 + 0.9 * 0.25, rtol=1e-7)
+
+
+# ---- issue 10: a non-finite gradient is never hidden -------------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "name, make, bad",
+    [
+        ("adam", lambda: fused.adam(1e-3, backend="native"), np.nan),
+        ("rmsprop", lambda: fused.rmsprop(1e-3, backend="native"), np.nan),
+        (
+            "rmsprop_eps_outside",
+            lambda: fused.rmsprop(1e-3, eps_in_sqrt=False, backend="native"),
+            np.nan,
+        ),
+        ("adamw", lambda: fused.adamw(1e-3, backend="native"), np.nan),
+        (
+            "centered_momentum_nan",
+            lambda: fused.rmsprop(1e-3, centered=True, momentum=0.9, backend="native"),
+            np.nan,
+        ),
+        (
+            "centered_momentum_inf",
+            lambda: fused.rmsprop(1e-3, centered=True, momentum=0.9, backend="native"),
+            np.inf,
+        ),
+    ],
+)
+def test_a_non_finite_gradient_is_not_hidden(name, make, bad):
+    # The reproducer of issue 10: one bad gradient element, then ten clean steps. The pure path
+    # leaves that parameter NaN; the kernel used to keep it at its old value forever (its
+    # guards tested den > 0, which is False for NaN) while the state was NaN.
+    n = fused.MIN_NATIVE_SIZE  # the smallest leaf the kernel takes by default
+    params = {"w": jnp.ones(n, jnp.float32)}
+    clean = {"w": jnp.full(n, 0.1, jnp.float32)}
+    results = {}
+    for backend, opt in (("native", make()), ("jax", make()._replace(step=None))):
+        step = jax.jit(opt.step) if backend == "native" else None
+        if backend == "native":
+            assert uses_kernel(opt, params)
+        p, s = params, opt.init(params)
+        for t in range(11):
+            g = {"w": clean["w"].at[0].set(bad)} if t == 0 else clean
+            if step is None:
+                u, s = opt.update(g, s, p)
+                p = rmsjax.apply_updates(p, u)
+            else:
+                p, s = step(p, g, s)
+        results[backend] = (np.asarray(p["w"]), jax.tree.map(np.asarray, s))
+    got, want = results["native"], results["jax"]
+    assert np.isnan(want[0][0]) and np.isnan(got[0][0])
+    np.testing.assert_allclose(got[0][1:], want[0][1:], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+
+
+# ---- issue 13: the fallback to pure JAX is visible ---------------------------------------------
+
+_FALLBACK_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings
+    import jax, jax.numpy as jnp
+    from rmsjax import fused, native
+    if sys.argv[1] == "unavailable":
+        native.available = lambda: False  # as after a failed build (CXX=/bin/false)
+    params = {"w": jnp.ones(fused.MIN_NATIVE_SIZE, jnp.float32), "b": jnp.ones(3, jnp.float32)}
+    small = {"b": params["b"]}
+    caught = {}
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always")
+        def run(label, opt, p):
+            before = len(log)
+            jax.jit(opt.step)(p, p, opt.init(p))
+            caught[label] = [str(w.message) for w in log[before:]
+                             if issubclass(w.category, fused.NativeFallbackWarning)]
+        run("jax", fused.rmsprop(0.1, backend="jax"), params)      # deliberate: no warning
+        run("small", fused.rmsprop(0.1), small)                    # ineligible leaves only
+        run("first", fused.adam(0.1), params)                      # warns once ...
+        run("again", fused.sgd(0.1, momentum=0.9), params)         # ... and only once
+    import json; print(json.dumps(caught))
+    """
+)
+
+
+@pytest.mark.parametrize("scenario", ["unavailable", "disabled"])
+def test_fallback_to_pure_jax_warns_once(scenario):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("RMSJAX_NATIVE", None)
+    if scenario == "disabled":
+        env["RMSJAX_NATIVE"] = "0"  # deliberate: no warning
+    out = subprocess.run(
+        [sys.executable, "-c", _FALLBACK_SCRIPT, scenario],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    caught = json.loads(out.stdout.strip().splitlines()[-1])
+    assert caught["jax"] == caught["small"] == caught["again"] == []
+    if scenario == "disabled":
+        assert caught["first"] == []
+    else:
+        [message] = caught["first"]
+        assert "native CPU kernel is unavailable" in message
+        assert "python -m rmsjax.native" in message
+
+
 def test_gpu_lowering_uses_pure_jax(monkeypatch):
     # In a process that also has an accelerator, the step is lowered per platform; emulate
     # that here and lower for CUDA (no GPU needed to lower).
-    monkeypatch.setattr(fused, "_accelerator_present", lambda: True)
+    monkeypatch.setattr(engine, "accelerator_present", lambda: True)
     params = mixed()
-    opt = fused.rmsprop(0.01, centered=True, momentum=0.9)
+    opt = fused.rmsprop(0.01, centered=True, momentum=0.9, **SMALL)
     grads = jax.tree.map(jnp.ones_like, params)
     from jax import export  # a submodule: not an attribute of jax before it is imported
 
@@ -364,11 +677,10 @@ def test_large_leaves_split_over_threads(name):
         params, state = want
 
 
-def test_small_leaves_take_the_compiled_rule_by_default(monkeypatch):
-    monkeypatch.setattr(fused, "_MIN_NATIVE_ELEMENTS", DEFAULT_MIN_ELEMENTS)
-    opt = CONFIGS["centered_momentum"]("auto")
+def test_small_leaves_take_the_compiled_rule_by_default():
+    opt = fused.rmsprop(0.01, centered=True, momentum=0.9)
     small = {"bias": jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32)}
-    big = {**small, "w": jnp.linspace(-1.0, 1.0, DEFAULT_MIN_ELEMENTS, dtype=jnp.float32)}
+    big = {**small, "w": jnp.linspace(-1.0, 1.0, fused.MIN_NATIVE_SIZE, dtype=jnp.float32)}
     assert not uses_kernel(opt, small)
     if NATIVE:
         assert uses_kernel(opt, big)
@@ -441,8 +753,9 @@ def test_recipe_builds_a_loadable_portable_library(built_library):
     lib = ctypes.CDLL(str(built_library))
     assert lib.RmsjaxFusedStep  # the FFI handler symbol jax registers
     lib.RmsjaxSourceId.restype = ctypes.c_char_p
-    source = ROOT / "rmsjax" / "_native" / "fused_step.cc"
-    assert lib.RmsjaxSourceId().decode() == hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    source = (ROOT / "rmsjax" / "_native" / "fused_step.cc").read_bytes()
+    expected_id = hashlib.sha256(source + b"\0" + table.cpp_header().encode()).hexdigest()[:16]
+    assert lib.RmsjaxSourceId().decode() == expected_id
     lib.RmsjaxKernelIsa.restype = ctypes.c_char_p
     expected = "avx2+fma" if _cpu_has_avx2_fma() else "baseline"
     if os.environ.get("RMSJAX_NATIVE_ISA") == "baseline":
@@ -460,6 +773,7 @@ def _setup_py_tree(tmp_path: Path) -> Path:
         "rmsjax/__init__.py",
         "rmsjax/_native/__init__.py",
         "rmsjax/_native/build.py",
+        "rmsjax/_native/table.py",
         "rmsjax/_native/fused_step.cc",
     ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -526,9 +840,7 @@ _STATUS_SCENARIOS = textwrap.dedent(
             shutil.copy2(stale if scenario == "stale" else newer, folder / name)
         elif scenario == "broken":
             (folder / name).write_bytes(b"not a shared library")
-        native._NATIVE_DIR = folder
-        native._state.clear()
-        native._state.update(tried=False, ok=False, why="not built yet", path=None)
+        native.reset(folder)
         if scenario == "disabled":
             os.environ["RMSJAX_NATIVE"] = "0"
         results[scenario] = [str(folder / name), native.status()]
@@ -636,7 +948,6 @@ def test_baseline_kernels_match_pure_jax_on_a_cpu_without_fma():
         import jax, numpy as np
         from rmsjax import fused, native
         import tests.test_native as t
-        fused._MIN_NATIVE_ELEMENTS = 0
         assert "[baseline kernels]" in native.status(), native.status()
         rng = np.random.default_rng(5)
         # small leaves of every shape, and one above the 64K-element threading threshold
@@ -645,6 +956,10 @@ def test_baseline_kernels_match_pure_jax_on_a_cpu_without_fma():
             opt, ref = t.CONFIGS[name]("auto"), t.CONFIGS[name]("jax")
             assert t.uses_kernel(opt, params), name
             t.assert_close(t.run_fused(opt, params), t.run_fused(ref, params))
+        # and the special-value differential check on a spread of configurations
+        import tests.test_fused_differential as d
+        for name, items in d.CONFIGS[::5] + d.CONFIGS[-2:]:
+            d.check_example(name, items, hp_index=len(name), seed=7, p_special=0.3)
         print("ok")
         """
     )

@@ -115,7 +115,7 @@ def test_pairs_must_be_pairs(preset: Callable[..., Any], kwargs: dict[str, Any])
     [
         lambda: P.rmsprop(alpha=0.0, eps=0.0, momentum=1.0, weight_decay=0.0),
         lambda: P.sgd(momentum=1.0, dampening=1.0),
-        lambda: P.sgd(momentum=0, dampening=5.0),  # no buffer: dampening unused, as in torch
+        lambda: P.sgd(momentum=0, dampening=1.0),  # no buffer: dampening unused
         lambda: P.adadelta(rho=0.0, eps=1e-30),
         lambda: P.rprop(step_sizes=(0.5, 0.5)),
         lambda: P.adam(betas=(0.0, 0.0), eps=0.0),

@@ -107,7 +107,8 @@ def test_resume_is_bit_identical(worker_dir: Path) -> None:
     resumed = np.load(worker_dir / "resumed.npz")
     assert sorted(straight.files) == sorted(resumed.files)
     counts = [k for k in straight.files if k.endswith(".count")]
-    assert len(counts) >= 2  # the RMS count and the schedule's position
+    # the schedule's position (plain RMSProp keeps no count, as in optax)
+    assert len(counts) >= 1
     for key in straight.files:
         a, b = straight[key], resumed[key]
         assert a.dtype == b.dtype, key

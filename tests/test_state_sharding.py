@@ -1,7 +1,12 @@
-"""rmsjax.state_sharding and state_like's sharding on one device (the 8-device checks are in
-test_sharding.py)."""
+"""rmsjax.state_sharding and state_like's sharding on one device, plus scalars next to a
+4-device mesh (in a subprocess; the 8-device checks are in test_sharding.py)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -60,3 +65,57 @@ def test_params_without_sharding_raise() -> None:
     params = {"w": np.ones((2, 2), np.float32)}
     with pytest.raises(TypeError, match=r"\['w'\].*has no sharding"):
         rmsjax.state_sharding(rmsjax.rmsprop(0.1), params)
+
+
+def test_python_scalar_leaf_gets_the_replicated_sharding() -> None:
+    params = {"w": jnp.ones((3, 2)), "scale": 0.5}
+    opt = rmsjax.adam(0.1)
+    shardings = rmsjax.state_sharding(opt, params)
+    device = SingleDeviceSharding(jax.devices()[0])
+    assert shardings[0].mu["scale"] == device and shardings[0].count == device
+    state = jax.jit(opt.init, out_shardings=shardings)(params)
+    assert state[0].mu["scale"].shape == ()
+
+
+# A 4-device CPU mesh needs its own process: the device count is fixed when JAX starts.
+_MESH_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import rmsjax
+mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+params = {
+    "w": jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("d", None))),
+    "py": 0.5,                  # a Python scalar
+    "loose": jnp.float32(2.0),  # an uncommitted array on the default device
+}
+assert not params["loose"].committed
+opt = rmsjax.rmsprop(0.1, centered=True, momentum=0.9, bias_correction=True)
+shardings = rmsjax.state_sharding(opt, params)
+replicated = NamedSharding(mesh, P())
+rms = shardings[0]
+assert rms.nu["w"] == params["w"].sharding, rms.nu["w"]
+for leaf in (rms.count, rms.nu["py"], rms.mu["py"], rms.nu["loose"], shardings[2].trace["loose"]):
+    assert leaf == replicated, leaf
+state = jax.jit(opt.init, out_shardings=shardings)(params)  # one set of devices: compiles
+assert state[0].nu["w"].sharding == params["w"].sharding
+assert state[0].nu["loose"].sharding.is_fully_replicated
+assert len(state[0].nu["loose"].sharding.device_set) == 4
+print("ok")
+"""
+
+
+def test_scalars_next_to_a_four_device_mesh_are_replicated_on_it() -> None:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", _MESH_SCRIPT],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

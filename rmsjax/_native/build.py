@@ -7,6 +7,11 @@ on first use when no library was installed with the package. Standard library on
 The library is portable across x86-64 CPUs: it is compiled without ``-march=native`` (a wheel
 built here may run elsewhere) and the kernel source compiles every loop twice, for the baseline
 instruction set and for AVX2+FMA, choosing at run time.
+
+The kernel's operands are defined by the table in ``table.py`` (next to this file); before
+compiling, the recipe writes that table as the C++ header ``rmsjax_kernel_table.h`` into a
+temporary folder on the include path (``python build.py --header`` prints it), and the header
+is part of the library's source id.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 __all__ = [
     "FLAGS",
@@ -29,11 +35,33 @@ __all__ = [
     "compiler_command",
     "ffi_include_dir",
     "find_compiler",
+    "header",
     "require_compiler",
     "source_id",
 ]
 
 SOURCE = Path(__file__).with_name("fused_step.cc")
+HEADER_NAME = "rmsjax_kernel_table.h"
+
+
+def _load_table() -> ModuleType:
+    """``table.py`` from this folder: imported normally inside the package, else (setup.py, or
+    this file run as a script) loaded by path, so that the ``rmsjax`` package (and jax) is
+    never imported by a build."""
+    if __package__:
+        from rmsjax._native import table as module
+
+        return module
+    path = Path(__file__).with_name("table.py")
+    spec = importlib.util.spec_from_file_location("_rmsjax_native_table", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # NamedTuple needs its module while defined
+    spec.loader.exec_module(module)
+    return module
+
+
+_table = _load_table()
 
 # GCC/Clang flags. No -march: the source selects AVX2+FMA loops at run time where the CPU has
 # them. -ffp-contract=fast contracts a * b + c into one FMA wherever the instruction set has FMA,
@@ -103,20 +131,35 @@ def ffi_include_dir() -> Path | None:
     return None
 
 
+def header() -> str:
+    """The generated C++ header ``rmsjax_kernel_table.h`` (the operand table, see ``table.py``)."""
+    text: str = _table.cpp_header()
+    return text
+
+
 def source_id(source: Path = SOURCE) -> str:
-    """A short hash of the kernel source; compiled into the library (``RmsjaxSourceId``) so a
-    library built from another version of the source can be recognised and skipped."""
-    return hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    """A short hash of the kernel source and the generated table header; compiled into the
+    library (``RmsjaxSourceId``) so a library built from another version of either can be
+    recognised and skipped."""
+    digest = hashlib.sha256(source.read_bytes() + b"\0" + header().encode())
+    return digest.hexdigest()[:16]
 
 
 def compiler_command(
-    cxx: list[str], include_dir: Path, out: Path | str, source: Path = SOURCE
+    cxx: list[str],
+    include_dir: Path,
+    out: Path | str,
+    source: Path = SOURCE,
+    *,
+    header_dir: Path | str,
 ) -> list[str]:
-    """The full command line that compiles ``source`` into the shared library ``out``."""
+    """The full command line that compiles ``source`` into the shared library ``out``;
+    ``header_dir`` holds the generated :func:`header` as ``rmsjax_kernel_table.h``."""
     return [
         *cxx,
         *FLAGS,
         f"-DRMSJAX_SOURCE_ID={source_id(source)}",
+        f"-I{header_dir}",
         f"-I{include_dir}",
         str(source),
         "-o",
@@ -159,7 +202,9 @@ def compile_kernel(
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    cmd = compiler_command(cxx, Path(include), tmp, source)
+    generated = tempfile.mkdtemp(prefix="rmsjax-table-")
+    Path(generated, HEADER_NAME).write_text(header())
+    cmd = compiler_command(cxx, Path(include), tmp, source, header_dir=generated)
     if verbose:
         print("rmsjax: " + shlex.join(cmd), file=sys.stderr)
     try:
@@ -180,4 +225,11 @@ def compile_kernel(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        shutil.rmtree(generated, ignore_errors=True)
     return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--header"]:
+        sys.exit("usage: python rmsjax/_native/build.py --header   (print the generated header)")
+    print(header(), end="")

@@ -2,13 +2,25 @@
 // every leaf of a tree in a single pass over memory, in place when XLA aliases the buffers
 // (the Python side declares input_output_aliases and the caller donates the inputs).
 //
-// The arithmetic mirrors, operation for operation, the pure-JAX rules in rmsjax/transforms.py
+// The arithmetic mirrors, operation for operation, the pure-JAX rules in rmsjax/transforms/
 // (_rms_rule, _centered_rms_rule, _scale_rule, _trace_rule, _adam_rule, _decay_rule) composed
-// as the optimizers chain them, then p + u. Hyperparameters arrive as a float32 operand
-// computed by JAX (so schedules and injected hyperparameters are traced values, not constants).
+// as the optimizers chain them, then p + u; on every input, NaN and Inf included (see "Guards"
+// below). Hyperparameters arrive as a float32 operand computed by JAX (so schedules and
+// injected hyperparameters are traced values, not constants).
 //
-// Operands: scalars f32[k], then per leaf: p, g, state_1 .. state_n   (all float32, same size)
-// Results:  per leaf: p, state_1 .. state_n                          (aliased to the operands)
+// Operands (defined ONLY by rmsjax/_native/table.py, from which the build generates
+// rmsjax_kernel_table.h: the scalar, slot and flag names used below):
+//   scalars f32[<kind>::scalar::kCount], then per leaf: p, g, slot_1 .. slot_n
+//   results, per leaf: p, slot_1 .. slot_n   (aliased to the operands)
+// with the slots of the kind whose flag is set, in table order. Attributes: kind (the table's
+// kind id), flags (bit mask of the kind's flags), leaves (number of leaves), table (the table
+// hash). Every call is checked against the table exactly; a mismatch is an FFI error.
+//
+// Guards: a divisor that is exactly 0 gives 0 (as rmsjax._numerics.safe_div/safe_rsqrt_scale);
+// a NaN divisor gives NaN, never 0, so a broken run does not look healthy. The pure rules emit
+// no guard when eps is a concrete value > 0; then the divisor is never 0 and the guard changes
+// nothing. The centered variance is where(nu_hat == +inf, +inf, max(nu_hat - mu_hat^2, 0)), so
+// inf - inf never turns a huge finite gradient into NaN (the step is then 0).
 //
 // Each loop below is written once, as the always-inline Loop of a struct, and compiled twice:
 // into a baseline function and, on x86-64, into an AVX2+FMA function (target attribute), the
@@ -29,42 +41,75 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
+#include "rmsjax_kernel_table.h"  // generated from rmsjax/_native/table.py by build.py
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+namespace tbl = rmsjax_table;
 
 namespace {
 
-enum Kind : int64_t { kRms = 0, kAdam = 1, kSgd = 2 };
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
+// One leaf's arrays; the state arrays are indexed by the kind's slot enum (absent slots null).
 struct Leaf {
   int64_t n;
   const float* p;
   const float* g;
-  const float* s_in[3];
+  const float* s_in[tbl::kMaxSlots];
   float* p_out;
-  float* s_out[3];
+  float* s_out[tbl::kMaxSlots];
 };
 
-// ---- rmsprop family: scalars = [1-decay, decay, eps, correction, step_size, beta] ----------
+// where(den != 0, num / den, 0): a zero divisor gives 0, a NaN divisor NaN.
+[[gnu::always_inline]] inline float SafeDiv(float num, float den) {
+  const bool ok = den != 0.0f;
+  const float r = num / (ok ? den : 1.0f);
+  return ok ? r : 0.0f;
+}
+
+// rmsjax._numerics.moment_div: SafeDiv, and 0 where the divisor is +inf (an overflowed second
+// moment) while the gradient is finite, even when the numerator overflowed too (inf / inf).
+[[gnu::always_inline]] inline float MomentDiv(float num, float den, float g) {
+  const float r = SafeDiv(num, den);
+  return (den == INFINITY && std::isfinite(g)) ? 0.0f : r;
+}
+
+// where(den2 != 0, g * rsqrt(den2), 0), rsqrt as 1 / sqrt (correctly rounded).
+[[gnu::always_inline]] inline float SafeRsqrtScale(float g, float den2) {
+  const bool ok = den2 != 0.0f;
+  const float r = g * (1.0f / std::sqrt(ok ? den2 : 1.0f));
+  return ok ? r : 0.0f;
+}
+
+// ---- rmsprop family: scale_by_[centered_]rms, scale_by_learning_rate, trace ------------------
 template <bool kCentered, bool kEpsInSqrt, bool kMomentum, bool kNesterov>
 struct Rms {
   [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
                                                  const float* sc) {
-    const float omd = sc[0], decay = sc[1], eps = sc[2], corr = sc[3], lr = sc[4], beta = sc[5];
+    namespace S = tbl::rms::scalar;
+    namespace T = tbl::rms::slot;
+    const float omd = sc[S::kOneMinusDecay], decay = sc[S::kDecay], eps = sc[S::kEps];
+    const float corr = sc[S::kCorrection], lr = sc[S::kStepSize], beta = sc[S::kMomentum];
     const float* p = L.p;
     const float* g = L.g;
-    const float* mu_in = kCentered ? L.s_in[0] : nullptr;
-    const float* nu_in = L.s_in[kCentered ? 1 : 0];
-    const float* m_in = kMomentum ? L.s_in[kCentered ? 2 : 1] : nullptr;
+    const float* mu_in = L.s_in[T::kMu];
+    const float* nu_in = L.s_in[T::kNu];
+    const float* m_in = L.s_in[T::kTrace];
     float* p_out = L.p_out;
-    float* mu_out = kCentered ? L.s_out[0] : nullptr;
-    float* nu_out = L.s_out[kCentered ? 1 : 0];
-    float* m_out = kMomentum ? L.s_out[kCentered ? 2 : 1] : nullptr;
+    float* mu_out = L.s_out[T::kMu];
+    float* nu_out = L.s_out[T::kNu];
+    float* m_out = L.s_out[T::kTrace];
 #pragma GCC ivdep
     for (int64_t i = lo; i < hi; ++i) {
       const float gi = g[i];
@@ -72,25 +117,20 @@ struct Rms {
       float var;
       if constexpr (kCentered) {
         const float mu = omd * gi + decay * mu_in[i];
-        const float mc = mu / corr;
-        var = nu / corr - mc * mc;
-        var = var < 0.0f ? 0.0f : var;  // clamp; NaN stays NaN like jnp.maximum
+        const float nh = nu / corr;
+        const float mh = mu / corr;
+        const float d = nh - mh * mh;
+        // where(nu_hat == +inf, +inf, max(d, 0)); a NaN d stays NaN, like jnp.maximum
+        var = nh == kInf ? kInf : (d < 0.0f ? 0.0f : d);
         mu_out[i] = mu;
       } else {
         var = nu / corr;
       }
       float s;
       if constexpr (kEpsInSqrt) {
-        const float den2 = var + eps;
-        // as safe_rsqrt_scale: where(ok, g * rsqrt(where(ok, d, 1)), 0)
-        const bool ok = den2 > 0.0f;
-        const float r = gi * (1.0f / std::sqrt(ok ? den2 : 1.0f));
-        s = ok ? r : 0.0f;
+        s = SafeRsqrtScale(gi, var + eps);
       } else {
-        const float den = std::sqrt(var) + eps;
-        const bool ok = den > 0.0f;  // as safe_div: where(ok, num / where(ok, den, 1), 0)
-        const float r = gi / (ok ? den : 1.0f);
-        s = ok ? r : 0.0f;
+        s = SafeDiv(gi, std::sqrt(var) + eps);
       }
       float u = lr * s;
       if constexpr (kMomentum) {
@@ -104,20 +144,25 @@ struct Rms {
   }
 };
 
-// ---- adam / adamw: scalars = [1-b1, b1, 1-b2, b2, eps, eps_root, c1, c2, c1_next, step, wd] -
+// ---- adam / adamw: scale_by_adam, [add_decayed_weights], scale_by_learning_rate --------------
 template <bool kNesterov, bool kDecay>
 struct Adam {
   [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
                                                  const float* sc) {
-    const float omb1 = sc[0], b1 = sc[1], omb2 = sc[2], b2 = sc[3], eps = sc[4], eps_root = sc[5];
-    const float c1 = sc[6], c2 = sc[7], c1n = sc[8], lr = sc[9], wd = sc[10];
+    namespace S = tbl::adam::scalar;
+    namespace T = tbl::adam::slot;
+    const float omb1 = sc[S::kOneMinusB1], b1 = sc[S::kB1];
+    const float omb2 = sc[S::kOneMinusB2], b2 = sc[S::kB2];
+    const float eps = sc[S::kEps], eps_root = sc[S::kEpsRoot];
+    const float c1 = sc[S::kC1], c2 = sc[S::kC2], c1n = sc[S::kC1Next];
+    const float lr = sc[S::kStepSize], wd = sc[S::kWeightDecay];
     const float* p = L.p;
     const float* g = L.g;
-    const float* mu_in = L.s_in[0];
-    const float* nu_in = L.s_in[1];
+    const float* mu_in = L.s_in[T::kMu];
+    const float* nu_in = L.s_in[T::kNu];
     float* p_out = L.p_out;
-    float* mu_out = L.s_out[0];
-    float* nu_out = L.s_out[1];
+    float* mu_out = L.s_out[T::kMu];
+    float* nu_out = L.s_out[T::kNu];
 #pragma GCC ivdep
     for (int64_t i = lo; i < hi; ++i) {
       const float gi = g[i];
@@ -125,10 +170,7 @@ struct Adam {
       const float mu = omb1 * gi + b1 * mu_in[i];
       const float nu = omb2 * (gi * gi) + b2 * nu_in[i];
       const float mh = kNesterov ? b1 * (mu / c1n) + omb1 * (gi / c1) : mu / c1;
-      const float den = std::sqrt(nu / c2 + eps_root) + eps;
-      const bool ok = den > 0.0f;
-      const float r = mh / (ok ? den : 1.0f);
-      float s = ok ? r : 0.0f;
+      float s = MomentDiv(mh, std::sqrt(nu / c2 + eps_root) + eps, gi);
       if constexpr (kDecay) s = s + wd * pi;
       mu_out[i] = mu;
       nu_out[i] = nu;
@@ -137,17 +179,18 @@ struct Adam {
   }
 };
 
-// ---- sgd with optional (Nesterov) momentum: scalars = [step_size, beta] ---------------------
+// ---- sgd: [trace], scale_by_learning_rate ----------------------------------------------------
 template <bool kMomentum, bool kNesterov>
 struct Sgd {
   [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
                                                  const float* sc) {
-    const float lr = sc[0], beta = sc[1];
+    namespace S = tbl::sgd::scalar;
+    const float lr = sc[S::kStepSize], beta = sc[S::kMomentum];
     const float* p = L.p;
     const float* g = L.g;
-    const float* m_in = kMomentum ? L.s_in[0] : nullptr;
+    const float* m_in = L.s_in[tbl::sgd::slot::kTrace];
     float* p_out = L.p_out;
-    float* m_out = kMomentum ? L.s_out[0] : nullptr;
+    float* m_out = L.s_out[tbl::sgd::slot::kTrace];
 #pragma GCC ivdep
     for (int64_t i = lo; i < hi; ++i) {
       const float gi = g[i];
@@ -204,8 +247,15 @@ KernelFn Dispatch() {
   return Baseline<K>;
 }
 
-KernelFn PickRms(bool centered, bool eps_in_sqrt, bool momentum, bool nesterov) {
-  const int key = (centered << 3) | (eps_in_sqrt << 2) | (momentum << 1) | (nesterov && momentum);
+// The loop for a kind and its flag bits (the flag names are the table's; the static_asserts
+// fail to compile when the table gains a flag these dispatchers do not know).
+KernelFn PickRms(int64_t f) {
+  namespace F = tbl::rms::flag;
+  static_assert(F::kAll == (F::kCentered | F::kEpsInSqrt | F::kMomentum | F::kNesterov),
+                "rms: a flag of the table is not dispatched");
+  const bool momentum = f & F::kMomentum;
+  const int key = (((f & F::kCentered) != 0) << 3) | (((f & F::kEpsInSqrt) != 0) << 2) |
+                  (momentum << 1) | (momentum && (f & F::kNesterov));
   using Pick = KernelFn (*)();
   static const Pick table[16] = {
       Dispatch<Rms<false, false, false, false>>, Dispatch<Rms<false, false, false, true>>,
@@ -218,6 +268,35 @@ KernelFn PickRms(bool centered, bool eps_in_sqrt, bool momentum, bool nesterov) 
       Dispatch<Rms<true, true, true, false>>,    Dispatch<Rms<true, true, true, true>>,
   };
   return table[key]();
+}
+
+KernelFn PickAdam(int64_t f) {
+  namespace F = tbl::adam::flag;
+  static_assert(F::kAll == (F::kNesterov | F::kWeightDecay), "adam: a flag is not dispatched");
+  const bool nesterov = f & F::kNesterov, decay = f & F::kWeightDecay;
+  return nesterov ? (decay ? Dispatch<Adam<true, true>>() : Dispatch<Adam<true, false>>())
+                  : (decay ? Dispatch<Adam<false, true>>() : Dispatch<Adam<false, false>>());
+}
+
+KernelFn PickSgd(int64_t f) {
+  namespace F = tbl::sgd::flag;
+  static_assert(F::kAll == (F::kMomentum | F::kNesterov), "sgd: a flag is not dispatched");
+  if (!(f & F::kMomentum)) return Dispatch<Sgd<false, false>>();
+  return (f & F::kNesterov) ? Dispatch<Sgd<true, true>>() : Dispatch<Sgd<true, false>>();
+}
+
+KernelFn Pick(int64_t kind, int64_t flags) {
+  static_assert(tbl::kNumKinds == 3, "a kind of the table has no loop here");
+  switch (kind) {
+    case tbl::rms::kId:
+      return PickRms(flags);
+    case tbl::adam::kId:
+      return PickAdam(flags);
+    case tbl::sgd::kId:
+      return PickSgd(flags);
+    default:
+      return nullptr;
+  }
 }
 
 int MaxThreads() {
@@ -303,9 +382,35 @@ Pool& GetPool() {
   return *pool;
 }
 
+// XLA's CPU code runs with denormals flushed to zero (inputs and results; it sets the
+// floating-point control register around every computation), so the kernel does the same on
+// each thread that computes, else 1e-40 would be 1e-40 here and 0 in the pure-JAX path.
+class ScopedFlushDenormal {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  ScopedFlushDenormal() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFtzDaz); }
+  ~ScopedFlushDenormal() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFtzDaz = 0x8040;  // flush-to-zero (bit 15), denormals-are-zero (6)
+  unsigned saved_;
+#elif defined(__aarch64__)
+  ScopedFlushDenormal() {
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t fz = saved_ | (uint64_t{1} << 24);  // FZ: flush denormal inputs and results
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fz));
+  }
+  ~ScopedFlushDenormal() { __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_)); }
+
+ private:
+  uint64_t saved_;
+#endif
+};
+
 // Process the global element range [lo, hi) of the concatenation of all leaves.
 void RunRange(const std::vector<Leaf>& leaves, const std::vector<int64_t>& starts, int64_t lo,
               int64_t hi, KernelFn fn, const float* sc) {
+  const ScopedFlushDenormal flush;
   auto it = std::upper_bound(starts.begin(), starts.end(), lo);
   size_t k = static_cast<size_t>(it - starts.begin()) - 1;
   for (; k < leaves.size() && starts[k] < hi; ++k) {
@@ -315,77 +420,77 @@ void RunRange(const std::vector<Leaf>& leaves, const std::vector<int64_t>& start
   }
 }
 
+ffi::Error Invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("rmsjax_fused_step: " + what);
+}
+
 ffi::Error FusedStepImpl(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
-                         ffi::RemainingRets rets, int64_t kind, bool centered, bool eps_in_sqrt,
-                         bool momentum, bool nesterov, bool weight_decay) {
-  int n_state = 0;
-  KernelFn fn = nullptr;
-  size_t need = 0;
-  switch (kind) {
-    case kRms:
-      n_state = 1 + centered + momentum;
-      fn = PickRms(centered, eps_in_sqrt, momentum, nesterov);
-      need = 6;
-      break;
-    case kAdam:
-      n_state = 2;
-      fn = nesterov ? (weight_decay ? Dispatch<Adam<true, true>>()  //
-                                    : Dispatch<Adam<true, false>>())
-                    : (weight_decay ? Dispatch<Adam<false, true>>()  //
-                                    : Dispatch<Adam<false, false>>());
-      need = 11;
-      break;
-    case kSgd:
-      n_state = momentum ? 1 : 0;
-      fn = momentum ? (nesterov ? Dispatch<Sgd<true, true>>() : Dispatch<Sgd<true, false>>())
-                    : Dispatch<Sgd<false, false>>();
-      need = 2;
-      break;
-    default:
-      return ffi::Error::InvalidArgument("rmsjax_fused_step: unknown kind");
+                         ffi::RemainingRets rets, int64_t kind, int64_t flags, int64_t n_leaves,
+                         int64_t table) {
+  // Every operand is checked against the table before anything is read or written.
+  if (table != tbl::kTableHash) {
+    return Invalid("the caller's operand table (hash " + std::to_string(table) +
+                   ") is not the one this library was built from (" +
+                   std::to_string(tbl::kTableHash) + "); rebuild it: python -m rmsjax.native");
   }
-  if (scalars.element_count() < need) {
-    return ffi::Error::InvalidArgument("rmsjax_fused_step: too few scalars for this kind");
+  if (kind < 0 || kind >= tbl::kNumKinds) return Invalid("unknown kind " + std::to_string(kind));
+  const tbl::KindInfo& info = tbl::kKinds[kind];
+  const std::string name = info.name;  // for the error messages
+  if ((flags & ~info.all_flags) != 0) {
+    return Invalid(name + ": unknown flag bits " + std::to_string(flags & ~info.all_flags));
+  }
+  if (scalars.element_count() != static_cast<size_t>(info.num_scalars)) {
+    return Invalid(name + " takes " + std::to_string(info.num_scalars) + " scalars, got " +
+                   std::to_string(scalars.element_count()));
+  }
+  int slots[tbl::kMaxSlots];
+  int n_state = 0;
+  for (int s = 0; s < info.num_slots; ++s) {
+    if (info.slot_needs[s] == 0 || (flags & info.slot_needs[s]) != 0) slots[n_state++] = s;
   }
   const size_t in_per = 2 + n_state, out_per = 1 + n_state;
-  if (args.size() % in_per != 0 || rets.size() != args.size() / in_per * out_per) {
-    return ffi::Error::InvalidArgument("rmsjax_fused_step: operand count does not match kind");
+  if (n_leaves < 1 || args.size() != static_cast<size_t>(n_leaves) * in_per ||
+      rets.size() != static_cast<size_t>(n_leaves) * out_per) {
+    return Invalid(name + " with flags " + std::to_string(flags) + " and " +
+                   std::to_string(n_leaves) + " leaves takes " + std::to_string(in_per) +
+                   " operands and " + std::to_string(out_per) + " results per leaf; got " +
+                   std::to_string(args.size()) + " and " + std::to_string(rets.size()));
   }
-  const size_t n_leaves = args.size() / in_per;
+  const KernelFn fn = Pick(kind, flags);
+  if (fn == nullptr) return Invalid("no loop for kind " + name);
   std::vector<Leaf> leaves(n_leaves);
   std::vector<int64_t> starts(n_leaves + 1, 0);
-  for (size_t k = 0; k < n_leaves; ++k) {
+  for (size_t k = 0; k < static_cast<size_t>(n_leaves); ++k) {
     Leaf& L = leaves[k];
-    const float* in[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+    const float* in[2 + tbl::kMaxSlots] = {};
     int64_t n = -1;
     for (size_t j = 0; j < in_per; ++j) {
       auto buf = args.get<ffi::AnyBuffer>(k * in_per + j);
       if (!buf.has_value()) return buf.error();
-      if (buf->element_type() != ffi::F32) {
-        return ffi::Error::InvalidArgument("rmsjax_fused_step: operands must be float32");
-      }
+      if (buf->element_type() != ffi::F32) return Invalid("operands must be float32");
       const int64_t m = static_cast<int64_t>(buf->element_count());
-      if (n >= 0 && m != n) return ffi::Error::InvalidArgument("rmsjax_fused_step: size mismatch");
+      if (n >= 0 && m != n) return Invalid("the arrays of one leaf differ in size");
       n = m;
       in[j] = static_cast<const float*>(buf->untyped_data());
     }
-    L.n = n;
-    L.p = in[0];
-    L.g = in[1];
-    float* out[4] = {nullptr, nullptr, nullptr, nullptr};
+    float* out[1 + tbl::kMaxSlots] = {};
     for (size_t j = 0; j < out_per; ++j) {
       auto buf = rets.get<ffi::AnyBuffer>(k * out_per + j);
       if (!buf.has_value()) return buf.error();
       if ((*buf)->element_type() != ffi::F32 ||
           static_cast<int64_t>((*buf)->element_count()) != n) {
-        return ffi::Error::InvalidArgument("rmsjax_fused_step: bad result buffer");
+        return Invalid("a result buffer is not float32 of its leaf's size");
       }
       out[j] = static_cast<float*>((*buf)->untyped_data());
     }
+    L = Leaf{};
+    L.n = n;
+    L.p = in[0];
+    L.g = in[1];
     L.p_out = out[0];
     for (int j = 0; j < n_state; ++j) {
-      L.s_in[j] = in[2 + j];
-      L.s_out[j] = out[1 + j];
+      L.s_in[slots[j]] = in[2 + j];
+      L.s_out[slots[j]] = out[1 + j];
     }
     starts[k + 1] = starts[k] + n;
   }
@@ -421,11 +526,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RmsjaxFusedStep, FusedStepImpl,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<int64_t>("kind")
-                                  .Attr<bool>("centered")
-                                  .Attr<bool>("eps_in_sqrt")
-                                  .Attr<bool>("momentum")
-                                  .Attr<bool>("nesterov")
-                                  .Attr<bool>("weight_decay"));
+                                  .Attr<int64_t>("flags")
+                                  .Attr<int64_t>("leaves")
+                                  .Attr<int64_t>("table"));
 
 // Build information, read by rmsjax.native (ctypes) for its status line and to recognise a
 // library built from another version of this source.

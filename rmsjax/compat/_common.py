@@ -7,8 +7,10 @@ from typing import Any
 import optax
 
 from rmsjax import transforms as T
+from rmsjax._types import ScalarOrSchedule
+from rmsjax.validation import check_learning_rate
 
-__all__ = ["is_static_zero", "sign_flip"]
+__all__ = ["descend", "is_static_zero", "sign_flip"]
 
 
 def is_static_zero(value: Any) -> bool:
@@ -24,3 +26,13 @@ def is_static_zero(value: Any) -> bool:
 def sign_flip(maximize: bool) -> list[optax.GradientTransformation]:
     """``[scale(-1)]`` when ``maximize`` (the raw gradient is negated first), else ``[]``."""
     return [T.scale(-1.0)] if maximize else []
+
+
+def descend(learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
+    """``scale_by_learning_rate(learning_rate)`` for a preset, whose learning rate is required.
+
+    optax's ``scale_by_learning_rate(None)`` is the identity (no sign flip: the optimizer would
+    climb the gradient); a preset's ``None`` is a mistake, so it raises like the optimizers do.
+    """
+    check_learning_rate("learning_rate", learning_rate)
+    return T.scale_by_learning_rate(learning_rate)

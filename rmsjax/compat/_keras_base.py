@@ -409,6 +409,8 @@ def keras_chain(
     del name
     _check_exclusive_clipping(clipnorm, clipvalue, global_clipnorm)
     mask = _exclusion_mask(exclude_from_weight_decay)
+    # Checked even without use_ema (Keras ignores it then): a bad value is a mistake either way.
+    check_in_range("ema_momentum", ema_momentum, low=0.0, high=1.0)
 
     lr = _at_call_count(learning_rate, gradient_accumulation_steps)
     clipping = []

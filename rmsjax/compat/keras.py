@@ -68,7 +68,7 @@ from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.compat._common import is_static_zero
+from rmsjax.compat._common import descend, is_static_zero
 from rmsjax.compat._keras_base import EmaState, finalize_variable_values, keras_chain
 from rmsjax.validation import argument_names
 
@@ -125,7 +125,7 @@ def rmsprop(
     momentum: ArrayLike = 0.0,
     epsilon: ArrayLike = 1e-7,
     centered: bool = False,
-    weight_decay: ArrayLike | None = None,
+    weight_decay: ScalarOrSchedule | None = None,
     clipnorm: ArrayLike | None = None,
     clipvalue: ArrayLike | None = None,
     global_clipnorm: ArrayLike | None = None,
@@ -157,7 +157,7 @@ def rmsprop(
     Args:
       learning_rate: >= 0 or a schedule. rho: in [0, 1). momentum: in [0, 1].
       epsilon: >= 0. centered: divide by the estimated standard deviation.
-      weight_decay: ``None`` or >= 0 (decoupled, scaled by the learning rate).
+      weight_decay: ``None``, >= 0 or a schedule (decoupled, scaled by the learning rate).
       The others: see the module docstring (every Keras optimizer takes them).
 
     Difference from Keras: the centered variance is clamped at 0 before ``epsilon`` is added.
@@ -166,7 +166,7 @@ def rmsprop(
     with argument_names({"decay": "rho", "eps": "epsilon"}):
         second_moment = scaler(decay=rho, eps=epsilon, eps_in_sqrt=True)
     buffer = _momentum(momentum)
-    return _optimizer(lambda lr: [second_moment, T.scale_by_learning_rate(lr), *buffer], locals())
+    return _optimizer(lambda lr: [second_moment, descend(lr), *buffer], locals())
 
 
 def adam(
@@ -175,7 +175,7 @@ def adam(
     beta_2: ArrayLike = 0.999,
     epsilon: ArrayLike = 1e-7,
     amsgrad: bool = False,
-    weight_decay: ArrayLike | None = None,
+    weight_decay: ScalarOrSchedule | None = None,
     clipnorm: ArrayLike | None = None,
     clipvalue: ArrayLike | None = None,
     global_clipnorm: ArrayLike | None = None,
@@ -206,17 +206,17 @@ def adam(
 
     Args:
       learning_rate: >= 0 or a schedule. beta_1, beta_2: in [0, 1). epsilon: >= 0.
-      amsgrad: AMSGrad. weight_decay: ``None`` or >= 0 (decoupled).
+      amsgrad: AMSGrad. weight_decay: ``None``, >= 0 or a schedule (decoupled).
       The others: see the module docstring (every Keras optimizer takes them).
     """
     with argument_names({"b1": "beta_1", "b2": "beta_2", "eps": "epsilon"}):
         moments = T.scale_by_adam_eps_hat(b1=beta_1, b2=beta_2, eps=epsilon, amsgrad=amsgrad)
-    return _optimizer(lambda lr: [moments, T.scale_by_learning_rate(lr)], locals())
+    return _optimizer(lambda lr: [moments, descend(lr)], locals())
 
 
 def adamw(
     learning_rate: ScalarOrSchedule = 1e-3,
-    weight_decay: ArrayLike = 0.004,
+    weight_decay: ScalarOrSchedule = 0.004,
     beta_1: ArrayLike = 0.9,
     beta_2: ArrayLike = 0.999,
     epsilon: ArrayLike = 1e-7,
@@ -253,7 +253,7 @@ def sgd(
     learning_rate: ScalarOrSchedule = 0.01,
     momentum: ArrayLike = 0.0,
     nesterov: bool = False,
-    weight_decay: ArrayLike | None = None,
+    weight_decay: ScalarOrSchedule | None = None,
     clipnorm: ArrayLike | None = None,
     clipvalue: ArrayLike | None = None,
     global_clipnorm: ArrayLike | None = None,
@@ -279,18 +279,18 @@ def sgd(
 
     Args:
       learning_rate: >= 0 or a schedule. momentum: in [0, 1]. nesterov: Nesterov momentum.
-      weight_decay: ``None`` or >= 0 (decoupled).
+      weight_decay: ``None``, >= 0 or a schedule (decoupled).
       The others: see the module docstring (every Keras optimizer takes them).
     """
     buffer = _momentum(momentum, nesterov)
-    return _optimizer(lambda lr: [T.scale_by_learning_rate(lr), *buffer], locals())
+    return _optimizer(lambda lr: [descend(lr), *buffer], locals())
 
 
 def adagrad(
     learning_rate: ScalarOrSchedule = 1e-3,
     initial_accumulator_value: ArrayLike = 0.1,
     epsilon: ArrayLike = 1e-7,
-    weight_decay: ArrayLike | None = None,
+    weight_decay: ScalarOrSchedule | None = None,
     clipnorm: ArrayLike | None = None,
     clipvalue: ArrayLike | None = None,
     global_clipnorm: ArrayLike | None = None,
@@ -315,19 +315,19 @@ def adagrad(
 
     Args:
       learning_rate: >= 0 or a schedule. initial_accumulator_value: >= 0. epsilon: >= 0.
-      weight_decay: ``None`` or >= 0 (decoupled).
+      weight_decay: ``None``, >= 0 or a schedule (decoupled).
       The others: see the module docstring (every Keras optimizer takes them).
     """
     with argument_names({"eps": "epsilon"}):
         squares = T.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=epsilon)
-    return _optimizer(lambda lr: [squares, T.scale_by_learning_rate(lr)], locals())
+    return _optimizer(lambda lr: [squares, descend(lr)], locals())
 
 
 def adadelta(
     learning_rate: ScalarOrSchedule = 1e-3,
     rho: ArrayLike = 0.95,
     epsilon: ArrayLike = 1e-7,
-    weight_decay: ArrayLike | None = None,
+    weight_decay: ScalarOrSchedule | None = None,
     clipnorm: ArrayLike | None = None,
     clipvalue: ArrayLike | None = None,
     global_clipnorm: ArrayLike | None = None,
@@ -353,7 +353,7 @@ def adadelta(
 
     Args:
       learning_rate: >= 0 or a schedule. rho: in [0, 1). epsilon: > 0.
-      weight_decay: ``None`` or >= 0 (decoupled).
+      weight_decay: ``None``, >= 0 or a schedule (decoupled).
       The others: see the module docstring (every Keras optimizer takes them).
 
     Difference from Keras: ``rho = 1`` and ``epsilon = 0`` (with which AdaDelta never moves)
@@ -361,4 +361,4 @@ def adadelta(
     """
     with argument_names({"eps": "epsilon"}):
         rescale = T.scale_by_adadelta(rho=rho, eps=epsilon)
-    return _optimizer(lambda lr: [rescale, T.scale_by_learning_rate(lr)], locals())
+    return _optimizer(lambda lr: [rescale, descend(lr)], locals())

@@ -11,7 +11,7 @@ from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.compat._common import is_static_zero
+from rmsjax.compat._common import descend, is_static_zero
 from rmsjax.validation import argument_names
 
 __all__ = ["rmsprop"]
@@ -58,4 +58,4 @@ def rmsprop(
         mean_square = scaler(decay=decay, eps=epsilon, initial_scale=1.0, eps_in_sqrt=True)
     with argument_names({"decay": "momentum"}):
         buffer = [] if is_static_zero(momentum) else [T.trace(decay=momentum)]
-    return optax.chain(mean_square, T.scale_by_learning_rate(learning_rate), *buffer)
+    return optax.chain(mean_square, descend(learning_rate), *buffer)

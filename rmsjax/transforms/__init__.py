@@ -23,11 +23,22 @@ the squared modulus (:math:`g^2` for real :math:`g`).
 
 Shared behaviour of every transformation:
 
+* a transformation that shares its name with optax's keeps its state in optax's own
+  ``NamedTuple`` classes, with optax's fields in optax's order (``rmsjax.ScaleByRmsState is
+  optax.ScaleByRmsState``), so states and Orbax checkpoints move freely between the two;
+  the rmsjax-only transformations have their own state classes;
+* ``update`` first checks the type of the state it is given, and raises ``TypeError`` naming
+  the expected and the received state type (for the state of another optimizer);
 * the returned update has the gradient's dtype; state leaves keep their dtype;
-* state of float16/bfloat16 leaves is kept in float32 unless ``promote_half=False``;
-* ``None`` gradient leaves pass through and leave their state untouched;
+* state is floating point: float32 for float16/bfloat16 leaves unless ``promote_half=False``,
+  the default float dtype for integer and boolean leaves;
+* ``None`` gradient leaves pass through and leave their state untouched
+  (``update(None, state, params)`` returns ``None`` updates);
 * a division whose denominator is exactly zero yields 0 instead of NaN/Inf (optax returns NaN
-  for a zero gradient with ``eps=0``).
+  for a zero gradient with ``eps=0``); a NaN denominator still gives NaN;
+* a second moment that overflows (float32 :math:`|g| \ge 2^{64}`) is :math:`+\infty` and
+  gives a zero step, never NaN (the "Numerics" paragraph of each rule); float32 denormals
+  are flushed to zero by XLA's CPU backend (measured), so a denormal gradient acts as 0.
 """
 
 from rmsjax.transforms.adam import (
@@ -46,8 +57,10 @@ from rmsjax.transforms.rms import (
     ScaleByAdaDeltaState,
     ScaleByCenteredRmsState,
     ScaleByRmsState,
+    ScaleByRmsWithCountState,
     ScaleByRssState,
     ScaleByRStdDevState,
+    ScaleByRStdDevWithCountState,
     scale_by_adadelta,
     scale_by_centered_rms,
     scale_by_rms,
@@ -65,6 +78,7 @@ from rmsjax.transforms.scaling import (
 from rmsjax.transforms.weight_decay import (
     AddDecayedWeightsState,
     DecoupledWeightDecayState,
+    WeightDecaySchedule,
     add_decayed_weights,
     decoupled_weight_decay,
 )
@@ -80,13 +94,16 @@ __all__ = [
     "ScaleByAmsgradState",
     "ScaleByCenteredRmsState",
     "ScaleByRStdDevState",
+    "ScaleByRStdDevWithCountState",
     "ScaleByRmsState",
+    "ScaleByRmsWithCountState",
     "ScaleByRpropState",
     "ScaleByRssState",
     "ScaleByScheduleState",
     "ScaleState",
     "SplitRealAndImaginaryState",
     "TraceState",
+    "WeightDecaySchedule",
     "add_decayed_weights",
     "dampened_trace",
     "decoupled_weight_decay",

@@ -6,7 +6,7 @@ r"""The Adam family: :func:`scale_by_adam` (optax's, with NAdam), :func:`scale_b
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +19,15 @@ from rmsjax._numerics import (
     ema,
     increment,
     is_positive,
+    moment_div,
     precise_debias,
     safe_div,
     zero_count,
 )
-from rmsjax.tree import map_rule, state_like
+from rmsjax.tree import check_state, map_rule, state_like
 from rmsjax.validation import (
     check_decay,
+    check_float_dtype,
     check_nonneg,
 )
 
@@ -41,12 +43,9 @@ __all__ = [
 ]
 
 
-class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: count (int32), first and second moments."""
-
-    count: jax.Array
-    mu: Any
-    nu: Any
+ScaleByAdamState = optax.ScaleByAdamState
+"""State of :func:`scale_by_adam`: ``optax.ScaleByAdamState(count, mu, nu)``, the int32 count
+and the first and second moments."""
 
 
 def _adam_moments(
@@ -72,8 +71,9 @@ def _adam_rule(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     mu, nu = _adam_moments(g, mu, nu, b1, b2)
     mu_hat = b1 * (mu / c1_next) + (1 - b1) * (g / c1) if nesterov else mu / c1
+    mu_hat = cast(jax.Array, mu_hat)  # jax arrays (see _numerics.ema)
     den = jnp.sqrt(nu / c2 + eps_root) + eps
-    return safe_div(mu_hat, den, den_positive=is_positive(eps)), mu, nu
+    return moment_div(mu_hat, den, g, den_positive=is_positive(eps)), mu, nu
 
 
 def scale_by_adam(
@@ -109,20 +109,28 @@ def scale_by_adam(
     Same numbers as ``optax.scale_by_adam`` for float32/float64; differences: half precision
     moments are float32 by default, a zero divisor gives 0 instead of NaN, and the update has
     the gradient's dtype. torch's Adam is this with ``eps_root=0`` (eps outside the root);
-    Keras' Adam differs (see ``rmsjax.compat.keras``).
+    Keras' Adam differs (see ``rmsjax.compat.keras``). State: optax's own
+    ``ScaleByAdamState(count, mu, nu)``; integer or boolean ``mu_dtype`` is rejected, and
+    integer/boolean parameters get moments in the default float dtype.
+
+    Numerics: for :math:`|g| \ge 2^{64}` (float32) :math:`\nu` overflows to :math:`+\infty`
+    and the update of that element is exactly 0 until it decays back below the largest
+    float, never NaN; every smaller finite gradient gives a finite update.
     """
     check_decay("b1", b1)
     check_decay("b2", b2)
     check_nonneg("eps", eps)
     check_nonneg("eps_root", eps_root)
+    check_float_dtype("mu_dtype", mu_dtype)
 
-    def init_fn(params: Any) -> ScaleByAdamState:
+    def init_fn(params: Any) -> Any:
         mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half)
         nu = state_like(params, 0.0, promote_half=promote_half, real=True)
         return ScaleByAdamState(count=zero_count(), mu=mu, nu=nu)
 
-    def update_fn(updates: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, ScaleByAdamState, "scale_by_adam")
         count = increment(state.count)
         c1, c2 = debias(b1, count), debias(b2, count)
         c1_next = debias(b1, increment(count))
@@ -145,13 +153,8 @@ def scale_by_adam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-class ScaleByAmsgradState(NamedTuple):
-    """State of :func:`scale_by_amsgrad`: count, moments and the running maximum of nu."""
-
-    count: jax.Array
-    mu: Any
-    nu: Any
-    nu_max: Any
+ScaleByAmsgradState = optax.ScaleByAmsgradState
+"""State of :func:`scale_by_amsgrad`: ``optax.ScaleByAmsgradState(count, mu, nu, nu_max)``."""
 
 
 class ScaleByAdamExactBiasState(NamedTuple):
@@ -160,7 +163,7 @@ class ScaleByAdamExactBiasState(NamedTuple):
     ``nu_max`` is an empty tuple when ``amsgrad=False``.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     mu: Any
     nu: Any
     nu_max: Any
@@ -172,7 +175,7 @@ class ScaleByAdamEpsHatState(NamedTuple):
     ``nu_max`` is an empty tuple when ``amsgrad=False``.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     mu: Any
     nu: Any
     nu_max: Any
@@ -195,14 +198,14 @@ def _amsgrad_rule(
     else the running max of ``nu`` then ``/c2`` (max_before_correction) or of ``nu/c2``."""
     mu, nu = _adam_moments(g, mu, nu, b1, b2)
     if not nu_max:
-        return safe_div(mu / c1, jnp.sqrt(nu / c2 + eps_root) + eps), mu, nu
+        return moment_div(mu / c1, jnp.sqrt(nu / c2 + eps_root) + eps, g), mu, nu
     if max_before_correction:
         new_max = jnp.maximum(nu_max[0], nu)
         nu_hat = new_max / c2
     else:
         new_max = jnp.maximum(nu_max[0], nu / c2)
         nu_hat = new_max
-    return safe_div(mu / c1, jnp.sqrt(nu_hat + eps_root) + eps), mu, nu, new_max
+    return moment_div(mu / c1, jnp.sqrt(nu_hat + eps_root) + eps, g), mu, nu, new_max
 
 
 def _adam_eps_hat_rule(
@@ -221,11 +224,15 @@ def _adam_eps_hat_rule(
     if nu_max:
         new_max = jnp.maximum(nu_max[0], nu)
         return safe_div(mu * alpha, jnp.sqrt(new_max) + eps), mu, nu, new_max
+    # |mu| <= (1 - b1^t) max|g| (a zero-started average), so |mu * alpha| <= sqrt(1 - b2^t)
+    # max|g|: the numerator cannot overflow, and an overflowed nu gives finite / inf = 0
+    # without the guard of moment_div.
     return safe_div(mu * alpha, jnp.sqrt(nu) + eps), mu, nu
 
 
 def _adam_with_max(
-    state_cls: Callable[..., Any],
+    name: str,
+    state_cls: type,
     rule: Callable[..., tuple[jax.Array, ...]],
     step_args: Callable[[jax.Array], dict[str, Any]],
     *,
@@ -247,6 +254,7 @@ def _adam_with_max(
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, state_cls, name)
         count = increment(state.count)
         kwargs = step_args(count)
         states = (state.mu, state.nu, state.nu_max) if track_max else (state.mu, state.nu)
@@ -295,12 +303,15 @@ def scale_by_amsgrad(
 
     Same numbers as ``optax.scale_by_amsgrad`` with the default ``max_before_correction``;
     like the other rmsjax transformations, a zero divisor gives 0 instead of NaN and ``nu`` of
-    complex leaves is stored real.
+    complex leaves is stored real. State: optax's own
+    ``ScaleByAmsgradState(count, mu, nu, nu_max)``. Numerics as :func:`scale_by_adam` (an
+    overflowed :math:`\nu_{max}` stays :math:`+\infty`, so that element's updates stay 0).
     """
     check_decay("b1", b1)
     check_decay("b2", b2)
     check_nonneg("eps", eps)
     check_nonneg("eps_root", eps_root)
+    check_float_dtype("mu_dtype", mu_dtype)
 
     def step_args(count: jax.Array) -> dict[str, Any]:
         return dict(
@@ -314,6 +325,7 @@ def scale_by_amsgrad(
         )
 
     return _adam_with_max(
+        "scale_by_amsgrad",
         ScaleByAmsgradState,
         _amsgrad_rule,
         step_args,
@@ -370,6 +382,7 @@ def scale_by_adam_exact_bias(
         )
 
     return _adam_with_max(
+        "scale_by_adam_exact_bias",
         ScaleByAdamExactBiasState,
         _amsgrad_rule,
         step_args,
@@ -420,6 +433,7 @@ def scale_by_adam_eps_hat(
         return dict(b1=b1, b2=b2, eps=eps, alpha=alpha)
 
     return _adam_with_max(
+        "scale_by_adam_eps_hat",
         ScaleByAdamEpsHatState,
         _adam_eps_hat_rule,
         step_args,

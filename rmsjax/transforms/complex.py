@@ -8,24 +8,30 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+import optax.contrib
+
+from rmsjax.tree import check_state
 
 __all__ = [
     "SplitRealAndImaginaryState",
     "split_real_and_imaginary",
 ]
 
+SplitRealAndImaginaryState = optax.contrib.SplitRealAndImaginaryState
+"""State of :func:`split_real_and_imaginary`:
+``optax.contrib.SplitRealAndImaginaryState(inner_state)``."""
 
-class _RealImag(NamedTuple):
-    """A complex leaf split into its real and imaginary parts (two real leaves)."""
+# A complex leaf split in two; optax's own pair type, so that the inner state of a complex
+# parameter has optax's layout too (optax defines it without exporting it).
+try:
+    from optax.contrib._complex_valued import SplitRealAndImaginaryArrays as _RealImag
+except ImportError:  # pragma: no cover - an optax without it has no such layout to match
 
-    real: jax.Array
-    imag: jax.Array
+    class _RealImag(NamedTuple):  # type: ignore[no-redef]
+        """A complex leaf split into its real and imaginary parts (two real leaves)."""
 
-
-class SplitRealAndImaginaryState(NamedTuple):
-    """State of :func:`split_real_and_imaginary`: the inner transformation's state."""
-
-    inner_state: Any
+        real: jax.Array
+        imaginary: jax.Array
 
 
 def _split(x: Any) -> Any:
@@ -36,7 +42,7 @@ def _split(x: Any) -> Any:
 
 def _merge(x: Any) -> Any:
     if isinstance(x, _RealImag):
-        return jax.lax.complex(x.real, x.imag)
+        return jax.lax.complex(x.real, x.imaginary)
     return x
 
 
@@ -55,19 +61,20 @@ def split_real_and_imaginary(inner: optax.GradientTransformation) -> optax.Gradi
     conjugate of ``jax.grad``'s; as with optax, pass ``jnp.conj(jax.grad(loss)(params))`` to
     descend.
 
-    Same numbers and same name as ``optax.contrib.split_real_and_imaginary``; the merge is
-    exact (``lax.complex``) and ``None`` leaves pass through.
+    Same numbers, name and state layout as ``optax.contrib.split_real_and_imaginary``
+    (``optax.contrib.SplitRealAndImaginaryState(inner_state)``, complex leaves of the inner
+    state split into optax's real/imaginary pairs); the merge is exact (``lax.complex``) and
+    ``None`` leaves pass through.
 
     Args:
       inner: any gradient transformation; it only ever sees real leaves.
     """
 
-    def init_fn(params: Any) -> SplitRealAndImaginaryState:
+    def init_fn(params: Any) -> Any:
         return SplitRealAndImaginaryState(inner.init(jax.tree.map(_split, params)))
 
-    def update_fn(
-        updates: Any, state: SplitRealAndImaginaryState, params: Any = None
-    ) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        check_state(state, SplitRealAndImaginaryState, "split_real_and_imaginary")
         split_params = None if params is None else jax.tree.map(_split, params)
         out, inner_state = inner.update(
             jax.tree.map(_split, updates), state.inner_state, split_params

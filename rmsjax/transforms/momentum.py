@@ -15,8 +15,9 @@ from rmsjax._numerics import (
     increment,
     zero_count,
 )
-from rmsjax.tree import map_rule, state_like
+from rmsjax.tree import check_state, map_rule, state_like
 from rmsjax.validation import (
+    check_float_dtype,
     check_in_range,
 )
 
@@ -28,10 +29,8 @@ __all__ = [
 ]
 
 
-class TraceState(NamedTuple):
-    """State of :func:`trace`: the momentum buffer."""
-
-    trace: Any
+TraceState = optax.TraceState
+"""State of :func:`trace`: ``optax.TraceState(trace)``, the momentum buffer."""
 
 
 def _trace_rule(
@@ -61,17 +60,26 @@ def trace(
       promote_half: see :func:`scale_by_rms`.
 
     Differences from ``optax.trace``: half precision buffers are float32 by default, and the
-    update has the gradient's dtype (optax returns the buffer's dtype).
+    update has the gradient's dtype (optax returns the buffer's dtype). State: optax's own
+    ``TraceState(trace)``; an integer or boolean ``accumulator_dtype`` is rejected, and
+    integer/boolean parameters get a buffer in the default float dtype.
+
+    Numerics: the buffer sums the gradients with weights up to :math:`1/(1-\beta)`, so it
+    overflows to :math:`\pm\infty` only when that sum is beyond the largest float (float32:
+    :math:`|g| > (1-\beta) \cdot 3.4 \cdot 10^{38}` sustained); the arithmetic is exact
+    otherwise.
     """
     check_in_range("decay", decay, low=0.0, high=1.0)
+    check_float_dtype("accumulator_dtype", accumulator_dtype)
 
-    def init_fn(params: Any) -> TraceState:
+    def init_fn(params: Any) -> Any:
         return TraceState(
             trace=state_like(params, 0.0, dtype=accumulator_dtype, promote_half=promote_half)
         )
 
-    def update_fn(updates: Any, state: TraceState, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, TraceState, "trace")
         rule = lambda g, m: _trace_rule(g, m, decay=decay, nesterov=nesterov)
         out, (m,) = map_rule(rule, updates, (state.trace,))
         return out, TraceState(trace=m)
@@ -82,7 +90,7 @@ def trace(
 class DampenedTraceState(NamedTuple):
     """State of :func:`dampened_trace`: update count (int32) and the momentum buffer."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     trace: Any
 
 
@@ -128,13 +136,15 @@ def dampened_trace(
     """
     check_in_range("decay", decay, low=0.0, high=1.0)
     check_in_range("dampening", dampening, low=0.0, high=1.0)
+    check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: Any) -> DampenedTraceState:
         buf = state_like(params, 0.0, dtype=accumulator_dtype, promote_half=promote_half)
         return DampenedTraceState(count=zero_count(), trace=buf)
 
-    def update_fn(updates: Any, state: DampenedTraceState, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, DampenedTraceState, "dampened_trace")
         first = state.count == 0
         rule = lambda g, b: _dampened_trace_rule(
             g, b, first=first, decay=decay, dampening=dampening, nesterov=nesterov

@@ -21,10 +21,11 @@ from rmsjax._numerics import (
     increment,
     rms_scale,
     safe_div,
+    select,
     unbias,
     zero_count,
 )
-from rmsjax.tree import map_rule, state_like
+from rmsjax.tree import check_state, map_rule, state_like
 from rmsjax.validation import (
     check_decay,
     check_in_range,
@@ -35,7 +36,9 @@ __all__ = [
     "ScaleByAdaDeltaState",
     "ScaleByCenteredRmsState",
     "ScaleByRStdDevState",
+    "ScaleByRStdDevWithCountState",
     "ScaleByRmsState",
+    "ScaleByRmsWithCountState",
     "ScaleByRssState",
     "scale_by_adadelta",
     "scale_by_centered_rms",
@@ -44,23 +47,34 @@ __all__ = [
     "scale_by_stddev",
 ]
 
+# The states are optax's own classes, so a state (or an Orbax checkpoint of one) moves freely
+# between optax and rmsjax. optax 0.2.x defines the two counted states without exporting them
+# from its top-level package; they are taken from where optax defines them.
+ScaleByRmsState = optax.ScaleByRmsState
+"""State of :func:`scale_by_rms` without bias correction: ``optax.ScaleByRmsState(nu)``."""
 
-class ScaleByRmsState(NamedTuple):
-    """State of :func:`scale_by_rms`: update count (int32) and the EMA of :math:`|g|^2`."""
+ScaleByRStdDevState = optax.ScaleByRStdDevState
+"""State of :func:`scale_by_centered_rms` without bias correction:
+``optax.ScaleByRStdDevState(mu, nu)``."""
 
-    count: jax.Array
-    nu: Any
+ScaleByCenteredRmsState = ScaleByRStdDevState
 
+try:
+    from optax._src.transform import ScaleByRmsWithCountState, ScaleByRStdDevWithCountState
+except ImportError:  # pragma: no cover - an optax without them has no such layout to match
 
-class ScaleByCenteredRmsState(NamedTuple):
-    """State of :func:`scale_by_centered_rms`: count, EMA of :math:`g` and of :math:`|g|^2`."""
+    class ScaleByRmsWithCountState(NamedTuple):  # type: ignore[no-redef]
+        """State of :func:`scale_by_rms` with bias correction: count (int32) and nu."""
 
-    count: jax.Array
-    mu: Any
-    nu: Any
+        count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+        nu: Any
 
+    class ScaleByRStdDevWithCountState(NamedTuple):  # type: ignore[no-redef]
+        """State of :func:`scale_by_centered_rms` with bias correction: count, mu, nu."""
 
-ScaleByRStdDevState = ScaleByCenteredRmsState
+        count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+        mu: Any
+        nu: Any
 
 
 def _rms_rule(
@@ -88,7 +102,11 @@ def _centered_rms_rule(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     mu = ema(g, mu, decay)
     nu = ema(abs_sq(g), nu, decay)
-    variance = jnp.maximum(unbias(nu, correction) - abs_sq(unbias(mu, correction)), 0)
+    nu_hat = unbias(nu, correction)
+    # Clamped at 0 (it rounds below 0 for near-constant gradients); +inf where the second
+    # moment overflowed (|g| >= 2**64 in float32), where the difference would be inf - inf.
+    variance = jnp.maximum(nu_hat - abs_sq(unbias(mu, correction)), 0)
+    variance = select(nu_hat != jnp.inf, variance, jnp.inf)
     return rms_scale(g, variance, eps, eps_in_sqrt=eps_in_sqrt), mu, nu
 
 
@@ -130,26 +148,44 @@ def scale_by_rms(
         stores it in the leaf's dtype, saving memory but overflowing float16 for
         :math:`|g| > 256` and underflowing for :math:`|g| < 10^{-4}`, as optax does.
 
-    Differences from ``optax.scale_by_rms``: the state always carries an int32 ``count``; half
-    precision state is float32 by default; a zero divisor (``eps=0`` and :math:`\nu=0`) gives a
-    zero update instead of NaN; complex leaves keep :math:`\nu` in the real dtype (optax stores
-    a complex array with zero imaginary part). PyTorch's RMSprop uses ``eps_in_sqrt=False``.
+    State: optax's own, ``ScaleByRmsState(nu)``, or ``ScaleByRmsWithCountState(count, nu)``
+    with ``bias_correction`` (int32 ``count``), so a state or checkpoint written by
+    ``optax.scale_by_rms`` is read as is (and vice versa). Integer and boolean parameters get
+    a state in the default float dtype.
+
+    Numerics: for float32 gradients with :math:`|g| \ge 2^{64} \approx 1.8447 \cdot 10^{19}`
+    the square overflows, :math:`\nu` becomes :math:`+\infty` and the update is exactly 0
+    (:math:`g / \sqrt{\infty}`): a documented zero step, never NaN, on this and on every later
+    step of that element (:math:`\rho \cdot \infty` stays infinite). With
+    ``bias_correction`` the threshold can be a rounding below :math:`2^{64}`, where
+    :math:`\nu / (1 - \rho^t)` rounds past the largest float. Below it every finite gradient
+    gives a finite update (denormals count as 0: XLA flushes them). For float64 the threshold
+    is :math:`\sqrt{\max} \approx 1.3 \cdot 10^{154}`. Non-finite gradients (NaN,
+    :math:`\pm\infty`) give NaN, as in optax.
     """
     _check_rms_args(decay, eps, initial_scale)
 
-    def init_fn(params: Any) -> ScaleByRmsState:
+    def init_fn(params: Any) -> Any:
         nu = state_like(params, initial_scale, promote_half=promote_half, real=True)
-        return ScaleByRmsState(count=zero_count(), nu=nu)
+        if bias_correction:
+            return ScaleByRmsWithCountState(count=zero_count(), nu=nu)
+        return ScaleByRmsState(nu=nu)
 
-    def update_fn(updates: Any, state: ScaleByRmsState, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
-        count = increment(state.count)
-        correction = debias(decay, count) if bias_correction else None
+        state_cls = ScaleByRmsWithCountState if bias_correction else ScaleByRmsState
+        check_state(state, state_cls, "scale_by_rms")
+        correction = None
+        if bias_correction:
+            count = increment(state.count)
+            correction = debias(decay, count)
         rule = lambda g, nu: _rms_rule(
             g, nu, decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt
         )
         out, (nu,) = map_rule(rule, updates, (state.nu,))
-        return out, ScaleByRmsState(count=count, nu=nu)
+        if bias_correction:
+            return out, ScaleByRmsWithCountState(count=count, nu=nu)
+        return out, ScaleByRmsState(nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -189,27 +225,42 @@ def scale_by_centered_rms(
     difference of two almost equal numbers and rounds below zero (after a few hundred steps
     with :math:`\rho = 0.9`); optax and torch then take the root of a negative number and
     return NaN, rmsjax returns :math:`g/\sqrt{\epsilon}` (or 0 when :math:`\epsilon = 0`).
-    Also: an int32 ``count`` is always kept, half precision state is float32 by default, and
-    :math:`\nu` of complex leaves is stored real.
+    Where :math:`\hat\nu` is :math:`+\infty` (see Numerics) the variance is :math:`+\infty`
+    and the update 0; optax computes :math:`\infty - \infty` and returns NaN as soon as
+    :math:`|\hat\mu|^2` overflows as well (float32, :math:`\rho = 0.9`: from
+    :math:`|g| \approx 1.8 \cdot 10^{20}` on the first step). Also: half precision state is
+    float32 by default, and :math:`\nu` of complex leaves is stored real.
+
+    State: optax's own, ``ScaleByRStdDevState(mu, nu)``, or
+    ``ScaleByRStdDevWithCountState(count, mu, nu)`` with ``bias_correction``.
+
+    Numerics: as :func:`scale_by_rms` (a zero step, never NaN, once :math:`\nu` overflows);
+    the variance of an infinite :math:`\hat\nu` is taken as :math:`+\infty`.
     """
     _check_rms_args(decay, eps, initial_scale)
 
-    def init_fn(params: Any) -> ScaleByCenteredRmsState:
+    def init_fn(params: Any) -> Any:
         mu = state_like(params, 0.0, promote_half=promote_half)
         nu = state_like(params, initial_scale, promote_half=promote_half, real=True)
-        return ScaleByCenteredRmsState(count=zero_count(), mu=mu, nu=nu)
+        if bias_correction:
+            return ScaleByRStdDevWithCountState(count=zero_count(), mu=mu, nu=nu)
+        return ScaleByRStdDevState(mu=mu, nu=nu)
 
-    def update_fn(
-        updates: Any, state: ScaleByCenteredRmsState, params: Any = None
-    ) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
-        count = increment(state.count)
-        correction = debias(decay, count) if bias_correction else None
+        state_cls = ScaleByRStdDevWithCountState if bias_correction else ScaleByRStdDevState
+        check_state(state, state_cls, "scale_by_centered_rms")
+        correction = None
+        if bias_correction:
+            count = increment(state.count)
+            correction = debias(decay, count)
         rule = lambda g, mu, nu: _centered_rms_rule(
             g, mu, nu, decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt
         )
         out, (mu, nu) = map_rule(rule, updates, (state.mu, state.nu))
-        return out, ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
+        if bias_correction:
+            return out, ScaleByRStdDevWithCountState(count=count, mu=mu, nu=nu)
+        return out, ScaleByRStdDevState(mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -217,10 +268,9 @@ def scale_by_centered_rms(
 scale_by_stddev = scale_by_centered_rms
 
 
-class ScaleByRssState(NamedTuple):
-    """State of :func:`scale_by_rss`: the running sum of :math:`|g|^2` (real)."""
-
-    sum_of_squares: Any
+ScaleByRssState = optax.ScaleByRssState
+"""State of :func:`scale_by_rss`: ``optax.ScaleByRssState(sum_of_squares)``, the running sum
+of :math:`|g|^2` (real)."""
 
 
 def _rss_rule(
@@ -264,16 +314,24 @@ def scale_by_rss(
     the update is 0 (optax tests :math:`s_t > 0` instead, which differs only when
     :math:`|g|^2` underflows to 0 while :math:`g \ne 0`). With ``eps_in_sqrt=False`` a zero
     divisor (:math:`s_t = 0` and :math:`\epsilon = 0`) gives 0, where torch gives NaN.
+
+    State: optax's own ``ScaleByRssState(sum_of_squares)``.
+
+    Numerics: once the float32 sum passes the largest float (a single :math:`|g| \ge 2^{64}`
+    does it, or many smaller squares) it is :math:`+\infty` and the updates of that element
+    are exactly 0 from then on: a documented zero step, never NaN. Below that every finite
+    gradient gives a finite update.
     """
     check_nonneg("initial_accumulator_value", initial_accumulator_value)
     check_nonneg("eps", eps)
 
-    def init_fn(params: Any) -> ScaleByRssState:
+    def init_fn(params: Any) -> Any:
         s = state_like(params, initial_accumulator_value, promote_half=promote_half, real=True)
         return ScaleByRssState(sum_of_squares=s)
 
-    def update_fn(updates: Any, state: ScaleByRssState, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, ScaleByRssState, "scale_by_rss")
         out, (s,) = map_rule(
             lambda g, s: _rss_rule(g, s, eps=eps, eps_in_sqrt=eps_in_sqrt),
             updates,
@@ -284,11 +342,9 @@ def scale_by_rss(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-class ScaleByAdaDeltaState(NamedTuple):
-    """State of :func:`scale_by_adadelta`: moving averages of :math:`|g|^2` and :math:`|u|^2`."""
-
-    e_g: Any
-    e_x: Any
+ScaleByAdaDeltaState = optax.ScaleByAdaDeltaState
+"""State of :func:`scale_by_adadelta`: ``optax.ScaleByAdaDeltaState(e_g, e_x)``, the moving
+averages of :math:`|g|^2` and :math:`|u|^2`."""
 
 
 def _adadelta_rule(
@@ -329,7 +385,11 @@ def scale_by_adadelta(
     use :math:`|g|^2` and :math:`|u|^2` with real state (optax squares the complex numbers,
     :math:`g^2`, which is not a magnitude: the "average square" then rotates with the phase of
     :math:`g` and the step is wrong); half precision state is float32 by default; the update
-    has the gradient's dtype.
+    has the gradient's dtype. State: optax's own ``ScaleByAdaDeltaState(e_g, e_x)``.
+
+    Numerics: for :math:`|g| \ge 2^{64}` (float32) :math:`E[g^2]` overflows to
+    :math:`+\infty` and the update of that element is exactly 0, now and later (a documented
+    zero step, never NaN).
     """
     check_decay("rho", rho)
     check_in_range(
@@ -340,13 +400,14 @@ def scale_by_adadelta(
         hint="AdaDelta's steps start at sqrt(eps)-size; with eps = 0 it never moves.",
     )
 
-    def init_fn(params: Any) -> ScaleByAdaDeltaState:
+    def init_fn(params: Any) -> Any:
         e_g = state_like(params, 0.0, promote_half=promote_half, real=True)
         e_x = state_like(params, 0.0, promote_half=promote_half, real=True)
         return ScaleByAdaDeltaState(e_g=e_g, e_x=e_x)
 
-    def update_fn(updates: Any, state: ScaleByAdaDeltaState, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, ScaleByAdaDeltaState, "scale_by_adadelta")
         rule = lambda g, e_g, e_x: _adadelta_rule(g, e_g, e_x, rho=rho, eps=eps)
         out, (e_g, e_x) = map_rule(rule, updates, (state.e_g, state.e_x))
         return out, ScaleByAdaDeltaState(e_g=e_g, e_x=e_x)

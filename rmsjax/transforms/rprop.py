@@ -2,7 +2,7 @@ r"""Resilient backpropagation: :func:`scale_by_rprop`, as ``torch.optim.Rprop`` 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +10,9 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from rmsjax._numerics import zero_count
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.tree import map_rule, state_like
+from rmsjax.tree import check_state, map_rule, state_like
 from rmsjax.validation import (
     check_in_range,
     check_learning_rate,
@@ -25,15 +26,14 @@ __all__ = [
 ]
 
 
-class ScaleByRpropState(NamedTuple):
-    """State of :func:`scale_by_rprop`: per-element step sizes and the previous gradient.
+ScaleByRpropState = optax.ScaleByRpropState
+"""State of :func:`scale_by_rprop`: ``optax.ScaleByRpropState(step_sizes, prev_updates)``, the
+per-element step sizes and the previous gradient.
 
-    ``prev_updates`` holds the previous incoming update (gradient), set to 0 where its sign
-    flipped; for complex leaves both arrays hold the real and imaginary parts' values.
-    """
-
-    step_sizes: Any
-    prev_updates: Any
+``prev_updates`` holds the previous incoming update (gradient), set to 0 where its sign
+flipped (optax stores its signed step there instead; the layout is the same); for complex
+leaves both arrays hold the real and imaginary parts' values.
+"""
 
 
 def _rprop_real_rule(
@@ -71,8 +71,7 @@ def _check_rprop_args(
     min_step_size: Any,
     max_step_size: Any,
 ) -> None:
-    if not callable(learning_rate):
-        check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("learning_rate", learning_rate)
     check_in_range(
         "eta_minus",
         eta_minus,
@@ -142,6 +141,11 @@ def scale_by_rprop(
       max_step_size: :math:`\delta_{max}`, > 0 and >= ``min_step_size``.
       promote_half: keep the state of float16/bfloat16 leaves in float32 (default).
 
+    Numerics: like torch, the sign comparison multiplies the two gradients; a product below the
+    smallest normal float (:math:`1.2 \cdot 10^{-38}` in float32, whose denormals XLA flushes
+    to zero) counts as :math:`s_t = 0`, so such tiny gradients keep their step size instead of
+    growing or shrinking it. Updates are always finite (:math:`\pm\delta_t` or 0).
+
     Complex leaves: the real and imaginary parts are treated as independent real parameters,
     each with its own step size (torch's behaviour); both are stored in one complex array.
 
@@ -150,6 +154,8 @@ def scale_by_rprop(
     the previous gradient; it also skips the clip when :math:`s_t = 0`, so a ``learning_rate``
     outside :math:`[\delta_{min}, \delta_{max}]` is used unclipped; and it fails on complex
     leaves inside ``jnp.clip``. rmsjax follows the published algorithm as torch implements it.
+    The state has optax's layout, ``ScaleByRpropState(step_sizes, prev_updates)`` (rmsjax
+    stores the previous gradient in ``prev_updates``), so an optax state restores into it.
     """
     _check_rprop_args(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size)
     hyper = dict(
@@ -159,15 +165,16 @@ def scale_by_rprop(
         max_step_size=max_step_size,
     )
 
-    def init_fn(params: Any) -> ScaleByRpropState:
-        lr = learning_rate(0) if callable(learning_rate) else learning_rate
+    def init_fn(params: Any) -> Any:
+        lr = learning_rate(zero_count()) if callable(learning_rate) else learning_rate
         both = lambda s: jax.lax.complex(jnp.real(s), jnp.real(s)) if jnp.iscomplexobj(s) else s
         steps = jax.tree.map(both, state_like(params, lr, promote_half=promote_half))
         prev = state_like(params, 0.0, promote_half=promote_half)
         return ScaleByRpropState(step_sizes=steps, prev_updates=prev)
 
-    def update_fn(updates: Any, state: ScaleByRpropState, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, ScaleByRpropState, "scale_by_rprop")
         rule = lambda g, step, prev: _rprop_rule(g, step, prev, **hyper)
         out, (steps, prev) = map_rule(rule, updates, (state.step_sizes, state.prev_updates))
         return out, ScaleByRpropState(step_sizes=steps, prev_updates=prev)

@@ -1,8 +1,12 @@
-r"""Step sizes: :func:`scale`, :func:`scale_by_schedule`, :func:`scale_by_learning_rate`."""
+r"""Step sizes: :func:`scale`, :func:`scale_by_schedule`, :func:`scale_by_learning_rate`.
+
+The states are optax's own classes (``ScaleState`` is ``optax.ScaleState``, an
+``optax.EmptyState``; ``ScaleByScheduleState`` is ``optax.ScaleByScheduleState``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +18,7 @@ from rmsjax._numerics import (
     zero_count,
 )
 from rmsjax._types import ScalarOrSchedule, Schedule
-from rmsjax.tree import map_rule
+from rmsjax.tree import check_state, map_rule
 from rmsjax.validation import (
     check_in_range,
     check_learning_rate,
@@ -29,16 +33,17 @@ __all__ = [
 ]
 
 
-ScaleState = optax.EmptyState
+ScaleState = optax.ScaleState
+"""State of :func:`scale`: ``optax.ScaleState`` (an empty ``optax.EmptyState``)."""
 
-
-class ScaleByScheduleState(NamedTuple):
-    """State of :func:`scale_by_schedule`: the number of updates done so far (int32)."""
-
-    count: jax.Array
+ScaleByScheduleState = optax.ScaleByScheduleState
+"""State of :func:`scale_by_schedule`: ``optax.ScaleByScheduleState(count)``, the number of
+updates done so far (int32)."""
 
 
 def _scale_rule(g: jax.Array, step_size: ArrayLike) -> tuple[jax.Array]:
+    if jnp.iscomplexobj(step_size) and not jnp.iscomplexobj(g):
+        step_size = jnp.real(step_size)  # complex-typed, real-valued (inject_hyperparams)
     return (jnp.asarray(step_size, dtype=g.dtype) * g,)
 
 
@@ -46,9 +51,10 @@ def scale(step_size: ArrayLike) -> optax.GradientTransformation:
     r"""Multiply updates by a fixed ``step_size``: :math:`u = s\,g`.
 
     Args:
-      step_size: any finite real number (traced values allowed).
+      step_size: any finite real number (traced values allowed; a schedule is a
+        ``TypeError``: use :func:`scale_by_schedule`).
 
-    Same as ``optax.scale``.
+    Same as ``optax.scale``, with the same state (``optax.ScaleState``).
     """
     check_in_range("step_size", step_size)
 
@@ -58,6 +64,7 @@ def scale(step_size: ArrayLike) -> optax.GradientTransformation:
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, optax.EmptyState, "scale")
         out, _ = map_rule(lambda g: _scale_rule(g, step_size), updates)
         return out, state
 
@@ -67,7 +74,8 @@ def scale(step_size: ArrayLike) -> optax.GradientTransformation:
 def scale_by_schedule(step_size_fn: Schedule) -> optax.GradientTransformation:
     r"""Multiply updates by ``step_size_fn(count)``, count = 0, 1, 2, ... (int32).
 
-    :math:`u_t = s(t - 1)\,g_t`. Same as ``optax.scale_by_schedule``.
+    :math:`u_t = s(t - 1)\,g_t`. Same as ``optax.scale_by_schedule``, with the same state
+    (``optax.ScaleByScheduleState(count)``).
 
     Args:
       step_size_fn: a callable ``count -> step size`` (any real value, jit-safe); a
@@ -78,12 +86,13 @@ def scale_by_schedule(step_size_fn: Schedule) -> optax.GradientTransformation:
             f"`step_size_fn` must be a callable schedule count -> step size, got {step_size_fn!r}."
         )
 
-    def init_fn(params: Any) -> ScaleByScheduleState:
+    def init_fn(params: Any) -> Any:
         del params
         return ScaleByScheduleState(count=zero_count())
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        check_state(state, ScaleByScheduleState, "scale_by_schedule")
         step_size = step_size_fn(state.count)
         out, _ = map_rule(lambda g: _scale_rule(g, step_size), updates)
         return out, ScaleByScheduleState(count=increment(state.count))
@@ -98,11 +107,13 @@ def scale_by_learning_rate(
 
     Args:
       learning_rate: a non-negative finite float, a traced scalar, or a schedule
-        ``count -> lr`` evaluated at 0, 1, 2, ...; ``None`` means no scaling (identity).
+        ``count -> lr`` evaluated at 0, 1, 2, ...; ``None`` means no scaling (identity), as
+        in optax. (The optimizers reject ``None``: with it they would climb the gradient.)
       flip_sign: negate the learning rate (descent), the default.
 
-    Same as ``optax.scale_by_learning_rate``, plus a ``ValueError`` for a negative or non-finite
-    concrete ``learning_rate``.
+    Same as ``optax.scale_by_learning_rate`` (same states: ``optax.ScaleState`` for a number,
+    ``optax.ScaleByScheduleState`` for a schedule), plus a ``ValueError`` / ``TypeError`` for a
+    concrete ``learning_rate`` that is negative, non-finite or not a real number.
     """
     if learning_rate is None:
         return optax.identity()

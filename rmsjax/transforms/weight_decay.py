@@ -16,7 +16,7 @@ from rmsjax._numerics import (
     zero_count,
 )
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.tree import map_rule
+from rmsjax.tree import check_state, map_rule
 from rmsjax.validation import (
     check_learning_rate,
     check_nonneg,
@@ -25,15 +25,24 @@ from rmsjax.validation import (
 __all__ = [
     "AddDecayedWeightsState",
     "DecoupledWeightDecayState",
+    "WeightDecaySchedule",
     "add_decayed_weights",
     "decoupled_weight_decay",
 ]
 
 
-class AddDecayedWeightsState(NamedTuple):
-    """State of :func:`add_decayed_weights`: update count (int32) for a schedule."""
+AddDecayedWeightsState = optax.AddDecayedWeightsState
+"""State of :func:`add_decayed_weights` with a constant weight decay:
+``optax.AddDecayedWeightsState``, an empty ``optax.EmptyState`` (as in optax)."""
 
-    count: jax.Array
+try:
+    from optax.transforms._adding import WeightDecaySchedule
+except ImportError:  # pragma: no cover - an optax without it has no such layout to match
+
+    class WeightDecaySchedule(NamedTuple):  # type: ignore[no-redef]
+        """State of :func:`add_decayed_weights` with a schedule: the update count (int32)."""
+
+        count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def _decay_rule(g: jax.Array, p: jax.Array, weight_decay: ArrayLike) -> tuple[jax.Array]:
@@ -57,38 +66,47 @@ def add_decayed_weights(
         ``params -> such a tree``; leaves marked False are left undecayed (via
         ``optax.masked``).
 
-    Same numbers as ``optax.add_decayed_weights``; the state is always
-    ``AddDecayedWeightsState(count)``. Raises ``ValueError`` when ``params`` is not given.
+    Same numbers and states as ``optax.add_decayed_weights``: ``optax.EmptyState`` for a
+    constant ``weight_decay``, optax's ``WeightDecaySchedule(count)`` (exported as
+    ``rmsjax.WeightDecaySchedule``) for a schedule, wrapped in ``optax.MaskedState`` with a
+    ``mask``. ``update(None, state, params)`` returns ``(None, state)`` as in optax. Raises
+    ``ValueError`` when ``params`` is not given.
     """
-    if not callable(weight_decay):
-        check_nonneg("weight_decay", weight_decay)
-    coefficient = weight_decay if callable(weight_decay) else lambda count: weight_decay
+    check_nonneg("weight_decay", weight_decay, schedule=True)
+    if callable(weight_decay):
+        schedule = weight_decay
+        return _params_rule_transform(
+            _decay_rule, schedule, WeightDecaySchedule, "add_decayed_weights", mask
+        )
     return _params_rule_transform(
-        _decay_rule, coefficient, AddDecayedWeightsState, "add_decayed_weights", mask
+        _decay_rule, lambda count: weight_decay, None, "add_decayed_weights", mask
     )
 
 
 def _params_rule_transform(
     rule: Callable[[jax.Array, jax.Array, ArrayLike], tuple[jax.Array]],
-    coefficient: Callable[[jax.Array], ArrayLike],
-    state_cls: Callable[..., Any],
+    coefficient: Callable[[Any], ArrayLike],
+    state_cls: type | None,
     name: str,
     mask: Any | Callable[[Any], Any] | None,
 ) -> optax.GradientTransformation:
     """``u_t = rule(g_t, params, coefficient(count))`` (count 0, 1, 2, ...) with state
-    ``state_cls(count)``, optionally masked; shared by :func:`add_decayed_weights` and
+    ``state_cls(count)``, or ``optax.EmptyState`` and ``coefficient(None)`` when ``state_cls``
+    is None; optionally masked. Shared by :func:`add_decayed_weights` and
     :func:`rmsjax.decoupled_weight_decay`. ``name`` is the public name used in errors."""
+    expected = optax.EmptyState if state_cls is None else state_cls
 
     def init_fn(params: Any) -> Any:
         del params
-        return state_cls(count=zero_count())
+        return optax.EmptyState() if state_cls is None else state_cls(count=zero_count())
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
             raise ValueError(f"{name} needs the parameters: call `update(grads, state, params)`.")
-        c = coefficient(state.count)
+        check_state(state, expected, name)
+        c = coefficient(None if state_cls is None else state.count)
         out, _ = map_rule(lambda g, p: rule(g, p, c), updates, extras=(params,))
-        return out, state_cls(count=increment(state.count))
+        return out, state if state_cls is None else state_cls(count=increment(state.count))
 
     transform = optax.GradientTransformation(init_fn, update_fn)
     return transform if mask is None else optax.masked(transform, mask)
@@ -97,7 +115,7 @@ def _params_rule_transform(
 class DecoupledWeightDecayState(NamedTuple):
     """State of :func:`decoupled_weight_decay`: update count (int32) for schedules."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
 
 
 def _decoupled_decay_rule(g: jax.Array, p: jax.Array, factor: ArrayLike) -> tuple[jax.Array]:
@@ -130,12 +148,10 @@ def decoupled_weight_decay(
     parameters alone; optax has no single transformation for it. Raises ``ValueError`` when
     ``params`` is not given to ``update``.
     """
-    if not callable(weight_decay):
-        check_nonneg("weight_decay", weight_decay)
-    if not callable(learning_rate):
-        check_learning_rate("learning_rate", learning_rate)
+    check_nonneg("weight_decay", weight_decay, schedule=True)
+    check_learning_rate("learning_rate", learning_rate)
 
-    def coefficient(count: jax.Array) -> Any:
+    def coefficient(count: Any) -> Any:
         wd = weight_decay(count) if callable(weight_decay) else weight_decay
         lr = learning_rate(count) if callable(learning_rate) else learning_rate
         return lr * wd

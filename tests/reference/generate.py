@@ -886,6 +886,319 @@ def scheduler_signatures() -> dict[str, list[list[Any]]]:
     return out
 
 
+# ------------------------------------------------------------------------------------------
+# Low-bit optimizer state: bitsandbytes and torchao (lowbit.npz)
+# ------------------------------------------------------------------------------------------
+#
+# ``lowbit.npz`` holds (a) codec vectors: float32 arrays quantized and dequantized by the real
+# library functions (bitsandbytes' ``quantize_blockwise`` / ``dequantize_blockwise`` with
+# blocksize 256; torchao's ``OptimState8bit`` / ``OptimState4bit`` filled with ``copy_``), as
+# ``codec/<scheme>/{input,codes,scales,decoded}`` plus the libraries' maps ``map/<name>``; and
+# (b) trajectories of bitsandbytes ``Adam8bit``, ``AdamW8bit``, ``RMSprop8bit`` and torchao
+# ``AdamW8bit``, ``AdamW4bit`` on the CPU: one optimizer holding a tensor above the libraries'
+# 4096-entry minimum (``big``, quantized state) and one below it (``small``, float32 state),
+# 30 steps. The gradient is a fixed function of the current parameters (NumPy float64, rounded
+# to bfloat16 precision so the stored stream compresses), stored as ``<run>/<tensor>/grads``
+# (bfloat16 bit patterns, uint16). ``big`` parameters are stored after the steps in
+# ``LOWBIT_CHECKPOINTS``, ``small`` ones after every step; the final states are stored as the
+# libraries hold them (codes and scales, or float32). ``lowbit_cases`` describes the runs.
+
+LOWBIT_STEPS = 30
+LOWBIT_CHECKPOINTS = [1, 2, 10, 30]
+LOWBIT_SMALL = (10, 10)
+LOWBIT_BIG = {"bitsandbytes": (65, 65), "torchao8": (64, 64), "torchao4": (32, 128)}
+
+LOWBIT_CASES: list[dict[str, Any]] = [
+    {
+        "name": "bnb_adam8bit_defaults",
+        "library": "bitsandbytes",
+        "optimizer": "Adam8bit",
+        "kwargs": {},
+        "scale": 1.0,
+    },
+    {
+        "name": "bnb_adam8bit_flags",
+        "library": "bitsandbytes",
+        "optimizer": "Adam8bit",
+        "kwargs": {"lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.1},
+        "scale": 1.0,
+    },
+    {
+        "name": "bnb_adamw8bit_tiny",
+        "library": "bitsandbytes",
+        "optimizer": "AdamW8bit",
+        "kwargs": {"lr": 0.002},
+        "scale": 1e-4,
+    },
+    {
+        "name": "bnb_rmsprop8bit_defaults",
+        "library": "bitsandbytes",
+        "optimizer": "RMSprop8bit",
+        "kwargs": {},
+        "scale": 1.0,
+    },
+    {
+        "name": "bnb_rmsprop8bit_momentum",
+        "library": "bitsandbytes",
+        "optimizer": "RMSprop8bit",
+        "kwargs": {"lr": 0.001, "alpha": 0.9, "momentum": 0.9, "weight_decay": 0.01},
+        "scale": 1.0,
+    },
+    {
+        "name": "torchao_adamw8bit_defaults",
+        "library": "torchao8",
+        "optimizer": "AdamW8bit",
+        "kwargs": {},
+        "scale": 1.0,
+    },
+    {
+        "name": "torchao_adamw8bit_flags",
+        "library": "torchao8",
+        "optimizer": "AdamW8bit",
+        "kwargs": {"lr": 0.01, "betas": [0.8, 0.99], "weight_decay": 0.1},
+        "scale": 1e-4,
+    },
+    {
+        "name": "torchao_adamw4bit_defaults",
+        "library": "torchao4",
+        "optimizer": "AdamW4bit",
+        "kwargs": {},
+        "scale": 1.0,
+    },
+    {
+        "name": "torchao_adamw4bit_flags",
+        "library": "torchao4",
+        "optimizer": "AdamW4bit",
+        "kwargs": {"lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-6},
+        "scale": 1.0,
+    },
+]
+
+
+def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bfloat16_bits(b: np.ndarray) -> np.ndarray:
+    return (np.asarray(b, np.uint32) << 16).view(np.float32)
+
+
+def lowbit_start(shape: tuple[int, ...], salt: int) -> np.ndarray:
+    return np.random.default_rng([SEED, salt]).normal(size=shape).astype(np.float32)
+
+
+def lowbit_gradient(params: np.ndarray, scale: float) -> np.ndarray:
+    """bfloat16 bit patterns of the gradient at ``params`` (a fixed function of them)."""
+    x = np.asarray(params, np.float64)
+    centre = 0.3 + 0.5 * (np.arange(x.size) % 7).reshape(x.shape) / 7
+    g = (x - centre) * (1.5 + np.sin(x)) + 0.2 * np.cos(3.0 * x)
+    return to_bfloat16_bits((scale * g).astype(np.float32))
+
+
+def _codec_chunks(signed: bool, qmap: np.ndarray, chunk: int) -> np.ndarray:
+    """32 chunks of ``chunk`` float32 values exercising the codecs (see LOWBIT comment)."""
+    rng = np.random.default_rng([SEED, 11, int(signed), qmap.size])
+    scales = [1.0, 1e-3, 1e-8, 1e-5, 1e-20, 1e-30, 1e10, 1e30, 3.7, 0.02, 5e5, 1e-12, 1e-13, 1e-13]
+    out = [rng.normal(size=chunk) * s for s in scales]
+    out += [np.zeros(chunk), np.zeros(chunk)]
+    for big in (10.0, -7.0):  # one outlier in a block of small values
+        c = rng.normal(size=chunk) * 1e-3
+        c[rng.integers(chunk)] = big
+        out.append(c)
+    c = rng.normal(size=chunk)
+    c[3] = np.nan
+    out.append(c)
+    c = rng.normal(size=chunk)
+    c[5] = np.inf
+    out.append(c)
+    # Map values, midpoints (possible ties) and their float32 neighbours, behind a leading 1.0
+    # so that the block maximum is exactly 1.
+    q = qmap.astype(np.float32)
+    mids = ((q[:-1].astype(np.float64) + q[1:]) / 2).astype(np.float32)
+    special = np.concatenate(
+        [q, mids, np.nextafter(mids, np.float32(2)), np.nextafter(mids, np.float32(-2))]
+    )
+    n_special = 32 - len(out)
+    body = np.resize(special, n_special * (chunk - 1))
+    for k in range(n_special):
+        out.append(np.concatenate([[1.0], body[k * (chunk - 1) : (k + 1) * (chunk - 1)]]))
+    x = np.concatenate(out).astype(np.float32)
+    if not signed:
+        x = np.abs(x)
+    return x
+
+
+def lowbit_codec_vectors() -> dict[str, np.ndarray]:
+    import bitsandbytes.functional as bnbf
+    import torch
+    from torchao.optim.quant_utils import create_dynamic_map as tao_map
+    from torchao.optim.subclass_4bit import OptimState4bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    arrays: dict[str, np.ndarray] = {}
+    maps = {
+        "bnb_signed": bnbf.create_dynamic_map(signed=True).numpy(),
+        "bnb_unsigned": bnbf.create_dynamic_map(signed=False).numpy(),
+        "torchao8_signed": OptimState8bit.zeros((256,), True, 256).qmap.numpy(),
+        "torchao8_unsigned": OptimState8bit.zeros((256,), False, 256).qmap.numpy(),
+        "torchao4_signed": OptimState4bit.zeros((128,), True, 128).qmap.numpy(),
+        "torchao4_unsigned": OptimState4bit.zeros((128,), False, 128).qmap.numpy(),
+        "torchao_dynamic4": np.array(tao_map(True, 3, 4), np.float32),
+    }
+    for name, m in maps.items():
+        arrays[f"map/{name}"] = m.astype(np.float32)
+    for signed in (True, False):
+        kind = "signed" if signed else "unsigned"
+        # bitsandbytes: blocks of 256 over the flattened tensor; the (1000,) case ends in a
+        # short block.
+        code = bnbf.create_dynamic_map(signed=signed)
+        x = _codec_chunks(signed, code.numpy(), 128)
+        for tag, arr in (("", x), ("_short", x[:1000])):
+            q, st = bnbf.quantize_blockwise(
+                torch.from_numpy(arr.copy()), code=code.clone(), blocksize=256
+            )
+            key = f"codec/bnb_{kind}{tag}"
+            arrays[f"{key}/input"] = arr
+            arrays[f"{key}/codes"] = q.numpy()
+            arrays[f"{key}/scales"] = st.absmax.numpy()
+            arrays[f"{key}/decoded"] = bnbf.dequantize_blockwise(q, st).numpy()
+        for bits, cls, block in ((8, OptimState8bit, 256), (4, OptimState4bit, 128)):
+            shape = (64, 64)  # last axis shorter than a block: the flat layout straddles rows
+            state = cls.zeros(shape, signed, block)
+            x = _codec_chunks(signed, state.qmap.numpy(), 128).reshape(shape)
+            state.copy_(torch.from_numpy(x.copy()))
+            key = f"codec/torchao{bits}_{kind}"
+            arrays[f"{key}/input"] = x
+            arrays[f"{key}/codes"] = state.codes.numpy()
+            arrays[f"{key}/scales"] = state.scale.numpy()
+            arrays[f"{key}/decoded"] = state.dequantize().numpy()
+    return arrays
+
+
+def run_lowbit(case: dict[str, Any]) -> dict[str, np.ndarray]:
+    import torch
+
+    if case["library"] == "bitsandbytes":
+        import bitsandbytes.optim as lib
+    else:
+        import torchao.optim as lib
+    kw = dict(case["kwargs"])
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
+    tensors = {"big": LOWBIT_BIG[case["library"]], "small": LOWBIT_SMALL}
+    params = {
+        name: torch.nn.Parameter(torch.from_numpy(lowbit_start(shape, salt)))
+        for salt, (name, shape) in enumerate(tensors.items())
+    }
+    opt = getattr(lib, case["optimizer"])(list(params.values()), **kw)
+    out: dict[str, list[np.ndarray]] = {f"{n}/{k}": [] for n in params for k in ("grads", "params")}
+    out["small/params"].append(params["small"].detach().numpy().copy())
+    for step in range(1, LOWBIT_STEPS + 1):
+        for name, p in params.items():
+            g = lowbit_gradient(p.detach().numpy(), case["scale"])
+            out[f"{name}/grads"].append(g)
+            p.grad = torch.from_numpy(from_bfloat16_bits(g).reshape(p.shape).copy())
+        opt.step()
+        for name, p in params.items():
+            if name == "small" or step in LOWBIT_CHECKPOINTS:
+                out[f"{name}/params"].append(p.detach().numpy().copy())
+    arrays = {k: np.stack(v) for k, v in out.items()}
+    for name, p in params.items():
+        state = opt.state[p]
+        if case["library"] == "bitsandbytes":
+            slots = [("state1", "absmax1"), ("state2", "absmax2")]
+            for i, (codes, scales) in enumerate(slots, start=1):
+                if codes not in state:
+                    continue
+                arrays[f"{name}/state{i}"] = state[codes].numpy().copy()
+                if scales in state:
+                    arrays[f"{name}/state{i}_scales"] = state[scales].numpy().copy()
+        else:
+            for i, slot in enumerate(("exp_avg", "exp_avg_sq"), start=1):
+                s = state[slot]
+                if hasattr(s, "codes"):
+                    arrays[f"{name}/state{i}"] = s.codes.numpy().copy()
+                    arrays[f"{name}/state{i}_scales"] = s.scale.numpy().copy()
+                else:
+                    arrays[f"{name}/state{i}"] = s.numpy().copy()
+    return arrays
+
+
+# Values for torchao's bfloat16 stochastic rounding: ordinary numbers of both signs, exact
+# bfloat16 values, subnormals, zeros, the largest finite bfloat16 and its neighbours.
+SR_DRAWS = 4096
+
+
+def stochastic_rounding_values() -> np.ndarray:
+    bits = np.array(
+        [
+            0x3F800001,
+            0x3F808000,
+            0x3F80FFFF,
+            0xBF80C000,
+            0x40490FDB,
+            0xC0490FDB,
+            0x3A83126F,
+            0x00012345,
+            0x80008001,
+            0x00000000,
+            0x80000000,
+            0x3F800000,
+            0x7F7F0000,
+            0x7F7EFFFF,
+            0x7F7E8000,
+            0xFF7E4000,
+            0x477FE000,
+            0x33D6BF95,
+            0x7F7F8000,
+            0xFF7FFFFF,
+        ],
+        np.uint32,
+    )
+    rng = np.random.default_rng([SEED, 13])
+    more = rng.normal(size=14).astype(np.float32) * np.float32(10.0) ** rng.integers(-30, 30, 14)
+    return np.concatenate([bits.view(np.float32), more.astype(np.float32)])
+
+
+def lowbit_stochastic_rounding() -> dict[str, np.ndarray]:
+    """torchao's ``_fp32_to_bf16_sr`` applied SR_DRAWS times to each value: how often it
+    rounded away from zero (``sr/up_counts``)."""
+    import torch
+    from torchao.optim.quant_utils import _fp32_to_bf16_sr
+
+    x = stochastic_rounding_values()
+    torch.manual_seed(SEED)
+    big = torch.from_numpy(np.repeat(x[:, None], SR_DRAWS, axis=1))
+    rounded = _fp32_to_bf16_sr(big).view(torch.int16).numpy().astype(np.uint16)
+    toward_zero = (x.view(np.uint32) >> 16).astype(np.uint16)
+    return {
+        "sr/values": x,
+        "sr/up_counts": np.sum(rounded != toward_zero[:, None], axis=1).astype(np.int64),
+    }
+
+
+def generate_lowbit() -> dict[str, np.ndarray]:
+    arrays = lowbit_codec_vectors()
+    arrays.update(lowbit_stochastic_rounding())
+    for case in LOWBIT_CASES:
+        for key, value in run_lowbit(case).items():
+            if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+                raise RuntimeError(f"lowbit {case['name']}/{key}: non-finite values")
+            arrays[f"{case['name']}/{key}"] = value
+    meta = {
+        "steps": LOWBIT_STEPS,
+        "sr_draws": SR_DRAWS,
+        "checkpoints": LOWBIT_CHECKPOINTS,
+        "small": list(LOWBIT_SMALL),
+        "big": {k: list(v) for k, v in LOWBIT_BIG.items()},
+        "cases": LOWBIT_CASES,
+    }
+    arrays["lowbit_cases"] = np.array(json.dumps(meta))
+    return arrays
+
+
 FRAMEWORKS = {
     "torch": (TORCH_CASES, run_torch),
     "keras": (KERAS_CASES + KERAS_OPTION_CASES, run_keras),
@@ -976,6 +1289,18 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "keras": keras.__version__, "numpy": np.__version__}
 
 
+def lowbit_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "bitsandbytes", "torchao", "numpy")}
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise-equal contents (NaN equals NaN: the low-bit codec inputs hold NaN on purpose)."""
+    nan_ok = np.issubdtype(a.dtype, np.inexact) and np.issubdtype(b.dtype, np.inexact)
+    return np.array_equal(a, b, equal_nan=nan_ok)
+
+
 def build(product: str) -> dict[str, np.ndarray]:
     """The arrays of ``<product>.npz``."""
     if product == "torch_lr":
@@ -987,13 +1312,17 @@ def build(product: str) -> dict[str, np.ndarray]:
         )
         arrays["signatures"] = np.array(json.dumps(scheduler_signatures()))
         return arrays
+    if product == "lowbit":
+        arrays = generate_lowbit()
+        arrays["versions"] = np.array(json.dumps(lowbit_versions()))
+        return arrays
     arrays = generate(product)
     arrays["versions"] = np.array(json.dumps(versions()))
     arrays["signatures"] = np.array(json.dumps(signatures(product)))
     return arrays
 
 
-PRODUCTS = sorted([*FRAMEWORKS, "torch_lr"])
+PRODUCTS = sorted([*FRAMEWORKS, "torch_lr", "lowbit"])
 
 
 def main() -> int:
@@ -1008,7 +1337,7 @@ def main() -> int:
         if args.check:
             with np.load(path) as stored:
                 same = set(stored.files) == set(arrays) and all(
-                    k == "versions" or np.array_equal(stored[k], arrays[k]) for k in stored.files
+                    k == "versions" or _same(stored[k], arrays[k]) for k in stored.files
                 )
             print(f"{path.name}: {'identical' if same else 'DIFFERENT'}")
             ok &= same

@@ -40,8 +40,13 @@ from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.compat._common import is_static_zero, sign_flip
-from rmsjax.validation import argument_names, check_learning_rate, check_nonneg, is_concrete
+from rmsjax.compat._common import descend, is_static_zero, sign_flip
+from rmsjax.validation import (
+    argument_names,
+    check_learning_rate,
+    check_nonneg,
+    is_concrete,
+)
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "rprop", "sgd"]
 
@@ -65,7 +70,7 @@ def rmsprop(
     lr: ScalarOrSchedule = 1e-2,
     alpha: ArrayLike = 0.99,
     eps: ArrayLike = 1e-8,
-    weight_decay: ArrayLike = 0,
+    weight_decay: ScalarOrSchedule = 0,
     momentum: ArrayLike = 0,
     centered: bool = False,
     maximize: bool = False,
@@ -88,8 +93,8 @@ def rmsprop(
     [trace], scale_by_learning_rate``.
 
     Args:
-      lr: >= 0, or a schedule. alpha: in [0, 1). eps: >= 0. weight_decay: >= 0 (coupled L2).
-      momentum: in [0, 1]. centered: divide by the estimated standard deviation.
+      lr: >= 0, or a schedule. alpha: in [0, 1). eps: >= 0. weight_decay: >= 0 or a schedule
+      (coupled L2). momentum: in [0, 1]. centered: divide by the estimated standard deviation.
       maximize: ascend.
 
     Differences from torch: the centered variance is clamped at 0 (torch returns NaN when it
@@ -99,7 +104,7 @@ def rmsprop(
     scaler = T.scale_by_centered_rms if centered else T.scale_by_rms
     with argument_names({**_LR, "decay": "alpha"}):
         rms = T.split_real_and_imaginary(scaler(decay=alpha, eps=eps, eps_in_sqrt=False))
-        step = T.scale_by_learning_rate(lr)
+        step = descend(lr)
     with argument_names({"decay": "momentum"}):
         buffer = [] if is_static_zero(momentum) else [T.trace(decay=momentum)]
     return optax.chain(*sign_flip(maximize), *_coupled_decay(weight_decay), rms, *buffer, step)
@@ -116,7 +121,7 @@ def adam(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[ArrayLike, ArrayLike] = (0.9, 0.999),
     eps: ArrayLike = 1e-8,
-    weight_decay: ArrayLike = 0,
+    weight_decay: ScalarOrSchedule = 0,
     amsgrad: bool = False,
     *,
     maximize: bool = False,
@@ -136,12 +141,12 @@ def adam(
     ``weight_decay`` is coupled (added to the gradient); for AdamW use :func:`adamw`.
 
     Args:
-      lr: >= 0 or a schedule. betas: each in [0, 1). eps: >= 0. weight_decay: >= 0.
+      lr: >= 0 or a schedule. betas: each in [0, 1). eps: >= 0. weight_decay: >= 0 or a schedule.
       amsgrad: AMSGrad. maximize: ascend.
     """
     scaler = _adam_scaler(betas, eps, amsgrad)
     with argument_names(_LR):
-        step = T.scale_by_learning_rate(lr)
+        step = descend(lr)
     return optax.chain(*sign_flip(maximize), *_coupled_decay(weight_decay), scaler, step)
 
 
@@ -171,7 +176,7 @@ def adamw(
     """
     scaler = _adam_scaler(betas, eps, amsgrad)
     with argument_names(_LR):
-        step = T.scale_by_learning_rate(lr)
+        step = descend(lr)
         decay = T.decoupled_weight_decay(weight_decay, lr)
     return optax.chain(*sign_flip(maximize), scaler, step, decay)
 
@@ -180,7 +185,7 @@ def sgd(
     lr: ScalarOrSchedule = 1e-3,
     momentum: ArrayLike = 0,
     dampening: ArrayLike = 0,
-    weight_decay: ArrayLike = 0,
+    weight_decay: ScalarOrSchedule = 0,
     nesterov: bool = False,
     *,
     maximize: bool = False,
@@ -198,14 +203,19 @@ def sgd(
     [dampened_trace], scale_by_learning_rate``.
 
     Args:
-      lr: >= 0 or a schedule. momentum: in [0, 1]. dampening: in [0, 1], checked only with a
-      momentum buffer (a static ``momentum=0`` leaves it out, and ``dampening`` unused).
-      weight_decay: >= 0. nesterov: needs ``momentum > 0`` and ``dampening == 0`` (torch's
-      rule; ``ValueError`` otherwise). maximize: ascend.
+      lr: >= 0 or a schedule. momentum: in [0, 1]. dampening: in [0, 1] (unused when a static
+      ``momentum=0`` leaves the buffer out). weight_decay: >= 0 or a schedule. nesterov: needs
+      ``momentum > 0`` and ``dampening == 0`` (torch's rule; ``ValueError`` otherwise).
+      maximize: ascend.
 
     Difference from torch: torch accepts any ``momentum >= 0`` and never checks
     ``dampening``.
     """
+    with argument_names({**_LR, "decay": "momentum"}):
+        # Built (and so validated: torch never checks dampening, rmsjax does) even when a
+        # static momentum=0 leaves the buffer out of the chain.
+        trace = T.dampened_trace(decay=momentum, dampening=dampening, nesterov=nesterov)
+        step = descend(lr)
     if nesterov and (
         (is_concrete(momentum) and float(momentum) <= 0)
         or (is_concrete(dampening) and float(dampening) != 0)
@@ -215,20 +225,14 @@ def sgd(
             f"momentum={momentum!r}, dampening={dampening!r}. Set a momentum and dampening=0, "
             "or nesterov=False."
         )
-    with argument_names({**_LR, "decay": "momentum"}):
-        buffer = (
-            []
-            if is_static_zero(momentum)
-            else [T.dampened_trace(decay=momentum, dampening=dampening, nesterov=nesterov)]
-        )
-        step = T.scale_by_learning_rate(lr)
+    buffer = [] if is_static_zero(momentum) else [trace]
     return optax.chain(*sign_flip(maximize), *_coupled_decay(weight_decay), *buffer, step)
 
 
 def adagrad(
     lr: ScalarOrSchedule = 1e-2,
     lr_decay: ArrayLike = 0,
-    weight_decay: ArrayLike = 0,
+    weight_decay: ScalarOrSchedule = 0,
     initial_accumulator_value: ArrayLike = 0,
     eps: ArrayLike = 1e-10,
     *,
@@ -248,7 +252,7 @@ def adagrad(
     scale_by_learning_rate(count -> lr(count) / (1 + count * lr_decay))``.
 
     Args:
-      lr: >= 0 or a schedule. lr_decay: >= 0. weight_decay: >= 0.
+      lr: >= 0 or a schedule. lr_decay: >= 0. weight_decay: >= 0 or a schedule.
       initial_accumulator_value: >= 0. eps: >= 0. maximize: ascend.
     """
     # The transformations never see `lr` itself (only the decayed schedule) nor `lr_decay`.
@@ -265,7 +269,7 @@ def adagrad(
         T.split_real_and_imaginary(
             T.scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=False)
         ),
-        T.scale_by_learning_rate(decayed_lr),
+        descend(decayed_lr),
     )
 
 
@@ -273,7 +277,7 @@ def adadelta(
     lr: ScalarOrSchedule = 1.0,
     rho: ArrayLike = 0.9,
     eps: ArrayLike = 1e-6,
-    weight_decay: ArrayLike = 0,
+    weight_decay: ScalarOrSchedule = 0,
     *,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
@@ -291,7 +295,8 @@ def adadelta(
     split_real_and_imaginary(scale_by_adadelta), scale_by_learning_rate``.
 
     Args:
-      lr: >= 0 or a schedule. rho: in [0, 1). eps: > 0. weight_decay: >= 0. maximize: ascend.
+      lr: >= 0 or a schedule. rho: in [0, 1). eps: > 0. weight_decay: >= 0 or a schedule.
+      maximize: ascend.
 
     Difference from torch: torch also accepts ``rho = 1`` and ``eps = 0``, which
     :func:`rmsjax.scale_by_adadelta` rejects as degenerate. With ``rho = 1`` both averages
@@ -301,7 +306,7 @@ def adadelta(
     """
     with argument_names(_LR):
         rescale = T.split_real_and_imaginary(T.scale_by_adadelta(rho=rho, eps=eps))
-        step = T.scale_by_learning_rate(lr)
+        step = descend(lr)
     return optax.chain(*sign_flip(maximize), *_coupled_decay(weight_decay), rescale, step)
 
 

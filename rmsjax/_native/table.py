@@ -1,0 +1,203 @@
+"""The native kernel's operands, defined once for Python and C++.
+
+One row per kernel *kind* (a family of loops in ``fused_step.cc``): its id, the names of its
+float32 scalars in operand order, its per-parameter state slots in operand order (each the name
+of the state field it reads and writes, and the flag that makes it present), and its static
+flags. Nothing else defines the boundary:
+
+* the Python side (:mod:`rmsjax.fused.engine`) builds the operands from it: the scalar vector in
+  the order of :attr:`Kind.scalars`, the slots of :func:`present_slots`, the flags as the bit
+  mask of :func:`flag_bits`, and :data:`TABLE_HASH`;
+* the build recipe (:mod:`rmsjax._native.build`) writes :func:`cpp_header` next to the kernel
+  source before compiling, so the C++ loops read each scalar and slot by a generated name
+  (``rms::kEps``, ``rms::kNu``), and the kernel checks the kind, the flag bits, the exact scalar
+  count, the exact operand count and the table hash of every call, returning an FFI error
+  instead of computing with misplaced operands;
+* the header (hence :data:`TABLE_HASH`) is part of the library's source id, so a library built
+  from another version of this table is recognised as stale and not loaded.
+
+Standard library only (no jax): ``setup.py`` loads the recipe, and the recipe this file, by path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import NamedTuple
+
+__all__ = [
+    "KINDS",
+    "TABLE_HASH",
+    "VERSION",
+    "Kind",
+    "Slot",
+    "cpp_header",
+    "flag_bits",
+    "kind",
+    "present_slots",
+]
+
+# Bump when the meaning of an operand changes without its name changing.
+VERSION = 1
+
+
+class Slot(NamedTuple):
+    """A per-parameter state array of a kind: the state field it is, and when it is present."""
+
+    name: str  # the state field (``nu``, ``mu``, ``trace``) the slot reads and writes
+    when: str | None  # the flag that makes the slot present; None: always present
+
+
+class Kind(NamedTuple):
+    """One family of kernel loops and its operands."""
+
+    name: str
+    id: int
+    scalars: tuple[str, ...]  # float32 scalar operand, in order
+    slots: tuple[Slot, ...]  # per-leaf state operands, in order (absent ones skipped)
+    flags: tuple[str, ...]  # static flags; flag i is bit 1 << i of the ``flags`` attribute
+
+
+KINDS: tuple[Kind, ...] = (
+    # rmsjax.rmsprop: scale_by_rms / scale_by_centered_rms, scale_by_learning_rate, trace.
+    Kind(
+        name="rms",
+        id=0,
+        scalars=("one_minus_decay", "decay", "eps", "correction", "step_size", "momentum"),
+        slots=(Slot("mu", "centered"), Slot("nu", None), Slot("trace", "momentum")),
+        flags=("centered", "eps_in_sqrt", "momentum", "nesterov"),
+    ),
+    # rmsjax.adam / rmsjax.adamw: scale_by_adam, [add_decayed_weights], scale_by_learning_rate.
+    Kind(
+        name="adam",
+        id=1,
+        scalars=(
+            "one_minus_b1",
+            "b1",
+            "one_minus_b2",
+            "b2",
+            "eps",
+            "eps_root",
+            "c1",
+            "c2",
+            "c1_next",
+            "step_size",
+            "weight_decay",
+        ),
+        slots=(Slot("mu", None), Slot("nu", None)),
+        flags=("nesterov", "weight_decay"),
+    ),
+    # rmsjax.sgd: [trace], scale_by_learning_rate.
+    Kind(
+        name="sgd",
+        id=2,
+        scalars=("step_size", "momentum"),
+        slots=(Slot("trace", "momentum"),),
+        flags=("momentum", "nesterov"),
+    ),
+)
+
+
+def _digest() -> str:
+    return hashlib.sha256(repr((VERSION, KINDS)).encode()).hexdigest()
+
+
+# 60 bits of a hash of the whole table: an int64 kernel attribute, and a constant in the header.
+TABLE_HASH: int = int(_digest()[:15], 16)
+
+
+def kind(name: str) -> Kind:
+    """The row called ``name``; ``KeyError`` naming the known kinds otherwise."""
+    for row in KINDS:
+        if row.name == name:
+            return row
+    raise KeyError(f"no kernel kind {name!r}; the table has {[k.name for k in KINDS]}")
+
+
+def _check_flags(row: Kind, flags: Mapping[str, bool]) -> None:
+    if set(flags) != set(row.flags):
+        raise ValueError(
+            f"kernel kind {row.name!r} takes exactly the flags {list(row.flags)}, "
+            f"got {sorted(flags)}"
+        )
+
+
+def present_slots(row: Kind, flags: Mapping[str, bool]) -> tuple[str, ...]:
+    """The names of the slots present with these flags, in operand order."""
+    _check_flags(row, flags)
+    return tuple(s.name for s in row.slots if s.when is None or flags[s.when])
+
+
+def flag_bits(row: Kind, flags: Mapping[str, bool]) -> int:
+    """The ``flags`` attribute: bit ``i`` set when flag ``row.flags[i]`` is true."""
+    _check_flags(row, flags)
+    return sum(1 << i for i, name in enumerate(row.flags) if flags[name])
+
+
+def _camel(name: str) -> str:
+    return "k" + "".join(part.capitalize() for part in name.split("_"))
+
+
+def cpp_header() -> str:
+    """The C++ header ``rmsjax_kernel_table.h`` that the kernel source includes.
+
+    Per kind, in ``namespace rmsjax_table::<kind>``: ``kId``; the scalar indices
+    ``scalar::kEps, ...`` and their number ``scalar::kCount``; the slot indices ``slot::kNu, ...``
+    and ``slot::kCount``; the flag bits ``flag::kCentered, ...`` and their union ``flag::kAll``;
+    ``kSlotNeeds`` (the flag bit each slot needs, 0 = always present). Then ``kKinds`` (a
+    ``KindInfo`` per kind id), ``kMaxSlots``, ``kNumKinds`` and ``kTableHash``.
+    """
+    ids = [row.id for row in KINDS]
+    if ids != list(range(len(KINDS))):
+        raise ValueError(f"kind ids must be 0, 1, 2, ... in table order, got {ids}")
+    lines = [
+        "// Generated by rmsjax/_native/build.py from rmsjax/_native/table.py: do not edit.",
+        "#pragma once",
+        "#include <cstdint>",
+        "",
+        "namespace rmsjax_table {",
+        "",
+        f"constexpr int64_t kTableHash = 0x{TABLE_HASH:015x};",
+        f"constexpr int kMaxSlots = {max(len(row.slots) for row in KINDS)};",
+        f"constexpr int kNumKinds = {len(KINDS)};",
+        "",
+    ]
+    for row in KINDS:
+        scalars = [f"{_camel(n)} = {i}" for i, n in enumerate(row.scalars)]
+        slots = [f"{_camel(s.name)} = {i}" for i, s in enumerate(row.slots)]
+        flags = [f"{_camel(n)} = {1 << i}" for i, n in enumerate(row.flags)]
+        needs = ["0" if s.when is None else str(1 << row.flags.index(s.when)) for s in row.slots]
+        lines += [
+            f"namespace {row.name} {{",
+            f"constexpr int64_t kId = {row.id};",
+            f"namespace scalar {{ enum : int {{ {', '.join(scalars)}, "
+            f"kCount = {len(scalars)} }}; }}",
+            f"namespace slot {{ enum : int {{ {', '.join(slots)}, kCount = {len(slots)} }}; }}",
+            f"namespace flag {{ enum : int64_t {{ {', '.join(flags)}, "
+            f"kAll = {(1 << len(flags)) - 1} }}; }}",
+            "// the flag bit each slot needs to be present (0: always present)",
+            f"constexpr int64_t kSlotNeeds[slot::kCount] = {{{', '.join(needs)}}};",
+            f"}}  // namespace {row.name}",
+            "",
+        ]
+    lines += [
+        "struct KindInfo {",
+        "  const char* name;",
+        "  int num_scalars;",
+        "  int num_slots;",
+        "  int64_t all_flags;",
+        "  const int64_t* slot_needs;",
+        "};",
+        "",
+        "constexpr KindInfo kKinds[kNumKinds] = {",
+        *(
+            f'    {{"{r.name}", {r.name}::scalar::kCount, {r.name}::slot::kCount, '
+            f"{r.name}::flag::kAll, {r.name}::kSlotNeeds}},"
+            for r in KINDS
+        ),
+        "};",
+        "",
+        "}  // namespace rmsjax_table",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,352 @@
+"""The fused step's machinery: leaf selection, the kernel call, and the choice of path.
+
+:func:`build` turns a protocol optimizer (``tx``, from a factory call with hyperparameters
+``hp``) and its :class:`~rmsjax.fused.plans.Plan` into a :class:`FusedOptimizer`. Its ``step``
+sends the eligible leaves through the native kernel (:func:`kernel_call`, operands built from
+:mod:`rmsjax._native.table`) and everything else (counts, schedule states, other leaves)
+through ``tx.update`` + :func:`rmsjax.apply_updates`.
+
+Names documented for tests: :func:`accelerator_present` (monkeypatch it to emulate a process
+with a GPU) and :data:`LEAVES_PER_CALL`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rmsjax import native
+from rmsjax._native import table
+from rmsjax.fused.plans import Plan, Planner, StateLayoutError, find_state, replace_field
+from rmsjax.updates import apply_updates
+
+__all__ = [
+    "BACKENDS",
+    "LEAVES_PER_CALL",
+    "MIN_NATIVE_SIZE",
+    "FusedOptimizer",
+    "NativeFallbackWarning",
+    "accelerator_present",
+    "build",
+    "kernel_call",
+]
+
+BACKENDS = ("auto", "native", "jax")
+# Leaves smaller than this many elements are left to the XLA-compiled pure-JAX rule: for them a
+# step costs per-array overhead, not bandwidth, and benchmarks/run.py measured the kernel slower
+# than the compiled chain on trees of 4K-element leaves (1024 leaves, 4M parameters) and faster
+# from 32K-element leaves up. The fused factories' ``min_native_size`` argument overrides it.
+MIN_NATIVE_SIZE = 16384
+# XLA's compile time grows faster than linearly with the operand count of one custom call
+# (1024 leaves in one call: ~40 s), so a large tree is updated by several calls of at most
+# this many leaves; each call is still a single pass over its leaves.
+LEAVES_PER_CALL = 32
+
+
+class FusedOptimizer(NamedTuple):
+    """An optimizer with the optax protocol (``init``, ``update``) plus a fused ``step``.
+
+    ``step(params, grads, state) -> (new_params, new_state)`` equals
+    ``update(grads, state, params)`` followed by ``rmsjax.apply_updates``. ``init`` and
+    ``update`` are the pure-JAX optax-protocol functions, so the object can also be passed to
+    ``optax.chain`` and friends like any ``GradientTransformation``.
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[..., tuple[Any, Any]]
+    step: Callable[[Any, Any, Any], tuple[Any, Any]]
+
+
+class NativeFallbackWarning(UserWarning):
+    """The native kernel is unavailable, so fused steps run the (slower) pure-JAX path.
+
+    Issued once per process, at the first fused step with ``backend="auto"`` that has leaves
+    the kernel would take, in a CPU-only process where the kernel could not be built or loaded
+    (not when ``RMSJAX_NATIVE=0`` or ``backend="jax"`` chose the pure-JAX path on purpose).
+    Silence it with ``warnings.filterwarnings("ignore", category=NativeFallbackWarning)``.
+    """
+
+
+_fallback_warned = False
+
+
+def _warn_fallback() -> None:
+    global _fallback_warned
+    if _fallback_warned or not native.enabled() or accelerator_present():
+        return
+    _fallback_warned = True
+    warnings.warn(
+        f"rmsjax.fused: the native CPU kernel is unavailable ({native.status()}); fused steps "
+        "run the pure-JAX path instead (same numbers, slower). Run `python -m rmsjax.native` "
+        "to see why; pass backend='jax' (or set RMSJAX_NATIVE=0) to choose the pure-JAX path "
+        "on purpose.",
+        NativeFallbackWarning,
+        stacklevel=3,
+    )
+
+
+@functools.cache
+def accelerator_present() -> bool:
+    """True when this process can also run on a non-CPU backend (GPU, TPU, ...).
+
+    Then the step is lowered per platform (``jax.lax.platform_dependent``: the kernel on CPU,
+    the pure-JAX chain elsewhere); otherwise the pure branch is not even traced.
+    """
+    for name in ("gpu", "tpu", "METAL"):
+        try:
+            if jax.devices(name):
+                return True
+        except Exception:  # unknown or uninitialisable backend: not present
+            continue
+    return False
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _is_dynamic(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray, np.generic)) and not isinstance(value, bool)
+
+
+def _pure_step(
+    tx: optax.GradientTransformation, params: Any, grads: Any, state: Any
+) -> tuple[Any, Any]:
+    updates, state = tx.update(grads, state, params)
+    return apply_updates(params, updates), state
+
+
+def kernel_call(
+    kind: table.Kind,
+    flags: Mapping[str, bool],
+    scalars: Mapping[str, Any],
+    p_list: Sequence[Any],
+    g_list: Sequence[Any],
+    slots: Mapping[str, Sequence[Any]],
+) -> tuple[list[Any], dict[str, list[Any]]]:
+    """One FFI call updating the leaves ``p_list`` and their state slots, in place.
+
+    Every operand is named: ``scalars`` must hold exactly the kind's scalar names and ``slots``
+    exactly the slots :func:`rmsjax._native.table.present_slots` gives for ``flags`` (each a
+    list parallel to ``p_list``); anything else raises ``ValueError`` while tracing. Returns the
+    new parameters and the new slot lists, by slot name.
+    """
+    names = table.present_slots(kind, flags)
+    if set(slots) != set(names):
+        raise ValueError(
+            f"kernel {kind.name!r} with {dict(flags)} takes the slots {names}, got {sorted(slots)}"
+        )
+    if set(scalars) != set(kind.scalars):
+        raise ValueError(
+            f"kernel {kind.name!r} takes the scalars {kind.scalars}, got {sorted(scalars)}"
+        )
+    n_leaves, n_slots = len(p_list), len(names)
+    if n_leaves == 0 or len(g_list) != n_leaves or any(len(slots[s]) != n_leaves for s in names):
+        raise ValueError("kernel_call needs one gradient and one array per slot for each leaf")
+    vector = jnp.stack([jnp.asarray(scalars[name], jnp.float32) for name in kind.scalars])
+    operands: list[Any] = [vector]
+    results: list[Any] = []
+    aliases: dict[int, int] = {}
+    n_in, n_out = 2 + n_slots, 1 + n_slots
+    for k in range(n_leaves):
+        leaf_in = [p_list[k], g_list[k], *(slots[s][k] for s in names)]
+        base_in, base_out = 1 + k * n_in, k * n_out
+        operands += leaf_in
+        leaf_out = [leaf_in[0], *leaf_in[2:]]
+        results += [jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32) for x in leaf_out]
+        aliases[base_in] = base_out
+        for j in range(n_slots):
+            aliases[base_in + 2 + j] = base_out + 1 + j
+    call = jax.ffi.ffi_call(
+        native.TARGET, results, input_output_aliases=aliases, vmap_method="sequential"
+    )
+    outs = call(
+        *operands,
+        kind=np.int64(kind.id),
+        flags=np.int64(table.flag_bits(kind, flags)),
+        leaves=np.int64(n_leaves),
+        table=np.int64(table.TABLE_HASH),
+    )
+    p_new = [outs[k * n_out] for k in range(n_leaves)]
+    s_new = {s: [outs[k * n_out + 1 + j] for k in range(n_leaves)] for j, s in enumerate(names)}
+    return p_new, s_new
+
+
+def _core(
+    factory: Callable[..., optax.GradientTransformation],
+    planner: Planner,
+    hp_static: dict[str, Any],
+) -> Callable[..., Any]:
+    """``core(hp_dyn, sub_state, p_list, g_list) -> (p_list, slot_lists)`` for eligible leaves.
+
+    ``sub_state`` is the optimizer state whose slot fields are lists of the eligible leaves.
+    The kernel runs on CPU; the pure-JAX chain runs elsewhere, under vmap, and gives the
+    derivatives (both rebuilt from the hyperparameters, which may be traced).
+    """
+
+    def plan_of(hp_dyn: Any) -> Plan:
+        plan = planner({**hp_static, **hp_dyn})
+        assert plan is not None  # a configuration with no plan never reaches the core
+        return plan
+
+    def pure(hp_dyn: Any, sub_state: Any, p_list: Any, g_list: Any) -> Any:
+        plan = plan_of(hp_dyn)
+        tx = factory(**hp_static, **hp_dyn)
+        p_new, s_new = _pure_step(tx, p_list, g_list, sub_state)
+        names = table.present_slots(plan.kind, plan.flags)
+        return p_new, [getattr(find_state(s_new, plan.slots[s], s), s) for s in names]
+
+    def kernel(hp_dyn: Any, sub_state: Any, p_list: Any, g_list: Any) -> Any:
+        plan = plan_of(hp_dyn)
+        scalars = plan.scalars(sub_state)
+        names = table.present_slots(plan.kind, plan.flags)
+        slot_lists = {s: getattr(find_state(sub_state, plan.slots[s], s), s) for s in names}
+        p_new: list[Any] = []
+        s_new: list[list[Any]] = [[] for _ in names]
+        for lo in range(0, len(p_list), LEAVES_PER_CALL):
+            hi = min(len(p_list), lo + LEAVES_PER_CALL)
+            window = {s: slot_lists[s][lo:hi] for s in names}
+            pp, ss = kernel_call(
+                plan.kind, plan.flags, scalars, p_list[lo:hi], g_list[lo:hi], window
+            )
+            p_new += pp
+            for j, s in enumerate(names):
+                s_new[j] += ss[s]
+        return p_new, s_new
+
+    kernel_v = jax.custom_batching.custom_vmap(kernel)
+
+    @kernel_v.def_vmap
+    def _vmap_rule(axis_size: int, in_batched: Any, *args: Any) -> Any:
+        in_axes = tuple(jax.tree.map(lambda b: 0 if b else None, ib) for ib in in_batched)
+        out = jax.vmap(pure, in_axes=in_axes, axis_size=axis_size)(*args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    def dispatch(*args: Any) -> Any:
+        if not accelerator_present():
+            return kernel_v(*args)  # CPU-only process: skip tracing the unused pure branch
+        return jax.lax.platform_dependent(*args, cpu=kernel_v, default=pure)
+
+    core = jax.custom_jvp(dispatch)
+    core.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
+    return core
+
+
+def _single_device(trees: Iterable[Any]) -> bool:
+    if jax.device_count() > 1:
+        return False
+    for tree in trees:
+        for leaf in jax.tree.leaves(tree):
+            if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+                if len(leaf.sharding.device_set) > 1:
+                    return False
+    return True
+
+
+def _eligible(p: Any, g: Any, states: list[Any], min_size: int) -> bool:
+    if g is None or p is None or not hasattr(p, "dtype") or not hasattr(g, "dtype"):
+        return False
+    shape = jnp.shape(p)
+    if math.prod(shape) < min_size:
+        return False
+    for x in (p, g, *states):
+        if x is None or not hasattr(x, "dtype") or jnp.result_type(x) != jnp.float32:
+            return False
+        if jnp.shape(x) != shape:
+            return False
+    return True
+
+
+def build(
+    factory: Callable[..., optax.GradientTransformation],
+    hp: Mapping[str, Any],
+    tx: optax.GradientTransformation,
+    planner: Planner,
+    *,
+    backend: str,
+    min_native_size: int,
+) -> FusedOptimizer:
+    """The fused optimizer for ``tx = factory(**hp)``: ``init``/``update`` are ``tx``'s.
+
+    Args:
+      factory: the protocol optimizer factory (called again inside the step with traced
+        hyperparameters, for the pure-JAX branch).
+      hp: ``factory``'s arguments, by name, defaults applied.
+      tx: ``factory(**hp)``.
+      planner: the factory's planner (:mod:`rmsjax.fused.plans`).
+      backend: ``"auto"``, ``"native"`` or ``"jax"``.
+      min_native_size: leaves with fewer elements take the pure-JAX path.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
+    if not isinstance(min_native_size, int) or isinstance(min_native_size, bool):
+        raise TypeError(f"`min_native_size` must be an int >= 0, got {min_native_size!r}.")
+    if min_native_size < 0:
+        raise ValueError(
+            f"`min_native_size` must be an int >= 0 (elements), got {min_native_size!r}."
+        )
+    plan = planner(hp)
+    hp_static = {k: v for k, v in hp.items() if not _is_dynamic(v)}
+    hp_dyn = {k: v for k, v in hp.items() if _is_dynamic(v)}
+
+    def step(params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
+        if plan is None or backend == "jax":
+            return _pure_step(tx, params, grads, state)
+        if backend == "native" and not native.available():
+            raise RuntimeError(
+                f"backend='native' was requested but the native kernel is unavailable "
+                f"({native.status()}). Use backend='auto' to fall back to pure JAX."
+            )
+        if not _single_device((params, grads)):
+            return _pure_step(tx, params, grads, state)
+        names = table.present_slots(plan.kind, plan.flags)
+        try:
+            p_leaves, tdef = jax.tree.flatten(params, is_leaf=_is_none)
+            treedef: Any = tdef  # jax's PyTreeDef stub lacks flatten_up_to
+            g_leaves = treedef.flatten_up_to(grads)
+            s_leaves = {
+                s: treedef.flatten_up_to(getattr(find_state(state, plan.slots[s], s), s))
+                for s in names
+            }
+        except (StateLayoutError, ValueError, TypeError, AttributeError, IndexError):
+            return _pure_step(tx, params, grads, state)  # let the reference path report it
+        idx = [
+            i
+            for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True))
+            if _eligible(p, g, [s_leaves[s][i] for s in names], min_native_size)
+        ]
+        if not idx:
+            return _pure_step(tx, params, grads, state)
+        if not native.available():
+            _warn_fallback()
+            return _pure_step(tx, params, grads, state)
+        chosen = set(idx)
+        # Counts, schedule states and the other leaves: the pure chain, with the kernel's
+        # leaves masked out by None gradients (they pass through untouched).
+        rest = treedef.unflatten([None if i in chosen else g for i, g in enumerate(g_leaves)])
+        new_params, new_state = _pure_step(tx, params, rest, state)
+        sub_state = state
+        for s in names:
+            sub_state = replace_field(sub_state, plan.slots[s], s, [s_leaves[s][i] for i in idx])
+        p_sub, s_sub = _core(factory, planner, hp_static)(
+            hp_dyn, sub_state, [p_leaves[i] for i in idx], [g_leaves[i] for i in idx]
+        )
+        out_p = treedef.flatten_up_to(new_params)
+        for j, i in enumerate(idx):
+            out_p[i] = p_sub[j]
+        for k, s in enumerate(names):
+            leaves = treedef.flatten_up_to(getattr(find_state(new_state, plan.slots[s], s), s))
+            for j, i in enumerate(idx):
+                leaves[i] = s_sub[k][j]
+            new_state = replace_field(new_state, plan.slots[s], s, treedef.unflatten(leaves))
+        return treedef.unflatten(out_p), new_state
+
+    return FusedOptimizer(tx.init, tx.update, step)

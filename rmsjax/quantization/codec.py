@@ -1,0 +1,370 @@
+"""The codec of one array (:class:`BlockCodec`), its presets, and :class:`QuantizedArray`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike, DTypeLike
+
+from rmsjax.quantization.maps import dynamic_map, linear_map
+from rmsjax.quantization.rounding import CONVENTIONS, lookup
+
+__all__ = [
+    "BlockCodec",
+    "QuantizedArray",
+    "bitsandbytes_codec",
+    "dequantize",
+    "moment_codec",
+    "quantize",
+    "torchao_codec",
+]
+
+Layout = Literal["last_axis", "flat"]
+Convention = Literal["nearest", "bitsandbytes", "torchao"]
+Normalize = Literal["divide", "reciprocal"]
+_LAYOUTS = ("last_axis", "flat")
+_NORMALIZE = ("divide", "reciprocal")
+_F32 = np.float32
+_TORCHAO_SCALE_FLOOR = 1e-12  # torchao clips each block's scale below at this value
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCodec:
+    r"""How one array of optimizer state is stored in 4 or 8 bits (see :mod:`rmsjax.quantization`).
+
+    A frozen, hashable value: it can be a static argument of ``jax.jit`` and a pytree's static
+    metadata.
+
+    Attributes:
+      qmap: the map :math:`Q`, 16 or 256 float32 values (as Python floats), strictly increasing,
+        within [-1, 1]. 16 values give 4-bit codes (two per byte), 256 give 8-bit codes.
+      block_size: entries per scale, an integer >= 1 (even for 4-bit codes in the flat layout).
+      layout: ``"last_axis"`` (blocks never leave a row: shard-safe) or ``"flat"`` (blocks over
+        the flattened array, as bitsandbytes and torchao).
+      convention: ``"nearest"``, ``"bitsandbytes"`` or ``"torchao"``: the scale, the
+        normalisation and the rounding of that library (see :mod:`rmsjax.quantization`).
+      min_size: arrays with fewer entries are better kept in float32 (see :meth:`applies_to`);
+        an integer >= 0.
+      whole_blocks: if true, :meth:`applies_to` also requires the size to be a multiple of
+        ``block_size`` (torchao's rule).
+      normalize: ``"divide"`` computes :math:`v = x / s`; ``"reciprocal"`` computes
+        :math:`v = x \cdot \mathrm{fl}(1 / s)` as bitsandbytes' CPU kernel does (one more
+        rounding: about one code in a thousand differs from ``"divide"``).
+
+    Differences from bitsandbytes and torchao: the libraries tie a codec to a tensor subclass or
+    to their fused kernels; here it is a value with two pure functions, and the choice of float32
+    state for small tensors is reported by :meth:`applies_to` rather than taken silently.
+    """
+
+    qmap: tuple[float, ...]
+    block_size: int = 256
+    layout: Layout = "last_axis"
+    convention: Convention = "nearest"
+    min_size: int = 4096
+    whole_blocks: bool = False
+    normalize: Normalize = "divide"
+
+    def __post_init__(self) -> None:
+        q = np.asarray(self.qmap, np.float64)
+        if q.ndim != 1 or q.size not in (16, 256):
+            raise ValueError(
+                f"`qmap` must hold 16 (4-bit) or 256 (8-bit) values, got {q.size}. Build one "
+                "with rmsjax.quantization.dynamic_map or linear_map."
+            )
+        if not (np.all(np.isfinite(q)) and np.all(np.abs(q) <= 1) and np.all(np.diff(q) > 0)):
+            raise ValueError(
+                "`qmap` must be strictly increasing finite values in [-1, 1] (encoding divides "
+                "by the block's absolute maximum, so |x / s| <= 1)."
+            )
+        if np.any(q.astype(_F32) != q):
+            raise ValueError("`qmap` values must be float32 numbers (the codes decode to them).")
+        if not (isinstance(self.block_size, int) and self.block_size >= 1):
+            raise ValueError(f"`block_size` must be an integer >= 1, got {self.block_size!r}.")
+        if self.layout not in _LAYOUTS:
+            raise ValueError(f"`layout` must be one of {_LAYOUTS}, got {self.layout!r}.")
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"`convention` must be one of {CONVENTIONS}, got {self.convention!r}.")
+        if self.bits == 4 and self.layout == "flat" and self.block_size % 2:
+            raise ValueError(
+                f"`block_size` must be even for 4-bit codes in the flat layout (two codes share "
+                f"a byte), got {self.block_size}."
+            )
+        if self.normalize not in _NORMALIZE:
+            raise ValueError(f"`normalize` must be one of {_NORMALIZE}, got {self.normalize!r}.")
+        if not (isinstance(self.min_size, int) and self.min_size >= 0):
+            raise ValueError(f"`min_size` must be an integer >= 0, got {self.min_size!r}.")
+
+    @property
+    def bits(self) -> int:
+        """4 or 8: the width of one code."""
+        return 4 if len(self.qmap) == 16 else 8
+
+    # -- shapes ----------------------------------------------------------------------------
+
+    def applies_to(self, shape: Sequence[int]) -> bool:
+        """Whether a state array of ``shape`` should be stored with this codec.
+
+        True when it has at least ``min_size`` entries and, with ``whole_blocks``, a multiple of
+        ``block_size`` of them; otherwise the libraries keep the state in float32. (``encode``
+        itself accepts any shape.)
+        """
+        size = math.prod(shape)
+        return size >= self.min_size and not (self.whole_blocks and size % self.block_size)
+
+    def _rows(self, shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
+        shape = tuple(shape)
+        if self.layout == "flat":
+            return (), math.prod(shape)
+        return (shape[:-1], shape[-1]) if shape else ((), 1)
+
+    def code_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of the uint8 codes of an array of ``shape``."""
+        lead, n = self._rows(shape)
+        if self.bits == 8:
+            return tuple(shape)
+        return (*lead, -(-n // 2))
+
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of the float32 scales of an array of ``shape``: one per block."""
+        lead, n = self._rows(shape)
+        return (*lead, -(-n // self.block_size))
+
+    def _blocks(self, x: jax.Array) -> jax.Array:
+        lead, n = self._rows(x.shape)
+        rows = x.reshape(*lead, n)
+        nb = -(-n // self.block_size)
+        pad = nb * self.block_size - n
+        if pad:
+            rows = jnp.pad(rows, [(0, 0)] * len(lead) + [(0, pad)])
+        return rows.reshape(*lead, nb, self.block_size)
+
+    # -- encode / decode -------------------------------------------------------------------
+
+    def encode(self, x: ArrayLike) -> tuple[jax.Array, jax.Array]:
+        r"""``(codes, scales)`` of a real array ``x`` (any shape, any float dtype).
+
+        ``x`` is read in float32. ``codes`` is uint8 with :meth:`code_shape` (two 4-bit codes
+        per byte, the even-indexed entry in the high nibble, as torchao packs them); ``scales``
+        is float32 with :meth:`scale_shape`. Pure and elementwise per block: jit, vmap and
+        sharding apply.
+        """
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(
+                f"BlockCodec.encode needs a real floating-point array, got dtype {x.dtype}. "
+                "Complex state is not quantized (store its real and imaginary parts apart)."
+            )
+        return _encode(self, x)
+
+    def _encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        shape = x.shape
+        blocks = self._blocks(x.astype(jnp.float32))
+        mag = jnp.abs(blocks)
+        nan = jnp.isnan(mag)
+        # The maximum over the non-NaN entries; XLA's reductions need not propagate NaN, so a
+        # NaN is put back explicitly (bitsandbytes' maximum skips NaN entries, the others not).
+        scales = jnp.max(jnp.where(nan, jnp.float32(0.0), mag), axis=-1)
+        if self.convention != "bitsandbytes":
+            scales = jnp.where(jnp.any(nan, axis=-1), jnp.float32(jnp.nan), scales)
+        if self.convention == "torchao":
+            scales = jnp.maximum(scales, jnp.float32(_TORCHAO_SCALE_FLOOR))
+        if self.normalize == "reciprocal":
+            v = blocks * (jnp.float32(1.0) / scales)[..., None]
+        else:
+            # XLA rewrites a division by a broadcast into a multiplication by the reciprocal
+            # (one more rounding, which moves about one code in a thousand); the barrier keeps
+            # the true, correctly rounded division.
+            divisor = jnp.where(scales == 0, jnp.float32(1.0), scales)[..., None]
+            v = blocks / lax.optimization_barrier(jnp.broadcast_to(divisor, blocks.shape))
+        # A NaN normalised value takes the code of -1 (bitsandbytes clamps NaN to -1; torchao's
+        # comparisons all fail, giving code 0); under "nearest" its block's scale is NaN anyway.
+        v = jnp.where(jnp.isnan(v), jnp.float32(-1.0), v)
+        codes = lookup(self.qmap, self.convention, v)
+        if self.convention == "bitsandbytes":
+            codes = jnp.where((scales == 0)[..., None], jnp.uint8(0), codes)
+        return self._pack(codes, shape), scales
+
+    def _pack(self, codes: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        lead, n = self._rows(shape)
+        codes = codes.reshape(*lead, -1)[..., :n]
+        if self.bits == 8:
+            return codes.reshape(shape)
+        if n % 2:
+            codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, 1)])
+        return (codes[..., 0::2] << 4) | codes[..., 1::2]
+
+    def decode(
+        self,
+        codes: ArrayLike,
+        scales: ArrayLike,
+        shape: Sequence[int],
+        dtype: DTypeLike = jnp.float32,
+    ) -> jax.Array:
+        r""":math:`\hat x = Q[c] \cdot s` per block, as an array of ``shape`` and ``dtype``.
+
+        The product is a float32 multiplication (as both libraries do it), then cast to
+        ``dtype``. ``codes`` and ``scales`` are what :meth:`encode` returned for that shape.
+        """
+        shape = tuple(shape)
+        codes = jnp.asarray(codes)
+        scales = jnp.asarray(scales, jnp.float32)
+        if codes.shape != self.code_shape(shape) or scales.shape != self.scale_shape(shape):
+            raise ValueError(
+                f"codes {codes.shape} / scales {scales.shape} do not belong to an array of "
+                f"shape {shape}: expected {self.code_shape(shape)} / {self.scale_shape(shape)}."
+            )
+        return _decode(self, codes, scales, shape, jnp.dtype(dtype))
+
+    def _decode(
+        self, codes: jax.Array, scales: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype
+    ) -> jax.Array:
+        lead, n = self._rows(shape)
+        if self.bits == 4:
+            codes = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(*lead, -1)
+        codes = codes.reshape(*lead, -1)[..., :n]
+        values = jnp.asarray(np.asarray(self.qmap, _F32))[codes.astype(jnp.int32)]
+        blocks = self._blocks(values.reshape(*lead, n)) * scales[..., None]
+        flat = blocks.reshape(*lead, -1)[..., :n]
+        return flat.reshape(shape).astype(dtype)
+
+
+# One compiled program per codec, shape and dtype (inside an outer jit these simply inline).
+_encode = jax.jit(BlockCodec._encode, static_argnums=0)
+_decode = jax.jit(BlockCodec._decode, static_argnums=(0, 3, 4))
+
+
+def moment_codec(bits: int = 8, *, signed: bool, block_size: int | None = None) -> BlockCodec:
+    r"""rmsjax's own codec for a first (``signed=True``) or second (``signed=False``) moment.
+
+    8 bits: :func:`dynamic_map` (signed or unsigned), blocks of 256. 4 bits: the signed 4-bit
+    dynamic map for first moments, torchao's zero-free :func:`linear_map` for second moments,
+    blocks of 128. In the signed maps the most negative value is -1 (instead of -0.99297 for 8
+    bits and -0.8875 for 4 bits), so that a block whose largest entry is negative stores it
+    exactly, as it does a positive one. Always the shard-safe ``"last_axis"`` layout and exact
+    ``"nearest"`` rounding (zero is stored exactly in the signed maps); ``min_size`` 4096 like
+    both libraries.
+
+    Args:
+      bits: 4 or 8.
+      signed: whether the state can be negative.
+      block_size: entries per scale (>= 1); default 256 (8 bits) or 128 (4 bits).
+
+    Differences: bitsandbytes and torchao block the flattened tensor (a block can straddle rows
+    and shards), round differently (:func:`bitsandbytes_codec`, :func:`torchao_codec`) and
+    store a block's largest negative entry 0.7% (8 bits) or 11% (4 bits) too small.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"`bits` must be 4 or 8, got {bits!r}.")
+    if not signed:
+        qmap = dynamic_map(False) if bits == 8 else linear_map(16, zero=False)
+    else:
+        qmap = dynamic_map(True, exponent_bits=7 if bits == 8 else 3, total_bits=bits)
+        qmap[0] = -1.0  # the block's most negative entry is stored exactly, like its maximum
+    block = (256 if bits == 8 else 128) if block_size is None else block_size
+    return BlockCodec(qmap=tuple(qmap.tolist()), block_size=block)
+
+
+def bitsandbytes_codec(*, signed: bool) -> BlockCodec:
+    """bitsandbytes 0.50's 8-bit block-wise state: ``Adam8bit`` / ``AdamW8bit`` /
+    ``RMSprop8bit`` on the CPU.
+
+    ``create_dynamic_map(signed)`` (``state1`` signed, ``state2`` unsigned), blocks of 256 over
+    the flattened tensor (the last block may be short), the CPU kernel's rounding
+    (``convention="bitsandbytes"``, see :mod:`rmsjax.quantization`), and float32 state below
+    ``min_8bit_size=4096`` entries. The codes, absolute maxima and decoded values equal
+    ``bitsandbytes.functional.quantize_blockwise(x, code, blocksize=256)`` and
+    ``dequantize_blockwise`` bit for bit (tests/reference/lowbit.npz).
+
+    Differences: the CUDA kernels of bitsandbytes round to the nearest code; this reproduces the
+    CPU kernel, whose grid rounding never stores zero exactly (a systematic
+    :math:`+2 \\cdot 10^{-5}` of the block maximum on a zero first moment).
+    """
+    return BlockCodec(
+        qmap=tuple(dynamic_map(signed).tolist()),
+        block_size=256,
+        layout="flat",
+        convention="bitsandbytes",
+        min_size=4096,
+        normalize="reciprocal",
+    )
+
+
+def torchao_codec(bits: int, *, signed: bool) -> BlockCodec:
+    """torchao 0.18's ``OptimState8bit`` (``bits=8``) or ``OptimState4bit`` (``bits=4``).
+
+    8 bits: ``create_dynamic_map(signed)``, blocks of 256 (``AdamW8bit``). 4 bits: the signed
+    4-bit dynamic map for ``exp_avg``, the zero-free linear map ``k / 16`` for ``exp_avg_sq``,
+    blocks of 128 (``AdamW4bit``; plain block-wise scaling for both moments, no rank-1
+    normalisation in 0.18). Blocks over the flattened tensor; quantized only when the tensor
+    has at least 4096 entries and a whole number of blocks (``whole_blocks``), else float32.
+    Codes, scales and decoded values equal torchao's bit for bit (tests/reference/lowbit.npz).
+    """
+    if bits == 8:
+        qmap, block = dynamic_map(signed), 256
+    elif bits == 4:
+        block = 128
+        qmap = (
+            dynamic_map(True, exponent_bits=3, total_bits=4)
+            if signed
+            else linear_map(16, zero=False)
+        )
+    else:
+        raise ValueError(f"`bits` must be 4 or 8, got {bits!r}.")
+    return BlockCodec(
+        qmap=tuple(qmap.tolist()),
+        block_size=block,
+        layout="flat",
+        convention="torchao",
+        min_size=4096,
+        whole_blocks=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# A quantized array as one pytree node
+# ------------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scales"],
+    meta_fields=["codec", "shape", "dtype"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """An array stored by a :class:`BlockCodec`: a pytree with two array leaves.
+
+    ``codes`` (uint8) and ``scales`` (float32) are the leaves (they shard, checkpoint and
+    donate like any state); ``codec``, ``shape`` and ``dtype`` (of the decoded array) are static
+    metadata. ``dequantize(q)`` gives the array back.
+    """
+
+    codes: Any
+    scales: Any
+    codec: BlockCodec
+    shape: tuple[int, ...]
+    dtype: Any
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def quantize(x: ArrayLike, codec: BlockCodec) -> QuantizedArray:
+    """``x`` encoded by ``codec``, its shape and dtype recorded (:meth:`BlockCodec.encode`)."""
+    x = jnp.asarray(x)
+    codes, scales = codec.encode(x)
+    return QuantizedArray(codes, scales, codec, tuple(x.shape), jnp.dtype(x.dtype))
+
+
+def dequantize(q: QuantizedArray, dtype: DTypeLike | None = None) -> jax.Array:
+    """The decoded array of ``q``, in ``dtype`` (default: the dtype it was quantized from)."""
+    return q.codec.decode(q.codes, q.scales, q.shape, q.dtype if dtype is None else dtype)

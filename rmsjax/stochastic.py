@@ -1,0 +1,139 @@
+r"""Stochastic rounding to bfloat16 / float16, and applying updates to low-precision params.
+
+Round-to-nearest loses every update smaller than half a unit in the last place (ulp) of the
+parameter: a bfloat16 weight of 1.0 has an ulp of :math:`2^{-7}`, so ``1.0 + 1e-3`` is 1.0
+again, every step, and training stalls. Stochastic rounding rounds :math:`x` up to the next
+representable value :math:`x_\uparrow` with probability :math:`(x - x_\downarrow) / (x_\uparrow
+- x_\downarrow)` and down to :math:`x_\downarrow` otherwise, so :math:`E[\mathrm{round}(x)] = x`
+exactly: small updates accumulate in expectation (Gupta et al., Deep Learning with Limited
+Numerical Precision, 2015). The randomness comes from an explicit ``jax.random`` key; nothing is
+global.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike, DTypeLike
+
+from rmsjax.tree import map_rule
+
+__all__ = ["apply_updates_stochastic", "stochastic_round"]
+
+_TARGETS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _round_bfloat16(x: jax.Array, key: jax.Array) -> jax.Array:
+    # bfloat16 is the upper half of a float32. Truncating the lower 16 bits rounds toward zero;
+    # adding one to the upper half moves one bfloat16 step away from zero (a carry into the
+    # exponent is the correct next number). Doing so when 16 random bits r < the lower 16 bits
+    # f happens with probability f / 2^16: exactly the fractional distance.
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+    upper = (bits >> 16) + (noise < (bits & 0xFFFF)).astype(jnp.uint32)
+    return lax.bitcast_convert_type(upper.astype(jnp.uint16), jnp.bfloat16)
+
+
+def _round_float16(x: jax.Array, key: jax.Array) -> jax.Array:
+    # float16 keeps 11 significant bits down to 2^-14 and a fixed step of 2^-24 below. With u
+    # that step for |x|, t = |x| / u is exact (a power-of-two scaling), floor(t) * u rounds
+    # toward zero and the fraction t - floor(t) (exact, at most 24 bits) is the probability of
+    # taking the next step; 24 random bits decide.
+    mag = jnp.abs(x)
+    _, exponent = jnp.frexp(mag)  # mag = m * 2^exponent with m in [0.5, 1)
+    step_exp = jnp.maximum(exponent - 11, -24)
+    t = jnp.ldexp(mag, -step_exp)
+    whole = jnp.floor(t)
+    noise = (jax.random.bits(key, x.shape, jnp.uint32) >> 8).astype(jnp.float32) * 2.0**-24
+    rounded = jnp.ldexp(whole + (noise < t - whole).astype(jnp.float32), step_exp)
+    return jnp.copysign(rounded, x).astype(jnp.float16)
+
+
+def stochastic_round(x: ArrayLike, key: jax.Array, dtype: DTypeLike = jnp.bfloat16) -> jax.Array:
+    r"""``x`` rounded to ``dtype`` (bfloat16 or float16) up or down at random, unbiased.
+
+    For each entry, with :math:`x_\downarrow, x_\uparrow` the neighbouring ``dtype`` values
+    toward and away from zero,
+
+    .. math::
+
+        \mathrm{round}(x) = x_\uparrow \text{ with probability }
+        \frac{|x - x_\downarrow|}{|x_\uparrow - x_\downarrow|}, \text{ else } x_\downarrow,
+
+    so :math:`E[\mathrm{round}(x)] = x` for every float32 ``x`` in range (for float16, up to
+    :math:`2^{-24}` of a step when ``|x|`` is below float16's smallest subnormal scale). Values
+    already representable come back unchanged, signs and both zeros are kept. NaN, ±inf and
+    values beyond the largest finite ``dtype`` number are converted as by
+    ``x.astype(dtype)`` (round to nearest: NaN stays NaN, an overflow gives inf), so a finite
+    value within range never becomes infinite.
+
+    Args:
+      x: a real array, read in float32 (a float64 input is first rounded to float32).
+      key: a ``jax.random`` key; the same key gives the same rounding. Use a fresh one per call
+        (``jax.random.fold_in(key, step)``).
+      dtype: ``jnp.bfloat16`` or ``jnp.float16``.
+
+    Differences from torchao's ``_fp32_to_bf16_sr`` (``bf16_stochastic_round=True``): the same
+    rule and bit trick for bfloat16, with the random bits from an explicit key instead of
+    torch's global generator; torchao can round a float32 above the largest bfloat16 up to inf,
+    here such values round to nearest; float16 is supported too. optax has no stochastic
+    rounding.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype not in _TARGETS:
+        raise ValueError(f"`dtype` must be bfloat16 or float16, got {dtype}.")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"`x` must be a real floating-point array, got dtype {x.dtype}.")
+    return _stochastic_round(x, key, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _stochastic_round(x: jax.Array, key: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    rounded = _round_bfloat16(x32, key) if dtype == _TARGETS[0] else _round_float16(x32, key)
+    in_range = jnp.abs(x32) <= jnp.finfo(dtype).max  # False for NaN and inf
+    return jnp.where(in_range, rounded, x32.astype(dtype))
+
+
+def apply_updates_stochastic(params: Any, updates: Any, key: jax.Array) -> Any:
+    r"""Return :math:`\theta + u` leaf by leaf, rounding bfloat16/float16 leaves stochastically.
+
+    Each bfloat16 or float16 parameter leaf is updated as
+    ``stochastic_round(float32(θ) + float32(u), key_leaf, θ.dtype)``: the sum is formed in
+    float32 and rounded up or down at random so that its expectation is the float32 sum. An
+    update below half an ulp of the parameter, which :func:`rmsjax.apply_updates` (round to
+    nearest) drops every step, is applied in expectation. Leaves of any other dtype get the
+    plain sum, as in :func:`rmsjax.apply_updates`. ``None`` leaves stay ``None``; the update
+    tree must have the params' structure.
+
+    Args:
+      params: the parameter tree :math:`\theta`.
+      updates: a tree with the params' structure (``None`` leaves allowed).
+      key: a ``jax.random`` key, split into one key per leaf. Pass a fresh key every step, e.g.
+        ``jax.random.fold_in(key, step)``: reusing a key repeats the same rounding decisions.
+
+    The name says what differs from ``apply_updates`` (the rounding), and a separate function
+    keeps ``apply_updates``' signature equal to optax's. Differences: optax has no stochastic
+    rounding; torchao's ``bf16_stochastic_round=True`` does the same inside its optimizers'
+    step (bfloat16 only, torch's global generator).
+    """
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+    keys = jax.tree_util.tree_unflatten(
+        treedef, list(jax.random.split(key, max(len(leaves), 1))[: len(leaves)])
+    )
+
+    def rule(u: jax.Array, p: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if jnp.dtype(p.dtype) in _TARGETS:
+            total = p.astype(jnp.float32) + u.astype(jnp.float32)
+            return u, stochastic_round(total, k, p.dtype)
+        return u, p + u
+
+    _, (new_params,) = map_rule(
+        rule, updates, (params,), (keys,), what="params", extra_names=("keys",)
+    )
+    return new_params

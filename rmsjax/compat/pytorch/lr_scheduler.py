@@ -115,9 +115,15 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def _make(
-    lr: Any, per_step: Callable[[jax.Array], jax.Array], updates_per_epoch: int
+    lr: Any,
+    per_step: Callable[[jax.Array], jax.Array],
+    updates_per_epoch: int,
+    *,
+    uses_lr: bool = True,
 ) -> TorchSchedule:
-    check_nonneg("lr", lr)
+    # OneCycleLR takes no `lr` (uses_lr=False): its schedule records None.
+    if uses_lr:
+        check_nonneg("lr", lr)
     n = _check_int("updates_per_epoch", updates_per_epoch, low=1)
     return TorchSchedule(lr=lr, per_step=per_step, updates_per_epoch=n)
 
@@ -495,7 +501,7 @@ def OneCycleLR(
             value = jnp.where(k <= phases[i][0], phase(i, k), value)
         return value
 
-    return _make(None, per_step, updates_per_epoch)
+    return _make(None, per_step, updates_per_epoch, uses_lr=False)
 
 
 def LambdaLR(

@@ -9,7 +9,8 @@ builds once per run, from the folder named by ``RMSJAX_DIST``:
 * ``rmsjax-<version>.tar.gz`` and ``rmsjax-<version>-py3-none-<platform>.whl``: the sdist and the
   wheel ``python -m build`` builds from it, with a C++ compiler, as a release does (README,
   "Releasing");
-* ``pure/rmsjax-<version>-py3-none-any.whl``: the wheel built with ``CXX=/bin/false``.
+* ``pure/rmsjax-<version>-py3-none-any.whl``: the wheel built from the sdist with
+  ``CXX=/bin/false``.
 
 Without ``RMSJAX_DIST`` every test here is skipped (the message says how to build the folder).
 """
@@ -48,7 +49,7 @@ def dist() -> Path:
     if not folder:
         pytest.skip(
             "set RMSJAX_DIST to the folder .ci/run's packaging step fills (python -m build, "
-            "then CXX=/bin/false python -m build --wheel into <folder>/pure)"
+            "then CXX=/bin/false python -m build --wheel from the sdist into <folder>/pure)"
         )
     return Path(folder)
 

@@ -6,13 +6,19 @@ library is looked for, in this order:
 
 1. ``RMSJAX_NATIVE=0`` turns the native path off (the pure-JAX path is used everywhere).
 2. **Installed**: ``pip install`` (regular or editable) compiles the kernel when a C++
-   compiler is available and puts ``rmsjax/_native/_fused_step*.so`` next to this module. A
-   failed compile never fails the install; pip only prints a warning.
-3. **Built on first use**: otherwise (or when the installed library cannot be loaded, or was
-   built from a different ``fused_step.cc``) the first fused step compiles the kernel with
+   compiler is available and puts ``rmsjax/_native/_fused_step.so`` next to this module. A
+   failed compile never fails the install, and pip says nothing about it unless run with
+   ``-v``; ``python -m rmsjax.native`` tells.
+3. **Built on first use**: otherwise (or when the installed library cannot be loaded, was
+   built from a different ``fused_step.cc``, or is refused by XLA because it was compiled
+   against a newer jaxlib's FFI headers) the first fused step compiles the kernel with
    the same recipe and caches it, keyed by the source, the jaxlib version, the compiler and the
    flags. Without a compiler (or when that build fails too) every fused step runs the pure-JAX
    path and :func:`status` says why.
+
+The kernel needs ``jax.ffi`` (``ffi_call`` with ``vmap_method`` and ``input_output_aliases``,
+``register_ffi_target``, ``pycapsule``, ``include_dir``), which JAX has from 0.5.0 on: below
+rmsjax's own jax floor (pyproject.toml), so every supported version can use it.
 
 Both builds are portable (no ``-march=native``): the kernel carries a baseline and an AVX2+FMA
 version of each loop and picks one at run time; like XLA's own CPU code, the kernel contracts
@@ -143,6 +149,12 @@ def _register(path: Path) -> ctypes.CDLL:
         raise RuntimeError(
             f"it was built from a different fused_step.cc or operand table (id {built_from})"
         )
+    # Start the CPU backend first: registering before it exists only queues the handler, and
+    # a handler XLA refuses (one compiled against the FFI headers of a newer jaxlib, as a
+    # wheel or an isolated sdist build may be) would then fail the backend's start-up and
+    # every later JAX call. With the backend up, the refusal raises here and the caller falls
+    # back to the first-use build, compiled against this jaxlib's headers.
+    jax.devices("cpu")
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RmsjaxFusedStep), platform="cpu")
     return lib
 

@@ -10,6 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# JAX's x64 switch as a context manager: jax.enable_x64 from jax 0.8, jax.experimental.enable_x64
+# before (the oldest supported jax, which the floor CI job runs, has only that one).
+if hasattr(jax, "enable_x64"):
+    enable_x64 = jax.enable_x64
+else:  # pragma: no cover - jax < 0.8
+    from jax.experimental import enable_x64  # noqa: F401
+
 
 def mixed_tree(seed: int = 0, dtype: Any = jnp.float32) -> dict[str, Any]:
     """Dicts, tuples, a scalar, a vector, a matrix and a 3-D leaf."""

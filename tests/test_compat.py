@@ -6,8 +6,8 @@ written by ``tests/reference/generate.py`` (needs torch and keras, which these t
 Each preset is fed the same gradients and must walk the same trajectory: float64 (and
 complex128) to 1e-12 of the parameter scale, float32 (and complex64) to 2e-6 of it.
 
-float64 runs switch on jax's x64 mode only inside ``jax.enable_x64(True)`` blocks, so nothing
-leaks into other test files.
+float64 runs switch on jax's x64 mode only inside ``enable_x64(True)`` blocks (from
+tests.common), so nothing leaks into other test files.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import rmsjax as V
 import rmsjax.compat.keras
 import rmsjax.compat.pytorch
 import rmsjax.compat.tf1
+from tests.common import enable_x64
 
 REF = Path(__file__).parent / "reference"
 MODULES = {
@@ -99,7 +100,7 @@ def preset_kwargs(framework: str, preset: str, kwargs: dict[str, Any], mode: str
 
 @contextmanager
 def precision(mode: str) -> Iterator[None]:
-    with jax.enable_x64(mode == "x64"):
+    with enable_x64(mode == "x64"):
         yield
 
 

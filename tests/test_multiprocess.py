@@ -174,7 +174,8 @@ def _assert_bits_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> No
 
 def _assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], **tol: float) -> None:
     assert sorted(got) == sorted(want)
-    assert sum(k.endswith(".count") for k in got) >= 2  # the RMS count and the schedule's
+    # the schedule's count (plain RMS state keeps no count, as in optax)
+    assert sum(k.endswith(".count") for k in got) >= 1
     for key in got:
         assert got[key].dtype == want[key].dtype, key
         if got[key].dtype.kind == "f":

@@ -18,7 +18,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -623,9 +622,9 @@ def test_gpu_lowering_uses_pure_jax(monkeypatch):
     params = mixed()
     opt = fused.rmsprop(0.01, centered=True, momentum=0.9, **SMALL)
     grads = jax.tree.map(jnp.ones_like, params)
-    exported = jax.export.export(jax.jit(opt.step), platforms=["cuda"])(
-        params, grads, opt.init(params)
-    )
+    from jax import export  # a submodule: not an attribute of jax before it is imported
+
+    exported = export.export(jax.jit(opt.step), platforms=["cuda"])(params, grads, opt.init(params))
     assert "custom_call @rmsjax_fused_step" not in exported.mlir_module()
     if NATIVE:  # and the same program lowered for CPU does use the kernel
         cpu = jax.jit(opt.step).lower(params, grads, opt.init(params)).as_text()
@@ -789,7 +788,9 @@ def _setup_py_tree(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("cxx", ["false", "real"])
 def test_setup_py_build_ext(tmp_path, cxx):
-    pytest.importorskip("setuptools", minversion="64")  # not in Python 3.12+ venvs by default
+    # setup.py needs setuptools >= 77 (PEP 639 licence fields; its own bdist_wheel), which the
+    # test extra installs.
+    pytest.importorskip("setuptools", minversion="77")
     if cxx == "real" and not HAS_CXX:
         pytest.skip("no C++ compiler")
     tree = _setup_py_tree(tmp_path)
@@ -815,33 +816,36 @@ def test_setup_py_build_ext(tmp_path, cxx):
         assert built == []
     else:
         assert "failed" not in log, log[-3000:]
-        assert [p.name for p in built] == ["_fused_step" + sysconfig.get_config_var("EXT_SUFFIX")]
+        # A plain shared library: no interpreter suffix (it has no Python ABI).
+        assert [p.name for p in built] == ["_fused_step.so"]
         assert ctypes.CDLL(str(built[0])).RmsjaxFusedStep
 
 
 _STATUS_SCENARIOS = textwrap.dedent(
     """
-    import json, os, shutil, sys, sysconfig
+    import json, os, shutil, sys
     from pathlib import Path
     from rmsjax import native
 
-    real, stale, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    real, stale, newer, work = (Path(a) for a in sys.argv[1:5])
     native.build = lambda **kw: real  # the first-use build: the library compiled by the test
-    name = "_fused_step" + sysconfig.get_config_var("EXT_SUFFIX")
+    name = "_fused_step.so"  # as setup.py names it
     results = {}
-    for scenario in ("installed", "none", "stale", "broken", "disabled"):
+    for scenario in sys.argv[5:]:
         folder = work / scenario
         folder.mkdir()
         if scenario in ("installed", "disabled"):
             shutil.copy2(real, folder / name)
-        elif scenario == "stale":
-            shutil.copy2(stale, folder / name)
+        elif scenario in ("stale", "newer_ffi"):
+            shutil.copy2(stale if scenario == "stale" else newer, folder / name)
         elif scenario == "broken":
             (folder / name).write_bytes(b"not a shared library")
         native.reset(folder)
         if scenario == "disabled":
             os.environ["RMSJAX_NATIVE"] = "0"
         results[scenario] = [str(folder / name), native.status()]
+    import jax.numpy as jnp
+    assert float(jnp.ones(3).sum()) == 3.0  # JAX still works after every scenario
     print(json.dumps(results))
     """
 )
@@ -849,10 +853,23 @@ _STATUS_SCENARIOS = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def statuses(built_library, tmp_path_factory) -> dict:
-    """native.status() with an installed library next to the module, none, a stale one (built
-    from another source), a broken one, and RMSJAX_NATIVE=0; run in a fresh process, whose
+    """native.status() with one compiled against the FFI headers of a newer jaxlib (first,
+    before anything has started JAX's CPU backend), none, a stale library (built from another
+    source) and a broken one next to the module, in one fresh process; with an installed library
+    and with RMSJAX_NATIVE=0 in another (XLA takes one library per target and process). The
     first-use build is stubbed to return ``built_library``."""
     work = tmp_path_factory.mktemp("status")
+    # This kernel, compiled against this jaxlib's FFI headers with the API's minor version one
+    # higher: what a wheel built against a newer jaxlib holds. XLA refuses to register it.
+    headers = work / "newer-include"
+    shutil.copytree(recipe.ffi_include_dir(), headers)
+    c_api = headers / "xla" / "ffi" / "api" / "c_api.h"
+    minor = re.search(r"#define XLA_FFI_API_MINOR (\d+)", c_api.read_text())
+    assert minor is not None, "c_api.h no longer defines XLA_FFI_API_MINOR"
+    c_api.write_text(
+        c_api.read_text().replace(minor.group(0), f"#define XLA_FFI_API_MINOR {int(minor[1]) + 1}")
+    )
+    newer = recipe.compile_kernel(work / "newer.so", include_dir=headers)
     stale_src = work / "stale.cc"
     stale_src.write_text(
         'extern "C" const char* RmsjaxSourceId() { return "0123456789abcdef"; }\n'
@@ -863,16 +880,20 @@ def statuses(built_library, tmp_path_factory) -> dict:
     subprocess.run([*cxx, "-shared", "-fPIC", str(stale_src), "-o", str(stale)], check=True)
     env = dict(os.environ)
     env.pop("RMSJAX_NATIVE", None)
-    out = subprocess.run(
-        [sys.executable, "-c", _STATUS_SCENARIOS, str(built_library), str(stale), str(work)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    results = {}
+    for scenarios in (["newer_ffi", "none", "stale", "broken"], ["installed", "disabled"]):
+        libraries = map(str, (built_library, stale, newer, work))
+        out = subprocess.run(
+            [sys.executable, "-c", _STATUS_SCENARIOS, *libraries, *scenarios],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        results.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
 
 
 def test_status_names_the_installed_library(statuses):
@@ -902,6 +923,15 @@ def test_status_falls_back_when_the_installed_library_is_unusable(
     assert f"the installed {path} was not used: {why}" in status
 
 
+def test_library_for_a_newer_jaxlib_is_refused_without_breaking_jax(statuses, built_library):
+    # The scenario runs first in its process, before anything has started JAX's CPU backend:
+    # the refused handler must not stay queued and fail the backend's start-up (the scenario
+    # script checks that JAX still computes at the end).
+    path, status = statuses["newer_ffi"]
+    assert status.startswith(f"native (built on first use): {built_library} [")
+    assert re.search(rf"the installed {re.escape(path)} was not used: \w+: .*API version", status)
+
+
 def test_status_when_disabled(statuses):
     assert statuses["disabled"][1] == "pure-JAX only: disabled by RMSJAX_NATIVE=0"
 
@@ -918,7 +948,7 @@ def test_baseline_kernels_match_pure_jax_on_a_cpu_without_fma():
         import jax, numpy as np
         from rmsjax import fused, native
         import tests.test_native as t
-        assert native.status().endswith("[baseline kernels]"), native.status()
+        assert "[baseline kernels]" in native.status(), native.status()
         rng = np.random.default_rng(5)
         # small leaves of every shape, and one above the 64K-element threading threshold
         params = {**t.mixed(), "big": jax.numpy.asarray(rng.normal(size=100_003), "float32")}

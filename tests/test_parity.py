@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import rmsjax
-from tests.common import assert_trees_close, mixed_tree, trajectory
+from tests.common import assert_trees_close, enable_x64, mixed_tree, trajectory
 
 SCHEDULE = optax.exponential_decay(0.05, transition_steps=3, decay_rate=0.7)
 LEARNING_RATES = {"const": 0.05, "schedule": SCHEDULE}
@@ -148,7 +148,7 @@ def test_float64_parity() -> None:
     """In float64 the two implementations agree far below float32 rounding."""
     import jax
 
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params = mixed_tree(dtype=jnp.float64)
         for make in (
             lambda lib: lib.rmsprop(0.05, centered=True, momentum=0.9, nesterov=True),

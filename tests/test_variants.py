@@ -14,6 +14,7 @@ import pytest
 
 import rmsjax
 import rmsjax as V
+from tests.common import enable_x64
 
 STEPS = 12
 
@@ -137,7 +138,7 @@ def test_amsgrad_max_before_correction_is_torch_amsgrad() -> None:
 
 
 def test_scale_by_adam_exact_bias_equals_optax_adam_in_float64() -> None:
-    with jax.enable_x64(True):
+    with enable_x64(True):
         g = grads_seq(np.float64)
         close(outputs(V.scale_by_adam_exact_bias(), g), outputs(optax.scale_by_adam(), g), 1e-13)
 

@@ -220,7 +220,7 @@ class AccumulationState(NamedTuple):
     (parameter dtype); ``inner``: the wrapped transformation's state, advanced only on updates.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     acc: Any
     inner: Any
 
@@ -278,7 +278,7 @@ class EmaState(NamedTuple):
     """State of :func:`parameter_ema`: calls so far (int32) and the moving average of the
     parameters (a tree like the params). Read it with :func:`finalize_variable_values`."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     ema: Any
 
 

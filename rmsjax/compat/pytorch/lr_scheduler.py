@@ -115,11 +115,34 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def _make(
-    lr: Any, per_step: Callable[[jax.Array], jax.Array], updates_per_epoch: int
+    lr: Any,
+    per_step: Callable[[jax.Array], jax.Array],
+    updates_per_epoch: int,
+    *,
+    uses_lr: bool = True,
 ) -> TorchSchedule:
-    check_nonneg("lr", lr)
+    # OneCycleLR takes no `lr` (uses_lr=False): its schedule records None.
+    if uses_lr:
+        check_nonneg("lr", lr)
     n = _check_int("updates_per_epoch", updates_per_epoch, low=1)
     return TorchSchedule(lr=lr, per_step=per_step, updates_per_epoch=n)
+
+
+def _real(x: ArrayLike) -> jax.Array | np.ndarray | np.number | complex:
+    """``x`` itself, typed without the bools that its validation has already rejected.
+
+    ``ArrayLike`` includes ``bool`` and ``numpy.bool_``, between which ``-`` is undefined;
+    this narrowing lets ``lr - eta_min`` type-check while it is still computed exactly as
+    written (in Python float64 for Python numbers).
+    """
+    assert not isinstance(x, bool | np.bool_), f"unvalidated hyperparameter {x!r}"
+    return x
+
+
+def _host(x: ArrayLike) -> float:
+    """A concrete validated hyperparameter as a Python float (the real part of the complex
+    zero-imaginary values that validation accepts)."""
+    return float(np.asarray(x).real)
 
 
 def _float(x: Any) -> jax.Array:
@@ -134,6 +157,7 @@ def _power(base: Any, n: jax.Array) -> jax.Array:
     :math:`n\cdot 6\cdot 10^{-8}` of raising a rounded ``b``. ``b = 0`` gives 1 at ``n = 0``
     and 0 after, as Python does.
     """
+    hi: float | jax.Array
     if is_concrete(base):
         b = float(base)
         if b == 0.0:
@@ -180,7 +204,7 @@ def StepLR(
     """
     step_size = _check_int("step_size", step_size, low=1)
     check_nonneg("gamma", gamma)
-    return _make(lr, lambda k: lr * _power(gamma, k // step_size), updates_per_epoch)
+    return _make(lr, lambda k: jnp.asarray(lr * _power(gamma, k // step_size)), updates_per_epoch)
 
 
 def MultiStepLR(
@@ -207,7 +231,7 @@ def MultiStepLR(
 
     def per_step(k: jax.Array) -> jax.Array:
         passed = jnp.searchsorted(table, k, side="right") if points else jnp.zeros_like(k)
-        return lr * _power(gamma, passed)
+        return jnp.asarray(lr * _power(gamma, passed))
 
     return _make(lr, per_step, updates_per_epoch)
 
@@ -225,7 +249,7 @@ def ExponentialLR(lr: ArrayLike, gamma: ArrayLike, *, updates_per_epoch: int = 1
     this schedule does not.
     """
     check_nonneg("gamma", gamma)
-    return _make(lr, lambda k: lr * _power(gamma, k), updates_per_epoch)
+    return _make(lr, lambda k: jnp.asarray(lr * _power(gamma, k)), updates_per_epoch)
 
 
 def CosineAnnealingLR(
@@ -264,7 +288,7 @@ def CosineAnnealingLR(
 
     def per_step(k: jax.Array) -> jax.Array:
         left = T_max - jnp.mod(k, 2 * T_max)  # in (-T_max, T_max]: signed distance to the minimum
-        return eta_min + (lr - eta_min) * _cosine_weight(left, T_max)
+        return jnp.asarray(eta_min + (_real(lr) - eta_min) * _cosine_weight(left, T_max))
 
     return _make(lr, per_step, updates_per_epoch)
 
@@ -319,7 +343,7 @@ def CosineAnnealingWarmRestarts(
 
     def per_step(k: jax.Array) -> jax.Array:
         left, length = cycle(k)
-        return eta_min + (lr - eta_min) * _cosine_weight(left, length)
+        return jnp.asarray(eta_min + (_real(lr) - eta_min) * _cosine_weight(left, length))
 
     return _make(lr, per_step, updates_per_epoch)
 
@@ -355,9 +379,9 @@ def LinearLR(
 
     def per_step(k: jax.Array) -> jax.Array:
         if total == 0:
-            return lr * start_factor * jnp.ones_like(_float(k))
+            return jnp.asarray(lr * start_factor * jnp.ones_like(_float(k)))
         done = _float(jnp.clip(k, 0, total))
-        return lr * ((total - done) * start_factor + done * end_factor) / total
+        return jnp.asarray(lr * ((total - done) * start_factor + done * end_factor) / total)
 
     return _make(lr, per_step, updates_per_epoch)
 
@@ -441,16 +465,17 @@ def OneCycleLR(
             "zero steps long (torch raises ZeroDivisionError). Change `pct_start` or "
             "`total_steps`."
         )
-    initial = max_lr / div_factor
+    peak = _real(max_lr)
+    initial = peak / div_factor
     minimum = initial / final_div_factor
     if three_phase:
         phases = [
-            (warm_end, initial, max_lr),
-            (float(2 * pct_start * total) - 2, max_lr, initial),
+            (warm_end, initial, peak),
+            (float(2 * pct_start * total) - 2, peak, initial),
             (total - 1.0, initial, minimum),
         ]
     else:
-        phases = [(warm_end, initial, max_lr), (total - 1.0, max_lr, minimum)]
+        phases = [(warm_end, initial, peak), (total - 1.0, peak, minimum)]
     starts = [0.0] + [end for end, _, _ in phases[:-1]]
     # torch divides by zero at count `total` when the last phase is empty (pct_start = 1).
     last_defined = total if phases[-1][0] > starts[-1] else total - 1
@@ -459,15 +484,15 @@ def OneCycleLR(
         end, u, v = phases[i]
         length = end - starts[i]
         if length == 0.0:  # only reached where torch divides by zero: hold the end value
-            return v * jnp.ones_like(k)
+            return jnp.asarray(v * jnp.ones_like(k))
         # Written from the smaller end, so that values near it keep their relative accuracy.
         if abs(u) > abs(v):
             u, v, k_left = v, u, end - k
         else:
             k_left = k - starts[i]
         if anneal_strategy == "cos":
-            return u + (v - u) * _cosine_weight(k_left, length)
-        return u + (v - u) * (k_left / length)
+            return jnp.asarray(u + (v - u) * _cosine_weight(k_left, length))
+        return jnp.asarray(u + (v - u) * (k_left / length))
 
     def per_step(count: jax.Array) -> jax.Array:
         k = _float(jnp.where(count > last_defined, total - 1, count))
@@ -476,7 +501,7 @@ def OneCycleLR(
             value = jnp.where(k <= phases[i][0], phase(i, k), value)
         return value
 
-    return _make(None, per_step, updates_per_epoch)
+    return _make(None, per_step, updates_per_epoch, uses_lr=False)
 
 
 def LambdaLR(
@@ -496,7 +521,7 @@ def LambdaLR(
     """
     if not callable(lr_lambda):
         raise TypeError(f"`lr_lambda` must be a callable k -> factor, got {lr_lambda!r}.")
-    return _make(lr, lambda k: lr * _float(lr_lambda(k)), updates_per_epoch)
+    return _make(lr, lambda k: jnp.asarray(lr * _float(lr_lambda(k))), updates_per_epoch)
 
 
 def SequentialLR(
@@ -540,7 +565,7 @@ def SequentialLR(
         )
     if points != sorted(points):
         raise ValueError(f"`milestones` must be non-decreasing, got {points!r}.")
-    parts = []
+    parts: list[Callable[[jax.Array], ArrayLike]] = []
     for i, s in enumerate(schedulers):
         if not callable(s):
             raise TypeError(
@@ -554,7 +579,7 @@ def SequentialLR(
                     f"{s.updates_per_epoch}; build the parts per step and pass "
                     "`updates_per_epoch` to SequentialLR."
                 )
-            if is_concrete(s.lr) and is_concrete(lr) and float(s.lr) != float(lr):
+            if is_concrete(s.lr) and is_concrete(lr) and _host(s.lr) != _host(lr):
                 raise ValueError(
                     f"`schedulers[{i}]` was built with `lr`={s.lr!r} but SequentialLR with "
                     f"`lr`={lr!r}; in torch they share one optimizer, so pass the same lr."
@@ -580,7 +605,7 @@ def SequentialLR(
 class ReduceLROnPlateauState(NamedTuple):
     """State of :func:`ReduceLROnPlateau` (torch's scheduler attributes of the same names)."""
 
-    count: jax.Array  # updates done (int32)
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     lr: jax.Array  # the current learning rate
     best: jax.Array
     num_bad_epochs: jax.Array  # int32

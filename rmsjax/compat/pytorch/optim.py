@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -217,8 +218,8 @@ def sgd(
         trace = T.dampened_trace(decay=momentum, dampening=dampening, nesterov=nesterov)
         step = descend(lr)
     if nesterov and (
-        (is_concrete(momentum) and float(momentum) <= 0)
-        or (is_concrete(dampening) and float(dampening) != 0)
+        (is_concrete(momentum) and float(np.asarray(momentum).real) <= 0)
+        or (is_concrete(dampening) and float(np.asarray(dampening).real) != 0)
     ):
         raise ValueError(
             f"Nesterov momentum needs momentum > 0 and dampening == 0 (as in torch), got "

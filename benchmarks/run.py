@@ -14,18 +14,30 @@ repetition) so that machine noise hits all of them alike. Each JAX step is
 
 Reported per case: median step time; the ratio to optax as the median, over repetitions, of the
 ratio within one repetition (adjacent in time, so slow drifts of the machine cancel), with its
-quartiles; compile time (trace + lower + compile); GB/s at the ideal bytes of the step (each
+quartiles; the *marginal* ratio ``(t - t_floor) / (t_optax - t_floor)``, also per repetition
+with its median and quartiles: the ratio of what the optimizer itself adds to the floor (see
+below), which is what a faster optimizer can change; compile time (trace + lower + compile, wall
+clock, and the CPU seconds of each phase, which a loaded machine disturbs less) and the first
+call (compile + first step); GB/s at the ideal bytes of the step (each
 parameter, gradient and state element read once and each new parameter and state element
 written once) next to a bandwidth ceiling measured in the same interleaving (the faster of two
 donated, in-place streams: XLA's ``a <- a * b + c``, 16 B per element, and the native kernel's
 ``p <- p - lr * g``, 12 B per element); and peak memory of the compiled step from XLA's memory
 analysis (arguments + outputs - aliased + temporaries). The process RSS high-water mark is
-recorded too.
+recorded too, and the load average before and after each case (the machine may be shared).
+
+The ``train`` tree times a whole training step instead: forward + backward + optimizer on a
+small GPT-shaped model (token embedding, blocks of attention and MLP matrices with their biases
+and layer norms, a final norm, the embedding reused for the output), jitted and donated, with
+``floor (no-op)`` = forward + backward without any optimizer (the gradients are returned in
+place of a state). There the marginal ratio is the optimizer's share as the user sees it.
 
 Usage::
 
-  python benchmarks/run.py            # full: 5 optimizers x 4 trees x {4M, 32M} params
+  python benchmarks/run.py            # full: 5 optimizers x 4 trees x {4M, 32M} params, and
+                                      # the training step (4M) for rmsprop, centered, adamw
   python benchmarks/run.py --quick    # 4M params, 1 and 64 leaves, fewer repetitions (< 1 min)
+  python benchmarks/run.py --sizes 32 --trees 1024 --configs rmsprop --reps 15
 
 Writes ``<out>/results.json`` and ``<out>/results.md`` (default ``benchmarks/results``).
 """
@@ -208,15 +220,28 @@ class JaxRunner:
         self.name, self._step = name, step
         self.p, self.g, self.s = params, grads, state
         self.peak: int | None = None
+        self.phases: dict[str, float] = {}
 
     def setup(self) -> float:
-        t0 = time.perf_counter()
-        jitted = jax.jit(self._step, donate_argnums=(0, 2))
-        self.compiled = jitted.lower(self.p, self.g, self.s).compile()
-        secs = time.perf_counter() - t0
+        """Trace, lower, compile and run once; returns the compile seconds (wall), and keeps
+        the CPU seconds of each phase and the first call's wall seconds in ``phases``."""
+        cpu, wall = time.process_time, time.perf_counter
+        c0, t0 = cpu(), wall()
+        traced = jax.jit(self._step, donate_argnums=(0, 2)).trace(self.p, self.g, self.s)
+        c1 = cpu()
+        lowered = traced.lower()
+        c2 = cpu()
+        self.compiled = lowered.compile()
+        c3, t1 = cpu(), wall()
         self.peak = _peak(self.compiled)
         self.run(1)  # warm-up (first touch of the output buffers)
-        return secs
+        self.phases = dict(
+            trace_cpu_s=c1 - c0,
+            lower_cpu_s=c2 - c1,
+            compile_cpu_s=c3 - c2,
+            first_call_s=wall() - t0,
+        )
+        return t1 - t0
 
     def run(self, k: int) -> float:
         t0 = time.perf_counter()
@@ -308,6 +333,83 @@ class TorchRunner:
 # --------------------------------------------------------------------------------------------
 
 
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    xs = sorted(xs)
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q1, _, q3 = statistics.quantiles(xs, n=4)
+    return q1, statistics.median(xs), q3
+
+
+def measure(
+    runners: list[Any], reps: int, target_s: float
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Compile every runner, then time them interleaved: ``reps`` rounds, the order rotating
+    every round, each timing about ``target_s`` long. Returns compile seconds and timings."""
+    compile_s = {r.name: r.setup() for r in runners}
+    # Steps per timing so that one timing lasts about target_s.
+    ks = {r.name: max(1, int(target_s / max(r.run(1), 1e-6))) for r in runners}
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for rep in range(reps):
+        order = runners[rep % len(runners) :] + runners[: rep % len(runners)]
+        for r in order:
+            times[r.name].append(r.run(ks[r.name]))
+    return compile_s, times
+
+
+def case_rows(
+    base: dict[str, Any],
+    runners: list[Any],
+    compile_s: dict[str, float],
+    times: dict[str, list[float]],
+    bytes_per_param: int,
+    ceilings: dict[str, float],
+) -> list[dict[str, Any]]:
+    """One row per runner: medians, paired raw and marginal ratios with quartiles, compile."""
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    ceiling_gbs = max(ceilings.values()) if ceilings else 0.0
+    size = base["params"]
+    rows = []
+    for r in runners:
+        t = med[r.name]
+        # Paired ratios: each repetition times every implementation back to back, so the ratio
+        # within a repetition cancels slow drifts of the machine; report median and quartiles.
+        raw = [a / b for a, b in zip(times[r.name], times["optax"], strict=True)]
+        marginal = [
+            (a - z) / (o - z)
+            for a, o, z in zip(times[r.name], times["optax"], times[FLOOR], strict=True)
+            if o > z
+        ]
+        q1, mid, q3 = _quartiles(raw)
+        m1, mmid, m3 = _quartiles(marginal) if marginal else (float("nan"),) * 3
+        gbs = bytes_per_param * size / t / 1e9 if r.name != FLOOR and bytes_per_param else 0.0
+        rows.append(
+            dict(
+                base,
+                impl=r.name,
+                native=(r.name == "rmsjax.fused" and native.available()),
+                step_ms=1e3 * t,
+                step_ms_all=[1e3 * x for x in times[r.name]],
+                ratio_vs_optax=mid,
+                ratio_q1=q1,
+                ratio_q3=q3,
+                ratio_of_medians=t / med["optax"],
+                marginal=mmid,
+                marginal_q1=m1,
+                marginal_q3=m3,
+                compile_s=compile_s[r.name] if not r.name.startswith("torch") else None,
+                **getattr(r, "phases", {}),
+                ideal_bytes_per_param=bytes_per_param,
+                gbs=gbs,
+                ceiling_gbs=ceiling_gbs,
+                ceilings_gbs=ceilings,
+                frac_of_ceiling=gbs / ceiling_gbs if ceiling_gbs else 0.0,
+                peak_mib=None if r.peak is None else r.peak / MiB,
+            )
+        )
+    return rows
+
+
 def bench_case(
     cfg_name: str, cfg: dict[str, Any], tree: str, n: int, reps: int, target_s: float
 ) -> list[dict[str, Any]]:
@@ -317,6 +419,7 @@ def bench_case(
     grads = make_tree(shapes, jax.random.fold_in(key, 1), 1e-2)
     size = n_params(params)
     copy = lambda t: jax.tree.map(jnp.copy, t)
+    load_before = os.getloadavg()[0]
 
     # Ceilings first (XLA's and the native kernel's in-place streams), then the floor: a step
     # over the same trees that does no arithmetic.
@@ -346,49 +449,132 @@ def bench_case(
             runners.append(TorchRunner("torch.fused", cfg["torch"], params, grads, fused=True))
     del params
 
-    compile_s = {r.name: r.setup() for r in runners}
-    # Steps per timing so that one timing lasts about target_s.
-    ks = {r.name: max(1, int(target_s / max(r.run(1), 1e-6))) for r in runners}
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    for rep in range(reps):
-        order = runners[rep % len(runners) :] + runners[: rep % len(runners)]
-        for r in order:
-            times[r.name].append(r.run(ks[r.name]))
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    stream_gbs = {"stream (XLA)": 16, "stream (native)": 12}
-    ceilings = {r.name: stream_gbs[r.name] * size / med[r.name] / 1e9 for r in streams}
-    ceiling_gbs = max(ceilings.values())
-    rows = []
-    for r in runners[len(streams) :]:
-        t = med[r.name]
-        # Paired ratio: each repetition times every implementation back to back, so the ratio
-        # within a repetition cancels slow drifts of the machine; report its median and quartiles.
-        paired = sorted(a / b for a, b in zip(times[r.name], times["optax"], strict=True))
-        q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
-        gbs = cfg["bytes"] * size / t / 1e9 if r.name != FLOOR else 0.0
-        rows.append(
-            dict(
-                config=cfg_name,
-                tree=tree,
-                leaves=len(shapes),
-                params=size,
-                impl=r.name,
-                native=(r.name == "rmsjax.fused" and native.available()),
-                step_ms=1e3 * t,
-                step_ms_all=[1e3 * x for x in times[r.name]],
-                ratio_vs_optax=statistics.median(paired),
-                ratio_q1=q1,
-                ratio_q3=q3,
-                ratio_of_medians=t / med["optax"],
-                compile_s=compile_s[r.name] if not r.name.startswith("torch") else None,
-                ideal_bytes_per_param=cfg["bytes"],
-                gbs=gbs,
-                ceiling_gbs=ceiling_gbs,
-                ceilings_gbs=ceilings,
-                frac_of_ceiling=gbs / ceiling_gbs,
-                peak_mib=None if r.peak is None else r.peak / MiB,
-            )
-        )
+    compile_s, times = measure(runners, reps, target_s)
+    stream_bytes = {"stream (XLA)": 16, "stream (native)": 12}
+    ceilings = {
+        r.name: stream_bytes[r.name] * size / statistics.median(times[r.name]) / 1e9
+        for r in streams
+    }
+    base = dict(
+        config=cfg_name,
+        tree=tree,
+        leaves=len(shapes),
+        params=size,
+        load=(load_before, os.getloadavg()[0]),
+    )
+    rows = case_rows(base, runners[len(streams) :], compile_s, times, cfg["bytes"], ceilings)
+    for r in runners:
+        r.close()
+    del runners
+    gc.collect()
+    return rows
+
+
+# The optimizers timed in the training step.
+TRAIN_CONFIGS = ("rmsprop", "centered+momentum", "adamw")
+
+
+# --------------------------------------------------------------------------------------------
+# A whole training step: forward + backward + optimizer on a GPT-shaped model
+# --------------------------------------------------------------------------------------------
+
+TRAIN_BATCH, TRAIN_SEQ, HEAD_DIM = 2, 64, 64
+
+
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+
+def gpt_loss(params: dict[str, jax.Array], tokens: jax.Array) -> jax.Array:
+    """Next-token cross-entropy of a pre-norm GPT on ``tokens`` (batch, seq + 1); the parameter
+    names are those of ``tree_shapes("transformer", n)``, the embedding is also the output."""
+    embed = params["embed"]
+    vocab, d = embed.shape
+    layers = len({k.split(".")[0] for k in params if k.startswith("block")})
+    inputs, targets = tokens[:, :-1] % vocab, tokens[:, 1:] % vocab
+    b, t = inputs.shape
+    x = embed[inputs]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    heads = d // HEAD_DIM
+    for i in range(layers):
+        p = lambda name, i=i: params[f"block{i:02d}.{name}"]
+        h = _layer_norm(x, p("ln1.scale"), p("ln1.bias"))
+        q, k, v = jnp.split(h @ p("attn.qkv.w") + p("attn.qkv.b"), 3, axis=-1)
+        q, k, v = (z.reshape(b, t, heads, HEAD_DIM) for z in (q, k, v))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(HEAD_DIM)
+        attn = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
+        h = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d)
+        x = x + h @ p("attn.out.w") + p("attn.out.b")
+        h = _layer_norm(x, p("ln2.scale"), p("ln2.bias"))
+        x = x + jax.nn.gelu(h @ p("mlp.up.w") + p("mlp.up.b")) @ p("mlp.down.w") + p("mlp.down.b")
+    x = _layer_norm(x, params["ln_f.scale"], params["ln_f.bias"])
+    logp = jax.nn.log_softmax(x @ embed.T)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
+
+
+def train_step(update: Callable) -> Callable:
+    """``step(params, tokens, state)``: gradients of :func:`gpt_loss`, then ``update``."""
+
+    def step(params: Any, tokens: Any, state: Any) -> tuple[Any, Any]:
+        grads = jax.grad(gpt_loss)(params, tokens)
+        return update(params, grads, state)
+
+    return step
+
+
+def train_floor(params: Any, tokens: Any, state: Any) -> tuple[Any, Any]:
+    """Forward + backward, no optimizer: the gradients are returned in place of a state (so
+    the backward pass is not removed as dead code)."""
+    del state
+    return params, jax.grad(gpt_loss)(params, tokens)
+
+
+def bench_train(
+    cfg_name: str, cfg: dict[str, Any], n: int, reps: int, target_s: float
+) -> list[dict[str, Any]]:
+    shapes = tree_shapes("transformer", n)
+    key = jax.random.key(0)
+    params = make_tree(shapes, key, 0.02)
+    size = n_params(params)
+    vocab = shapes["embed"][0]
+    tokens = jax.random.randint(
+        jax.random.fold_in(key, 1), (TRAIN_BATCH, TRAIN_SEQ + 1), 0, vocab, jnp.int32
+    )
+    copy = lambda t: jax.tree.map(jnp.copy, t)
+    load_before = os.getloadavg()[0]
+    tx, (label, rtx), fo = cfg["optax"], cfg["rmsjax"], cfg["fused"]
+    runners: list[Any] = [
+        JaxRunner(FLOOR, train_floor, copy(params), tokens, jax.tree.map(jnp.zeros_like, params)),
+        JaxRunner(
+            "optax",
+            train_step(protocol_step(tx, optax.apply_updates)),
+            copy(params),
+            tokens,
+            tx.init(params),
+        ),
+        JaxRunner(
+            label,
+            train_step(protocol_step(rtx, rmsjax.apply_updates)),
+            copy(params),
+            tokens,
+            rtx.init(params),
+        ),
+        JaxRunner("rmsjax.fused", train_step(fo.step), copy(params), tokens, fo.init(params)),
+    ]
+    del params
+    # XLA's first compilation of the model's kernels pays one-time costs: not the floor's
+    jax.jit(train_floor).lower(runners[0].p, tokens, runners[0].s).compile()
+    compile_s, times = measure(runners, reps, target_s)
+    base = dict(
+        config=cfg_name,
+        tree=f"train step (batch {TRAIN_BATCH}x{TRAIN_SEQ})",
+        leaves=len(shapes),
+        params=size,
+        load=(load_before, os.getloadavg()[0]),
+    )
+    rows = case_rows(base, runners, compile_s, times, 0, {})
     for r in runners:
         r.close()
     del runners
@@ -405,38 +591,54 @@ def _ratio(r: dict[str, Any]) -> str:
     return f"{r['ratio_vs_optax']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})"
 
 
+def _marginal(r: dict[str, Any]) -> str:
+    if r["marginal"] != r["marginal"]:  # NaN: optax no slower than the floor in any repetition
+        return "n/a"
+    return f"{r['marginal']:.2f} ({r['marginal_q1']:.2f}-{r['marginal_q3']:.2f})"
+
+
+def _load(r: dict[str, Any]) -> str:
+    return f"{r['load'][0]:.1f}/{r['load'][1]:.1f}"
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Machine: {meta['machine']}; jax {meta['jax']}, optax {meta['optax']}, "
-        f"torch {meta['torch']}; native kernel: {meta['native']}.",
+        f"torch {meta['torch']}; native kernel: {meta['native']}. Load average (1 min) at the "
+        f"start and end of the run: {meta['load'][0]:.1f} / {meta['load'][1]:.1f}.",
         "",
         f"Step time: median of {meta['reps']} interleaved timings. Ratio: median over those "
         "repetitions of (step time / optax's step time in the same repetition), with the "
-        "quartiles in brackets; lower is better. GB/s at the ideal bytes of the step. Ceiling: "
-        "the faster of two in-place streams timed in the same case, XLA's `a = a*b + c` "
-        "(16 B/element) and the native kernel's `p = p - lr*g` (12 B/element). "
-        f"`{FLOOR}`: a jitted, donated step over the same trees that returns them untouched, "
-        "the cost of passing them through `jit` that every implementation pays. Peak: XLA "
-        "memory analysis of the compiled step. Compile: trace + lower + compile.",
+        "quartiles in brackets; lower is better. Marginal: the same for (step time - floor) / "
+        "(optax's step time - floor), what the optimizer adds to the floor. GB/s at the ideal "
+        "bytes of the step. Ceiling: the faster of two in-place streams timed in the same case, "
+        "XLA's `a = a*b + c` (16 B/element) and the native kernel's `p = p - lr*g` "
+        f"(12 B/element). `{FLOOR}`: a jitted, donated step over the same trees that returns "
+        "them untouched, the cost of passing them through `jit` that every implementation "
+        "pays (for the training step: forward + backward without an optimizer). Peak: XLA "
+        "memory analysis of the compiled step. Compile: trace + lower + compile (wall s), and "
+        "the CPU s of trace / lower / compile; first call: compile + first step (wall s). "
+        "Load: load average before / after the case.",
         "",
-        "| optimizer | tree | params | impl | step ms | vs optax | GB/s | % ceiling "
-        "| compile s | peak MiB |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| optimizer | tree | params | impl | step ms | vs optax | marginal | GB/s | % ceiling "
+        "| compile s | cpu s trace/lower/compile | first call s | peak MiB | load |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         comp = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        bw = (
-            ("", "")
-            if r["impl"] == FLOOR
-            else (
-                f"{r['gbs']:.1f}",
-                f"{100 * r['frac_of_ceiling']:.0f}%",
-            )
+        bw = ("", "") if not r["gbs"] else (f"{r['gbs']:.1f}", f"{100 * r['frac_of_ceiling']:.0f}%")
+        phases = (
+            f"{r['trace_cpu_s']:.2f}/{r['lower_cpu_s']:.2f}/{r['compile_cpu_s']:.2f}"
+            if "trace_cpu_s" in r
+            else ""
         )
+        first = f"{r['first_call_s']:.2f}" if "first_call_s" in r else ""
+        marg = "" if r["impl"] in (FLOOR, "optax") else _marginal(r)
         lines.append(
             f"| {r['config']} | {r['tree']} | {r['params'] / MiB:.0f}M | {r['impl']} "
-            f"| {r['step_ms']:.2f} | {_ratio(r)} | {bw[0]} | {bw[1]} | {comp} | {peak} |"
+            f"| {r['step_ms']:.2f} | {_ratio(r)} | {marg} | {bw[0]} | {bw[1]} | {comp} "
+            f"| {phases} | {first} | {peak} | {_load(r)} |"
         )
     lines.append("")
     lines.append(f"Process RSS high-water mark: {meta['rss_peak_mib']:.0f} MiB.")
@@ -451,10 +653,10 @@ def summary(rows: list[dict[str, Any]]) -> str:
     has_torch = any(r["impl"].startswith("torch") for r in rows)
     head = (
         "| optimizer | tree | params | optax ms | floor / optax | rmsjax / optax "
-        "| fused / optax | fused % ceiling | compile s optax / fused / floor "
-        "| peak MiB optax / fused |"
+        "| fused / optax | fused marginal | fused % ceiling "
+        "| first call s optax / fused / floor | peak MiB optax / fused | load |"
     )
-    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     if has_torch:
         head += " torch foreach / optax | torch fused / optax |"
         rule += "---:|---:|"
@@ -467,11 +669,13 @@ def summary(rows: list[dict[str, Any]]) -> str:
             if o["peak_mib"] is not None and f["peak_mib"] is not None
             else ""
         )
+        ceiling = f"{100 * f['frac_of_ceiling']:.0f}%" if f["gbs"] else ""
         line = (
             f"| {cfg} | {tree} | {n / MiB:.0f}M | {o['step_ms']:.2f} "
             f"| {z['ratio_vs_optax']:.2f} | {r['ratio_vs_optax']:.2f} | **{_ratio(f)}** "
-            f"| {100 * f['frac_of_ceiling']:.0f}% "
-            f"| {o['compile_s']:.2f} / {f['compile_s']:.2f} / {z['compile_s']:.2f} | {peak} |"
+            f"| **{_marginal(f)}** | {ceiling} "
+            f"| {o['first_call_s']:.2f} / {f['first_call_s']:.2f} / {z['first_call_s']:.2f} "
+            f"| {peak} | {_load(f)} |"
         )
         if has_torch:
             tf = impls.get("torch.foreach")
@@ -500,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4M params, 1 and 64 leaves (< 1 min)")
     ap.add_argument("--sizes", default=None, help="comma-separated M params, e.g. 4,32")
-    ap.add_argument("--trees", default=None, help="comma-separated: 1,64,1024,transformer")
+    ap.add_argument("--trees", default=None, help="comma-separated: 1,64,1024,transformer,train")
     ap.add_argument("--configs", default=None, help="comma-separated optimizer names")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -515,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         sizes, trees, reps, target = [4], ["1", "64"], 3, 0.015
     else:
-        sizes, trees, reps, target = [4, 32], ["1", "64", "1024", "transformer"], 9, 0.05
+        sizes, trees, reps, target = [4, 32], ["1", "64", "1024", "transformer", "train"], 9, 0.05
     if args.sizes:
         sizes = [int(s) for s in args.sizes.split(",")]
     if args.trees:
@@ -527,18 +731,28 @@ def main(argv: list[str] | None = None) -> int:
     print(native.status(), file=sys.stderr)
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     for size in sizes:
         for tree in trees:
+            if tree == "train" and size != min(sizes):
+                continue  # the training step: once, at the smallest size
             for name in names:
-                case = bench_case(name, all_cfgs[name], tree_names[tree], size * MiB, reps, target)
+                if tree == "train":
+                    if name not in TRAIN_CONFIGS:
+                        continue
+                    case = bench_train(name, all_cfgs[name], size * MiB, reps, target)
+                else:
+                    case = bench_case(
+                        name, all_cfgs[name], tree_names[tree], size * MiB, reps, target
+                    )
                 for r in case:
                     print(
-                        f"{name:18s} {r['tree']:12s} {size:3d}M {r['impl']:14s} "
+                        f"{name:18s} {r['tree'][:16]:16s} {size:3d}M {r['impl']:14s} "
                         f"{r['step_ms']:8.2f} ms  x{r['ratio_vs_optax']:.2f} "
-                        f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})  "
-                        f"{r['gbs']:6.1f} GB/s ({100 * r['frac_of_ceiling']:.0f}% of "
-                        f"{r['ceiling_gbs']:.1f})  compile "
-                        + ("-" if r["compile_s"] is None else f"{r['compile_s']:.2f}s"),
+                        f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})  marginal "
+                        f"{_marginal(r)}  {r['gbs']:6.1f} GB/s  compile "
+                        + ("-" if r["compile_s"] is None else f"{r['compile_s']:.2f}s")
+                        + f"  load {_load(r)}",
                         file=sys.stderr,
                     )
                 rows += case
@@ -549,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         torch=None if torch is None else torch.__version__,
         native=native.status(),
         reps=reps,
+        load=(load_start, os.getloadavg()[0]),
         wall_s=time.perf_counter() - t_start,
         rss_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         argv=sys.argv[1:] if argv is None else argv,

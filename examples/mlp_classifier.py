@@ -8,9 +8,14 @@ and writes a PNG of the training-loss curves.
     python examples/mlp_classifier.py                       # all four, writes mlp_classifier.png
     python examples/mlp_classifier.py --optimizer rmsprop --steps 500 --out rms.png
     python examples/mlp_classifier.py --checkpoint /tmp/mlp  # also save model + optimizer state
+    python examples/mlp_classifier.py --unfused  # flax's nnx.Optimizer: update + apply_updates
 
-The training step is the standard NNX one; rmsjax only supplies the gradient transformation:
-``nnx.Optimizer(model, rmsjax.rmsprop(...), wrt=nnx.Param)``.
+The training step is the standard NNX one. By default the optimizer is
+``rmsjax.fused.nnx.Optimizer(model, rmsjax.fused.rmsprop(...), wrt=nnx.Param)``: an
+``nnx.Optimizer`` whose ``update`` runs the fused step (the native CPU kernel: update and apply
+in one pass over memory). ``--unfused`` uses flax's own ``nnx.Optimizer(model,
+rmsjax.rmsprop(...), wrt=nnx.Param)`` instead; both give the same numbers to float32 rounding,
+and the same optimizer state (a checkpoint of one restores into the other).
 """
 
 from __future__ import annotations
@@ -38,16 +43,23 @@ NOISE = 0.3  # angular noise (radians): the arms overlap a little, so 100% is ou
 
 # name -> (label for the plot, factory). The learning rates are common starting values for each
 # optimizer (the centered one carries momentum 0.9, hence a 10x smaller rate); they were checked
-# to train on this problem, not tuned: the picture is an illustration, not a benchmark.
-OPTIMIZERS: dict[str, tuple[str, Callable[[], optax.GradientTransformation]]] = {
-    "rmsprop": ("rmsprop (lr 1e-2)", lambda: rmsjax.rmsprop(1e-2)),
+# to train on this problem, not tuned: the picture is an illustration, not a benchmark. A
+# factory takes ``rmsjax`` (the optax-protocol optimizers) or ``rmsjax.fused`` (the same
+# optimizers with a fused step; they also take ``min_native_size``, see FUSED_OPTIONS).
+OPTIMIZERS: dict[str, tuple[str, Callable[..., Any]]] = {
+    "rmsprop": ("rmsprop (lr 1e-2)", lambda m, **kw: m.rmsprop(1e-2, **kw)),
     "centered": (
         "centered rmsprop + momentum 0.9 (lr 1e-3)",
-        lambda: rmsjax.rmsprop(1e-3, centered=True, momentum=0.9),
+        lambda m, **kw: m.rmsprop(1e-3, centered=True, momentum=0.9, **kw),
     ),
-    "adamw": ("adamw (lr 1e-2)", lambda: rmsjax.adamw(1e-2, weight_decay=1e-4)),
-    "sgd": ("sgd + momentum 0.9 (lr 0.2)", lambda: rmsjax.sgd(0.2, momentum=0.9)),
+    "adamw": ("adamw (lr 1e-2)", lambda m, **kw: m.adamw(1e-2, weight_decay=1e-4, **kw)),
+    "sgd": ("sgd + momentum 0.9 (lr 0.2)", lambda m, **kw: m.sgd(0.2, momentum=0.9, **kw)),
 }
+# This MLP's largest kernel has 64 x 64 = 4096 elements, below rmsjax.fused.MIN_NATIVE_SIZE
+# (16384): by default every leaf would take the compiled pure-JAX rule, which is faster on
+# arrays this small. min_native_size=0 sends them all to the native kernel anyway, so that the
+# example runs it; keep the default for real models.
+FUSED_OPTIONS = {"min_native_size": 0}
 
 
 def make_spirals(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,22 +102,27 @@ def accuracy(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(model(x), axis=-1) == y)
 
 
-def build(name: str, seed: int = 0) -> tuple[MLP, nnx.Optimizer]:
-    """The network (same weights for every optimizer) and its ``nnx.Optimizer``."""
+def build(name: str, seed: int = 0, *, fused: bool = True) -> tuple[MLP, nnx.Optimizer]:
+    """The network (same weights for every optimizer) and its optimizer: with ``fused``,
+    ``rmsjax.fused.nnx.Optimizer`` over ``rmsjax.fused.<name>``, else flax's
+    ``nnx.Optimizer`` over the optax-protocol ``rmsjax.<name>``."""
     model = MLP([2, 64, 64, CLASSES], rngs=nnx.Rngs(seed))
-    optimizer = nnx.Optimizer(model, OPTIMIZERS[name][1](), wrt=nnx.Param)
-    return model, optimizer
+    factory = OPTIMIZERS[name][1]
+    if fused:
+        tx = factory(rmsjax.fused, **FUSED_OPTIONS)
+        return model, rmsjax.fused.nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return model, nnx.Optimizer(model, factory(rmsjax), wrt=nnx.Param)
 
 
 def train(
-    name: str, steps: int, seed: int = 0, *, progress: bool = True
+    name: str, steps: int, seed: int = 0, *, progress: bool = True, fused: bool = True
 ) -> tuple[list[float], float, MLP, nnx.Optimizer]:
     """Train with optimizer ``name``: (losses per step, held-out accuracy, model, optimizer)."""
     from tqdm import tqdm
 
     x_train, y_train = make_spirals(4096, seed)
     x_test, y_test = make_spirals(2048, seed + 1)
-    model, optimizer = build(name, seed)
+    model, optimizer = build(name, seed, fused=fused)
     batches = np.random.default_rng(seed + 2)
     losses = []
     # cached_partial keeps the NNX graph traversal out of the per-step Python overhead.
@@ -188,19 +205,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="mlp_classifier.png", help="PNG of the loss curves")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None, help="save model+optimizer state here")
+    parser.add_argument(
+        "--unfused",
+        action="store_true",
+        help="flax's nnx.Optimizer (update + apply_updates) instead of the fused step",
+    )
     args = parser.parse_args(argv)
+    fused = not args.unfused
 
     names = list(OPTIMIZERS) if args.optimizer == "all" else [args.optimizer]
     runs = {}
     start = time.perf_counter()
     for name in names:
-        losses, acc, model, optimizer = train(name, args.steps, args.seed)
+        losses, acc, model, optimizer = train(name, args.steps, args.seed, fused=fused)
         runs[name] = (losses, acc, model, optimizer)
         print(f"{name:9s} final loss {np.mean(losses[-50:]):.4f}  held-out accuracy {acc:.1%}")
         if args.checkpoint:
             directory = os.path.join(args.checkpoint, name)
             save_checkpoint(directory, model, optimizer)
-            fresh_model, fresh_optimizer = build(name, args.seed + 1)
+            fresh_model, fresh_optimizer = build(name, args.seed + 1, fused=fused)
             restore_checkpoint(directory, fresh_model, fresh_optimizer)
             same = all(
                 bool(jnp.array_equal(a, b))

@@ -76,6 +76,24 @@ def test_mlp_classifier_checkpoint_round_trip(mlp_runs: Any, tmp_path: Path) -> 
         ex.restore_checkpoint(str(tmp_path / "ckpt"), other_model, other_optimizer)
 
 
+def test_mlp_classifier_fused_equals_unfused() -> None:
+    """The example's default (rmsjax.fused.nnx.Optimizer, the native kernel) against flax's own
+    nnx.Optimizer over the protocol optimizer: the same losses and weights to float32 rounding."""
+    from flax import nnx
+
+    ex = load("mlp_classifier")
+    for name in ("centered", "adamw"):
+        fused = ex.train(name, 30, progress=False, fused=True)
+        plain = ex.train(name, 30, progress=False, fused=False)
+        assert type(fused[3]).__module__ == "rmsjax.fused.nnx"
+        assert type(plain[3]) is nnx.Optimizer
+        np.testing.assert_allclose(fused[0], plain[0], rtol=1e-4)
+        for a, b in zip(
+            jax.tree.leaves(nnx.state(fused[2])), jax.tree.leaves(nnx.state(plain[2])), strict=True
+        ):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_char_rnn_learns_with_rmsprop_and_sgd(tmp_path: Path, capsys: Any) -> None:
     ex = load("char_rnn")
     out = tmp_path / "rnn.png"

@@ -393,15 +393,20 @@ def _flat(tree: Any) -> np.ndarray:
 
 
 def check_example(
-    name: str, static_items: tuple, hp_index: int, seed: int, p_special: float
+    name: str,
+    static_items: tuple,
+    hp_index: int,
+    seed: int,
+    p_special: float,
+    shapes: dict[str, tuple[int, ...]] = SHAPES,
 ) -> dict[str, int]:
     """Run one example; assert the properties above; return element counts (compared, skipped)."""
     static = dict(static_items)
     rng = np.random.default_rng(seed)
     hp_rng = np.random.default_rng(hp_index)
     hp = {k: np.float32(hp_rng.choice(HP_CHOICES[k])) for k in traced_names(name, static)}
-    params = {k: jnp.asarray(_values(rng, s, PARAM_SPECIALS, p_special)) for k, s in SHAPES.items()}
-    grads = {k: jnp.asarray(_values(rng, s, GRAD_SPECIALS, p_special)) for k, s in SHAPES.items()}
+    params = {k: jnp.asarray(_values(rng, s, PARAM_SPECIALS, p_special)) for k, s in shapes.items()}
+    grads = {k: jnp.asarray(_values(rng, s, GRAD_SPECIALS, p_special)) for k, s in shapes.items()}
     count = int(rng.choice(COUNTS))
     pure_opt = getattr(fused, name)(**static_kwargs(static_items), **hp, backend="jax")
     state = _randomise_state(pure_opt.init(params), rng, p_special, count)
@@ -489,3 +494,39 @@ def test_every_configuration_runs_the_kernel():
         )
         jaxpr = jax.make_jaxpr(opt.step)(params, params, opt.init(params))
         assert str(jaxpr).count("ffi_call") == 1, (name, items)
+
+
+# More leaves than one kernel call takes (engine.LEAVES_PER_CALL), some above the size from which
+# a call is split into tasks on XLA's thread pool (64K elements) with odd sizes, so that blocks
+# of 32K elements straddle leaf boundaries: the calls of a step run concurrently, each in several
+# asynchronous tasks; the numbers must not change.
+MANY_SHAPES = {f"w{i:02d}": (3 + 5 * i,) for i in range(40)} | {
+    "big": (70_001,),
+    "odd": (3, 33_335),
+}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        (
+            "rmsprop",
+            (
+                ("centered", True),
+                ("eps_in_sqrt", False),
+                ("momentum", 0.9),
+                ("nesterov", True),
+                ("bias_correction", True),
+                ("eps", None),
+            ),
+        ),
+        ("adamw", (("nesterov", False), ("eps", 1e-8))),
+        ("sgd", (("momentum", 0.9), ("nesterov", False))),
+    ],
+    ids=lambda c: c[0],
+)
+def test_kernel_matches_pure_jax_across_calls_and_threads(config):
+    name, static_items = config
+    assert len(MANY_SHAPES) > fused.engine.LEAVES_PER_CALL
+    stats = check_example(name, static_items, 7, 11, 0.05, MANY_SHAPES)
+    assert stats["compared"] > 150_000

@@ -16,6 +16,13 @@
 // kind id), flags (bit mask of the kind's flags), leaves (number of leaves), table (the table
 // hash). Every call is checked against the table exactly; a mismatch is an FFI error.
 //
+// Threads: the handler is asynchronous (it returns an ffi::Future). It hands the call's
+// elements to XLA's intra-op thread pool as a few tasks that claim blocks from a shared counter
+// and returns at once; the task that finishes the last block completes the future. The kernel
+// starts no threads of its own, so it never competes with XLA's threads for the cores, and the
+// several calls of one step (one per LEAVES_PER_CALL leaves) run back to back without a join
+// between them (see Job and FusedStepImpl at the end of this file).
+//
 // Guards: a divisor that is exactly 0 gives 0 (as rmsjax._numerics.safe_div/safe_rsqrt_scale);
 // a NaN divisor gives NaN, never 0, so a broken run does not look healthy. The pure rules emit
 // no guard when eps is a concrete value > 0; then the divisor is never 0 and the guard changes
@@ -31,20 +38,14 @@
 // AVX2+FMA version rounds like the pure-JAX path on an FMA CPU, the baseline version like it
 // on a CPU without FMA (the two versions can differ in the last bits, as XLA itself does).
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <limits>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -299,87 +300,16 @@ KernelFn Pick(int64_t kind, int64_t flags) {
   }
 }
 
-int MaxThreads() {
-  static const int n = [] {
+// RMSJAX_NATIVE_THREADS=<n> caps the tasks of one call (default: XLA's intra-op threads).
+int64_t ThreadCap() {
+  static const int64_t cap = [] {
     if (const char* env = std::getenv("RMSJAX_NATIVE_THREADS")) {
       const int v = std::atoi(env);
-      if (v > 0) return v;
+      if (v > 0) return static_cast<int64_t>(v);
     }
-    const unsigned hw = std::thread::hardware_concurrency();
-    return hw == 0 ? 1 : static_cast<int>(hw);
+    return std::numeric_limits<int64_t>::max();
   }();
-  return n;
-}
-
-// A persistent pool of worker threads (a step may be split over several calls, so starting
-// threads per call would cost more than the work on small trees). One job at a time: a call
-// that finds the pool busy (XLA running two calls concurrently) does its work on its own.
-class Pool {
- public:
-  explicit Pool(int workers) {
-    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { Loop(i); });
-    for (auto& t : threads_) t.detach();
-  }
-
-  int size() const { return static_cast<int>(threads_.size()) + 1; }
-
-  void Run(int n, const std::function<void(int)>& f) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock() || n <= 1 || n > size()) {
-      for (int t = 0; t < n; ++t) f(t);
-      return;
-    }
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      job_ = &f;
-      n_ = n;
-      pending_ = n - 1;
-      ++generation_;
-    }
-    cv_.notify_all();
-    f(0);
-    std::unique_lock<std::mutex> lk(m_);
-    done_.wait(lk, [this] { return pending_ == 0; });
-    job_ = nullptr;
-  }
-
- private:
-  void Loop(int id) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* job;
-      {
-        std::unique_lock<std::mutex> lk(m_);
-        cv_.wait(lk, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (id + 1 >= n_) continue;
-        job = job_;
-      }
-      (*job)(id + 1);
-      std::lock_guard<std::mutex> lk(m_);
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-
-  std::vector<std::thread> threads_;
-  std::mutex busy_, m_;
-  std::condition_variable cv_, done_;
-  const std::function<void(int)>* job_ = nullptr;
-  int n_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
-};
-
-Pool& GetPool() {
-  // Leaked on purpose (no join at exit); re-created in a forked child, which has no workers.
-  static std::mutex mu;
-  static Pool* pool = nullptr;
-  static pid_t owner = 0;
-  std::lock_guard<std::mutex> lk(mu);
-  if (pool == nullptr || owner != getpid()) {
-    pool = new Pool(MaxThreads() - 1);
-    owner = getpid();
-  }
-  return *pool;
+  return cap;
 }
 
 // XLA's CPU code runs with denormals flushed to zero (inputs and results; it sets the
@@ -420,14 +350,45 @@ void RunRange(const std::vector<Leaf>& leaves, const std::vector<int64_t>& start
   }
 }
 
+// One call's work: its leaves as one range of elements, claimed in blocks of 32K elements
+// (128 KiB per array) from a shared counter by the tasks that run it, so a thread that is busy
+// with something else simply takes fewer blocks. The task that finishes the last element
+// completes the call's future. The tasks share the job through a shared_ptr: one that starts
+// after the range is used up touches nothing but the counter, so nobody ever waits for a task
+// that has not started (on a loaded machine that wait could last a whole time slice).
+struct Job {
+  static constexpr int64_t kBlock = int64_t{1} << 15;
+
+  std::vector<Leaf> leaves;
+  std::vector<int64_t> starts;  // starts[k]: the first element of leaf k in the range
+  std::vector<float> scalars;
+  KernelFn fn = nullptr;
+  int64_t total = 0;
+  std::atomic<int64_t> next{0};  // the first element not claimed yet
+  std::atomic<int64_t> done{0};  // elements finished
+  ffi::Promise promise;
+
+  void Work() {
+    for (;;) {
+      const int64_t lo = next.fetch_add(kBlock, std::memory_order_relaxed);
+      if (lo >= total) return;
+      const int64_t hi = std::min(total, lo + kBlock);
+      RunRange(leaves, starts, lo, hi, fn, scalars.data());
+      // acq_rel: the finisher sees every other task's writes before completing the future.
+      if (done.fetch_add(hi - lo, std::memory_order_acq_rel) + (hi - lo) == total) {
+        promise.SetAvailable();
+      }
+    }
+  }
+};
+
 ffi::Error Invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("rmsjax_fused_step: " + what);
 }
 
-ffi::Error FusedStepImpl(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
-                         ffi::RemainingRets rets, int64_t kind, int64_t flags, int64_t n_leaves,
-                         int64_t table) {
-  // Every operand is checked against the table before anything is read or written.
+// Checks every operand against the table and fills ``job`` (nothing is read or written yet).
+ffi::Error Prepare(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                   int64_t kind, int64_t flags, int64_t n_leaves, int64_t table, Job& job) {
   if (table != tbl::kTableHash) {
     return Invalid("the caller's operand table (hash " + std::to_string(table) +
                    ") is not the one this library was built from (" +
@@ -456,12 +417,12 @@ ffi::Error FusedStepImpl(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
                    " operands and " + std::to_string(out_per) + " results per leaf; got " +
                    std::to_string(args.size()) + " and " + std::to_string(rets.size()));
   }
-  const KernelFn fn = Pick(kind, flags);
-  if (fn == nullptr) return Invalid("no loop for kind " + name);
-  std::vector<Leaf> leaves(n_leaves);
-  std::vector<int64_t> starts(n_leaves + 1, 0);
+  job.fn = Pick(kind, flags);
+  if (job.fn == nullptr) return Invalid("no loop for kind " + name);
+  job.leaves.resize(n_leaves);
+  job.starts.assign(n_leaves + 1, 0);
   for (size_t k = 0; k < static_cast<size_t>(n_leaves); ++k) {
-    Leaf& L = leaves[k];
+    Leaf& L = job.leaves[k];
     const float* in[2 + tbl::kMaxSlots] = {};
     int64_t n = -1;
     for (size_t j = 0; j < in_per; ++j) {
@@ -492,36 +453,51 @@ ffi::Error FusedStepImpl(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
       L.s_in[slots[j]] = in[2 + j];
       L.s_out[slots[j]] = out[1 + j];
     }
-    starts[k + 1] = starts[k] + n;
+    job.starts[k + 1] = job.starts[k] + n;
   }
-  const int64_t total = starts[n_leaves];
-  const float* sc = scalars.typed_data();
-  // One thread per 64K elements at most: below that, waking a thread costs more than it saves.
-  const int64_t grain = int64_t{1} << 16;
-  const int threads = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(GetPool().size(), (total + grain - 1) / grain)));
-  if (threads == 1) {
-    RunRange(leaves, starts, 0, total, fn, sc);
-    return ffi::Error::Success();
-  }
-  // Threads claim blocks of 32K elements (128 KiB per array) from a shared counter, so a core
-  // that is busy with something else simply takes fewer blocks (no static split to wait for).
-  const int64_t block = int64_t{1} << 15;
-  std::atomic<int64_t> next{0};
-  GetPool().Run(threads, [&](int) {
-    for (;;) {
-      const int64_t lo = next.fetch_add(block, std::memory_order_relaxed);
-      if (lo >= total) break;
-      RunRange(leaves, starts, lo, std::min(total, lo + block), fn, sc);
-    }
-  });
+  job.total = job.starts[n_leaves];
+  job.scalars.assign(scalars.typed_data(), scalars.typed_data() + info.num_scalars);
   return ffi::Error::Success();
+}
+
+// The handler is asynchronous: it checks the operands, hands the work to XLA's own intra-op
+// thread pool (the pool that runs XLA's CPU code) as a few tasks, and returns a future that
+// the last task completes. So the calls of one step (a large tree is updated by several
+// calls, see rmsjax.fused.engine.LEAVES_PER_CALL) do not wait for each other: XLA issues
+// them all, and the pool's threads work through their blocks back to back, as if the tree
+// were one call; and the kernel never adds threads of its own to the pool's.
+ffi::Future FusedStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
+                          ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t kind,
+                          int64_t flags, int64_t n_leaves, int64_t table) {
+  auto job = std::make_shared<Job>();
+  ffi::Future future(job->promise);
+  ffi::Error err = Prepare(scalars, args, rets, kind, flags, n_leaves, table, *job);
+  if (!err.success()) {
+    job->promise.SetError(std::move(err));
+    return future;
+  }
+  if (job->total == 0) {
+    job->promise.SetAvailable();
+    return future;
+  }
+  // One task per 64K elements at most: below that, waking a thread costs more than it saves.
+  const int64_t grain = int64_t{1} << 16;
+  const int64_t pool_threads = pool.num_threads();
+  const int64_t tasks = std::min({std::max<int64_t>(pool_threads, 1), ThreadCap(),
+                                  (job->total + grain - 1) / grain});
+  if (pool_threads < 1 || (tasks <= 1 && job->total <= grain)) {
+    job->Work();  // no pool, or too little work to hand over: here and now
+    return future;
+  }
+  for (int64_t t = 0; t < tasks; ++t) pool.Schedule([job] { job->Work(); });
+  return future;
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RmsjaxFusedStep, FusedStepImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .RemainingRets()

@@ -51,14 +51,19 @@ When the pure-JAX path runs instead (same numbers, the XLA-compiled chain):
 instead of falling back. To see which path a step takes, look for ``ffi_call`` in
 ``jax.make_jaxpr(opt.step)(params, grads, state)``.
 
+Flax NNX: ``nnx.Optimizer.update`` calls ``update`` + ``apply_updates``, never ``step``;
+:class:`rmsjax.fused.nnx.Optimizer` is an ``nnx.Optimizer`` whose ``update`` runs the fused
+step (``rmsjax.fused.nnx`` imports flax when first accessed; ``rmsjax.fused`` itself does not).
+
 Modules: :mod:`rmsjax.fused.plans` (which kernel operands each protocol optimizer maps to),
-:mod:`rmsjax.fused.engine` (the step), :mod:`rmsjax._native.table` (the operands themselves,
-shared with the C++ kernel).
+:mod:`rmsjax.fused.engine` (the step), :mod:`rmsjax.fused.nnx` (Flax NNX),
+:mod:`rmsjax._native.table` (the operands themselves, shared with the C++ kernel).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -227,3 +232,10 @@ def inject_hyperparams(
         return FusedOptimizer(outer.init, outer.update, step)
 
     return wrapped
+
+
+def __getattr__(name: str) -> Any:
+    # rmsjax.fused.nnx needs flax, an optional dependency: imported on first access only.
+    if name == "nnx":
+        return importlib.import_module("rmsjax.fused.nnx")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

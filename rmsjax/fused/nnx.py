@@ -48,7 +48,7 @@ from rmsjax.fused.engine import FusedOptimizer
 __all__ = ["Optimizer"]
 
 
-class Optimizer(nnx.Optimizer):  # type: ignore[misc]
+class Optimizer(nnx.Optimizer):
     """``nnx.Optimizer`` whose ``update`` runs the fused ``step`` of a fused optimizer.
 
     Args:

@@ -457,7 +457,7 @@ def _centered_long_run(level, noise, decay, eps, key, *, bits, eps_in_sqrt, bias
     return finite, negative
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     level=st.floats(1e-3, 1e3).flatmap(lambda x: st.sampled_from([x, -x])),
     noise=st.one_of(st.just(0.0), st.floats(1e-7, 1e-2)),
@@ -465,12 +465,12 @@ def _centered_long_run(level, noise, decay, eps, key, *, bits, eps_in_sqrt, bias
     eps=st.floats(1e-10, 1e-2),
     bits=st.sampled_from([8, 4]),
     eps_in_sqrt=st.booleans(),
-    bias_correction=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_centered_quantized_stays_finite(
-    level, noise, decay, eps, bits, eps_in_sqrt, bias_correction, seed
-) -> None:
+def test_centered_quantized_stays_finite(level, noise, decay, eps, bits, eps_in_sqrt, seed) -> None:
+    # (bias_correction divides both moments by the same constant before the clamp: one
+    # compiled variant of it is checked in the test below, the others stay uncorrected to keep
+    # the number of compilations at four.)
     finite, _ = _centered_long_run(
         level,
         noise,
@@ -479,7 +479,7 @@ def test_centered_quantized_stays_finite(
         jax.random.key(seed),
         bits=bits,
         eps_in_sqrt=eps_in_sqrt,
-        bias_correction=bias_correction,
+        bias_correction=False,
     )
     assert bool(finite)
 
@@ -497,7 +497,7 @@ def test_quantized_variance_does_round_below_zero(bits: int) -> None:
         jax.random.key(0),
         bits=bits,
         eps_in_sqrt=True,
-        bias_correction=False,
+        bias_correction=bits == 4,
     )
     assert bool(finite) and int(negative) > 1000
     # optax on such a decoded state: NaN

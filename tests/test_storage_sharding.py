@@ -56,47 +56,32 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return found
 
 
-@pytest.mark.parametrize("storage", STORAGES)
-def test_eight_devices_equal_one_bit_for_bit(results: dict[str, Any], storage: str) -> None:
-    """The sharded trajectory (parameters and every state array) is the single-device one:
-    the blocks never leave a shard, so each entry sees the same arithmetic."""
-    assert results[storage]["same_as_one_device"]
-    assert results[storage]["n_stored"] == (6 if storage != "sr" else 9)
-
-
-@pytest.mark.parametrize("storage", STORAGES)
-def test_codes_scales_and_values_are_sharded_with_their_parameter(
-    results: dict[str, Any], storage: str
-) -> None:
-    specs = results[storage]["specs"]
-    for moment in ("[0].mu", "[0].nu", "[2].trace"):
-        if storage == "sr":
-            assert specs[f"{moment}['rows'].data[0]"] == "P('x',)"
-            assert specs[f"{moment}['cols'].data[0]"] == "P(None, 'x')"
-            assert specs[f"{moment}['rows'].data[1]"] == "P()"  # the PRNG key
-        else:
-            for part in ("codes", "scales"):
-                assert specs[f"{moment}['rows'].data.{part}"] == "P('x',)"
-                assert specs[f"{moment}['cols'].data.{part}"] == "P(None, 'x')"
-        assert specs[f"{moment}['bias']" + (".data[0]" if storage == "sr" else "")] == "P()"
-    # elementwise and block-local: the compiled step communicates nothing
-    assert results[storage]["collectives"] == 0
-
-
-@pytest.mark.parametrize("storage", STORAGES)
-def test_state_bytes_per_device_fall_with_the_device_count(
-    results: dict[str, Any], storage: str
-) -> None:
-    """Device 0 holds an eighth of the sharded state plus the small replicated arrays (the
-    float32 state of the 300-entry bias, 3.6 kB, keys and counts)."""
-    r = results[storage]
-    replicated = 3 * 300 * (4 if storage != "sr" else 2) + 2048
-    assert r["device0_bytes"] <= r["total_bytes"] / 8 + replicated
-    assert r["device0_bytes"] < r["total_bytes"] / 5
-
-
-@pytest.mark.parametrize("storage", STORAGES)
-def test_orbax_checkpoint_resumes_bit_for_bit_in_a_fresh_process(
-    results: dict[str, Any], storage: str
-) -> None:
-    assert results[storage]["resumed"] == results[storage]["final"]
+def test_stored_moments_on_eight_devices(results: dict[str, Any]) -> None:
+    """One test (the two worker processes run once, not once per xdist worker)."""
+    for storage in STORAGES:
+        r = results[storage]
+        # The sharded trajectory (parameters and every state array) is the single-device one:
+        # the blocks never leave a shard, so each entry sees the same arithmetic.
+        assert r["same_as_one_device"], storage
+        assert r["n_stored"] == (6 if storage != "sr" else 9), storage
+        # Codes, scales and values are sharded with their parameter; keys are replicated.
+        specs = r["specs"]
+        for moment in ("[0].mu", "[0].nu", "[2].trace"):
+            if storage == "sr":
+                assert specs[f"{moment}['rows'].data[0]"] == "P('x',)"
+                assert specs[f"{moment}['cols'].data[0]"] == "P(None, 'x')"
+                assert specs[f"{moment}['rows'].data[1]"] == "P()"  # the PRNG key
+            else:
+                for part in ("codes", "scales"):
+                    assert specs[f"{moment}['rows'].data.{part}"] == "P('x',)"
+                    assert specs[f"{moment}['cols'].data.{part}"] == "P(None, 'x')"
+            assert specs[f"{moment}['bias']" + (".data[0]" if storage == "sr" else "")] == "P()"
+        # Elementwise and block-local: the compiled step communicates nothing.
+        assert r["collectives"] == 0, storage
+        # Device 0 holds an eighth of the sharded state plus the small replicated arrays (the
+        # state of the 300-entry bias, keys and counts).
+        replicated = 3 * 300 * (4 if storage != "sr" else 2) + 2048
+        assert r["device0_bytes"] <= r["total_bytes"] / 8 + replicated, storage
+        assert r["device0_bytes"] < r["total_bytes"] / 5, storage
+        # An Orbax checkpoint restored in a fresh process resumes bit for bit.
+        assert r["resumed"] == r["final"], storage

@@ -12,7 +12,9 @@ repetition) so that machine noise hits all of them alike. Each JAX step is
 * ``torch.foreach`` / ``torch.fused``  ``torch.optim.<Opt>(..., foreach=True | fused=True)``
   ``.step()`` on tensors with ``.grad`` set (only when torch can be imported)
 
-Reported per case: median step time; the ratio to optax as the median, over repetitions, of the
+Each timing runs at least ``MIN_STEPS`` (3) consecutive steps, as a training loop does, so that
+a step's dispatch may overlap the previous step's execution. Reported per case: median step
+time; the ratio to optax as the median, over repetitions, of the
 ratio within one repetition (adjacent in time, so slow drifts of the machine cancel), with its
 quartiles; the *marginal* ratio ``(t - t_floor) / (t_optax - t_floor)``, also per repetition
 with its median and quartiles: the ratio of what the optimizer itself adds to the floor (see
@@ -341,14 +343,20 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q1, statistics.median(xs), q3
 
 
+# Consecutive steps per timing, at least: as in a training loop, a step's dispatch (jit's work
+# on the arrays of the trees) may overlap the previous step's execution, which XLA runs
+# asynchronously; a timing of a single step would add every dispatch to the step instead.
+MIN_STEPS = 3
+
+
 def measure(
     runners: list[Any], reps: int, target_s: float
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Compile every runner, then time them interleaved: ``reps`` rounds, the order rotating
-    every round, each timing about ``target_s`` long. Returns compile seconds and timings."""
+    every round, each timing about ``target_s`` long and at least ``MIN_STEPS`` consecutive
+    steps. Returns compile seconds and timings (seconds per step)."""
     compile_s = {r.name: r.setup() for r in runners}
-    # Steps per timing so that one timing lasts about target_s.
-    ks = {r.name: max(1, int(target_s / max(r.run(1), 1e-6))) for r in runners}
+    ks = {r.name: max(MIN_STEPS, int(target_s / max(r.run(1), 1e-6))) for r in runners}
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     for rep in range(reps):
         order = runners[rep % len(runners) :] + runners[: rep % len(runners)]
@@ -524,11 +532,16 @@ def train_step(update: Callable) -> Callable:
     return step
 
 
-def train_floor(params: Any, tokens: Any, state: Any) -> tuple[Any, Any]:
+def train_floor() -> Callable:
     """Forward + backward, no optimizer: the gradients are returned in place of a state (so
-    the backward pass is not removed as dead code)."""
-    del state
-    return params, jax.grad(gpt_loss)(params, tokens)
+    the backward pass is not removed as dead code). A new function for every case, so that
+    its compile time is measured every time, not taken from jax's cache of the last case."""
+
+    def step(params: Any, tokens: Any, state: Any) -> tuple[Any, Any]:
+        del state
+        return params, jax.grad(gpt_loss)(params, tokens)
+
+    return step
 
 
 def bench_train(
@@ -546,7 +559,7 @@ def bench_train(
     load_before = os.getloadavg()[0]
     tx, (label, rtx), fo = cfg["optax"], cfg["rmsjax"], cfg["fused"]
     runners: list[Any] = [
-        JaxRunner(FLOOR, train_floor, copy(params), tokens, jax.tree.map(jnp.zeros_like, params)),
+        JaxRunner(FLOOR, train_floor(), copy(params), tokens, jax.tree.map(jnp.zeros_like, params)),
         JaxRunner(
             "optax",
             train_step(protocol_step(tx, optax.apply_updates)),
@@ -565,7 +578,7 @@ def bench_train(
     ]
     del params
     # XLA's first compilation of the model's kernels pays one-time costs: not the floor's
-    jax.jit(train_floor).lower(runners[0].p, tokens, runners[0].s).compile()
+    jax.jit(train_floor()).lower(runners[0].p, tokens, runners[0].s).compile()
     compile_s, times = measure(runners, reps, target_s)
     base = dict(
         config=cfg_name,

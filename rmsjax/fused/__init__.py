@@ -11,10 +11,10 @@ compiles one fusion per leaf and rule. An optimizer from this module adds a thir
   state = opt.init(params)
   params, state = opt.step(params, grads, state)   # == update + apply_updates
 
-which on CPU runs the whole step, for all float32 leaves of the tree, as ONE call of a native
-kernel (:mod:`rmsjax.native`) that reads each parameter, gradient and state element once and
-writes the new values in place (donate ``params`` and ``state`` to ``jax.jit`` so XLA can reuse
-the buffers), spread over all cores.
+which on CPU runs the whole step, for all float32 leaves of the tree, in a native kernel
+(:mod:`rmsjax.native`; one call per 32 leaves) that reads each parameter, gradient and state
+element once and writes the new values in place (donate ``params`` and ``state`` to ``jax.jit``
+so XLA can reuse the buffers), on all the threads of XLA's CPU thread pool.
 
 Each fused optimizer is DERIVED from the optax-protocol optimizer of the same name:
 ``rmsjax.fused.rmsprop = fuse(rmsjax.rmsprop)``, and likewise ``adam``, ``adamw`` and ``sgd``.

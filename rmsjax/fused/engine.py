@@ -45,9 +45,11 @@ BACKENDS = ("auto", "native", "jax")
 # than the compiled chain on trees of 4K-element leaves (1024 leaves, 4M parameters) and faster
 # from 32K-element leaves up. The fused factories' ``min_native_size`` argument overrides it.
 MIN_NATIVE_SIZE = 16384
-# XLA's compile time grows faster than linearly with the operand count of one custom call
-# (1024 leaves in one call: ~40 s), so a large tree is updated by several calls of at most
-# this many leaves; each call is still a single pass over its leaves.
+# XLA's compile time grows with the square of the results of one custom call (its fusion pass
+# checks every in-place output pair of the call for each result; 1024 leaves in one call:
+# about a minute), so a large tree is updated by several calls of at most this many leaves.
+# Each call is still a single pass over its leaves, and the calls are asynchronous: they run
+# back to back on XLA's thread pool, without waiting for each other.
 LEAVES_PER_CALL = 32
 
 

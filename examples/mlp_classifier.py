@@ -39,6 +39,7 @@ CLASSES = 3
 BATCH = 128
 TURNS = 1.75  # turns of each spiral arm
 NOISE = 0.3  # angular noise (radians): the arms overlap a little, so 100% is out of reach
+SIZES = [2, 64, 64, CLASSES]  # layer widths: input, two hidden layers, class logits
 
 
 # name -> (label for the plot, factory). The learning rates are common starting values for each
@@ -106,7 +107,7 @@ def build(name: str, seed: int = 0, *, fused: bool = True) -> tuple[MLP, nnx.Opt
     """The network (same weights for every optimizer) and its optimizer: with ``fused``,
     ``rmsjax.fused.nnx.Optimizer`` over ``rmsjax.fused.<name>``, else flax's
     ``nnx.Optimizer`` over the optax-protocol ``rmsjax.<name>``."""
-    model = MLP([2, 64, 64, CLASSES], rngs=nnx.Rngs(seed))
+    model = MLP(SIZES, rngs=nnx.Rngs(seed))
     factory = OPTIMIZERS[name][1]
     if fused:
         tx = factory(rmsjax.fused, **FUSED_OPTIONS)

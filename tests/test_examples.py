@@ -8,6 +8,8 @@ sharded example is exercised on 8 devices by test_sharding.py.
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +107,76 @@ def test_char_rnn_learns_with_rmsprop_and_sgd(tmp_path: Path, capsys: Any) -> No
     printed = capsys.readouterr().out
     assert printed.count("Shall I ") == 2  # one sample per optimizer
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_transformer_lm_learns_with_8bit_state(tmp_path: Path, capsys: Any) -> None:
+    """A few steps with AdamW's moments in 8 bits: the loss falls, the held-out loss is finite,
+    and the state takes the bytes the documented layout says (docs/guides/memory.md: arrays of
+    >= 4096 entries as one uint8 code per entry plus one float32 scale per block of 256 along
+    the last axis, the rest float32; plus AdamW's int32 step count)."""
+    ex = load("transformer_lm")
+    out = tmp_path / "lm.png"
+    args = ["--storage", "8-bit", "--steps", "8", "--eval-every", "4", "--out", str(out)]
+    runs = ex.main([*args, "--sample-length", "5"])
+    run = runs["8-bit"]
+    assert all(np.isfinite(run["losses"])) and all(np.isfinite(run["eval_losses"]))
+    assert falls(run["losses"], window=3), run["losses"]
+    assert run["eval_steps"] == [4, 8]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.count("Shall I ") == 1
+
+    from flax import nnx
+
+    chars, _, _ = ex.load_text()
+    params = nnx.state(ex.TransformerLM(len(chars), rngs=nnx.Rngs(0)), nnx.Param)
+    shapes = [x.shape for x in jax.tree.leaves(params)]
+    per_moment = sum(
+        int(np.prod(s)) + 4 * int(np.prod(s[:-1])) * -(-s[-1] // 256)
+        if np.prod(s) >= 4096
+        else 4 * int(np.prod(s))
+        for s in shapes
+    )
+    n = sum(int(np.prod(s)) for s in shapes)
+    assert run["state_bytes_per_param"] == pytest.approx((2 * per_moment + 4) / n, rel=1e-12)
+    big = sum(int(np.prod(s)) for s in shapes if np.prod(s) >= 4096)
+    assert big / n > 0.95  # the example's point: nearly all of the state is quantized
+
+
+def test_quality_benchmark_quick_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/quality.py --quick on the MLP with RMSProp, float32 and 8-bit state."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "quality", bench)  # its dataclass looks itself up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it prepends the repository's folders
+    spec.loader.exec_module(bench)
+    args = ["--quick", "--tasks", "mlp", "--optimizers", "rmsprop", "--storages", "8-bit"]
+    bench.main([*args, "--out", str(tmp_path), "--plot", str(tmp_path / "q.png"), "--quiet"])
+    result = json.loads((tmp_path / "quality.json").read_text())
+    runs = result["runs"]
+    assert {(r["storage"], r["seed"]) for r in runs} == {
+        (s, seed) for s in ("float32", "8-bit") for seed in (0, 1)
+    }
+    assert all(r["finite"] for r in runs)
+
+    # Quantized entries: the MLP's arrays of >= 4096 entries (its 64 x 64 kernel), from the
+    # layer widths of the example, over all of RMSProp's nu entries.
+    widths = [2, 64, 64, 3]
+    sizes = [a * b for a, b in itertools.pairwise(widths)] + widths[1:]
+    expected = sum(s for s in sizes if s >= 4096) / sum(sizes)
+    for r in runs:
+        assert r["quantized_fraction"] == pytest.approx(expected if r["storage"] == "8-bit" else 0)
+
+    # The summary's relative difference, recomputed from the runs.
+    final = {(r["storage"], r["seed"]): r["final_loss"] for r in runs}
+    f32 = np.mean([final["float32", s] for s in (0, 1)])
+    q8 = np.mean([final["8-bit", s] for s in (0, 1)])
+    (row,) = [r for r in result["summary"] if r["storage"] == "8-bit"]
+    assert row["rel_diff"] == pytest.approx((q8 - f32) / f32, rel=1e-9)
+    assert abs(row["rel_diff"]) < 0.05  # 20 steps: 8-bit state follows float32 closely
+    assert row["step_time_ratio"] > 0
+    text = (tmp_path / "quality.md").read_text()
+    assert "python benchmarks/quality.py --quick --tasks mlp" in text
+    assert "| mlp | rmsprop |" in text
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,7 @@
 in float32, 8 bits and 4 bits.
 
 The model reads 64 characters and predicts each next one: token and position embeddings, two
-pre-norm blocks of causal self-attention (4 heads) and an MLP, and a linear read-out (440k
+pre-norm blocks of causal self-attention (4 heads) and an MLP, and a linear read-out (421k
 parameters). ``d_model`` 128 and an MLP of 512 make every weight matrix at least 4096 entries,
 so under ``rmsjax.quantized`` nearly all of the optimizer state is actually stored in 8 or 4
 bits (arrays below 4096 entries -- biases, layer norms -- stay float32). The text is

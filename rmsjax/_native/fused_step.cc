@@ -60,7 +60,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 #include "rmsjax_kernel_table.h"  // generated from rmsjax/_native/table.py by build.py
@@ -363,6 +363,94 @@ struct SgdRule {
   *scale_out = scale;
 }
 
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define RMSJAX_HAVE_AVX2_VERSION 1
+
+// Decode and Encode, eight entries at a time with AVX2 (gathers for the map, the cell table and
+// the breakpoints); the same operations, hence the same results, as the scalar versions above.
+[[gnu::target("avx2,fma")]] void DecodeAvx2(const Codec& c, const uint8_t* codes, float scale,
+                                            int len, float* x) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i));
+    const __m256 q = _mm256_i32gather_ps(c.qmap, _mm256_cvtepu8_epi32(raw), 4);
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(q, s));
+  }
+  for (; i < len; ++i) x[i] = c.qmap[codes[i]] * scale;
+}
+
+[[gnu::target("avx2,fma")]] void EncodeAvx2(const Codec& c, float* x, int len, uint8_t* codes,
+                                            float* scale_out) {
+  const __m256 lo = _mm256_set1_ps(-kF32Max), hi = _mm256_set1_ps(kF32Max);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 vnan = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= len; i += 8) {
+    // max(lo, x) and min(hi, .) return x when x is NaN (the second operand)
+    const __m256 xi = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(x + i)));
+    _mm256_storeu_ps(x + i, xi);
+    const __m256 m = _mm256_and_ps(xi, abs_mask);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(m, m, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(m, vmax);  // a NaN m gives vmax (the second operand)
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.0f;
+  for (float v : lanes) amax = v > amax ? v : amax;
+  bool nan = _mm256_movemask_ps(vnan) != 0;
+  for (int j = i; j < len; ++j) {
+    const float xj = std::min(std::max(x[j], -kF32Max), kF32Max);
+    x[j] = xj;
+    const float m = std::fabs(xj);
+    nan |= m != m;
+    amax = m > amax ? m : amax;
+  }
+  const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : amax;
+  const float div = scale == 0.0f ? 1.0f : scale;
+  const __m256 vdiv = _mm256_set1_ps(div);
+  const __m256 minus_one = _mm256_set1_ps(-1.0f);
+  const __m256i lo_bits = _mm256_set1_epi32(static_cast<int>(c.lo_bits));
+  const __m256i one_bits = _mm256_set1_epi32(0x3f800000);
+  const __m256i mag_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m128i shift = _mm_cvtsi32_si128(c.shift);
+  const __m256i pos_base = _mm256_set1_epi32(c.half);
+  const __m256i neg_base = _mm256_set1_epi32(c.half - 1);
+  const __m256i byte = _mm256_set1_epi32(0xff);
+  const auto* cells = reinterpret_cast<const int*>(c.cells.data());
+  // bytes 0, 4, 8, 12 of each 128-bit lane to its first 4 bytes, then lanes 0 and 1 together
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, -1);
+  const __m256i join = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
+  int k = 0;
+  for (; k + 8 <= len; k += 8) {
+    __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), vdiv);
+    v = _mm256_blendv_ps(v, minus_one, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i b = _mm256_castps_si256(v);
+    __m256i a = _mm256_and_si256(b, mag_mask);
+    a = _mm256_min_epu32(_mm256_max_epu32(a, lo_bits), one_bits);
+    const __m256i cell_k = _mm256_srl_epi32(_mm256_sub_epi32(a, lo_bits), shift);
+    const __m256i negative = _mm256_srai_epi32(b, 31);
+    const __m256i cell = _mm256_blendv_epi8(_mm256_add_epi32(pos_base, cell_k),
+                                            _mm256_sub_epi32(neg_base, cell_k), negative);
+    const __m256i base = _mm256_and_si256(_mm256_i32gather_epi32(cells, cell, 1), byte);
+    const __m256 point = _mm256_i32gather_ps(c.points, base, 4);
+    const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(point, v, _CMP_LE_OQ));
+    const __m256i code = _mm256_sub_epi32(base, up);  // up is -1 where the breakpoint is <= v
+    const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(code, pick), join);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + k), _mm256_castsi256_si128(packed));
+  }
+  for (; k < len; ++k) {
+    float v = x[k] / div;
+    v = v != v ? -1.0f : v;
+    codes[k] = static_cast<uint8_t>(Lookup(c, v));
+  }
+  *scale_out = scale;
+}
+#endif
+
 // ---- the loops ----------------------------------------------------------------------------------
 
 // Float32 state: elements [lo, hi) of one leaf.
@@ -395,7 +483,7 @@ template <class R, bool kBf16>
 // 8-bit state: blocks [lo, hi) of one leaf (block b is block b % nb of row b / nb). Per block:
 // decode every slot into a stack buffer, run the rule (parameters written at once), then
 // requantise each slot from the buffer: one pass over the leaf's memory.
-template <class R, bool kBf16>
+template <class R, bool kBf16, bool kAvx2>
 [[gnu::always_inline]] inline void BlockLoop(const Leaf& L, int64_t lo, int64_t hi,
                                              const float* sc, const Codec* codecs) {
   alignas(32) float buf[tbl::kMaxSlots][kMaxBlock];
@@ -406,7 +494,14 @@ template <class R, bool kBf16>
     const int64_t start = row * L.cols + j * block;
     const int len = static_cast<int>(std::min<int64_t>(block, L.cols - j * block));
     for (int k = 0; k < tbl::kMaxSlots; ++k) {
-      if (R::kHas[k]) Decode(codecs[k], L.c_in[k] + start, L.sc_in[k][b], len, buf[k]);
+      if (!R::kHas[k]) continue;
+#ifdef RMSJAX_HAVE_AVX2_VERSION
+      if constexpr (kAvx2) {
+        DecodeAvx2(codecs[k], L.c_in[k] + start, L.sc_in[k][b], len, buf[k]);
+        continue;
+      }
+#endif
+      Decode(codecs[k], L.c_in[k] + start, L.sc_in[k][b], len, buf[k]);
     }
     const void* p = L.p;
     const void* g = L.g;
@@ -424,7 +519,14 @@ template <class R, bool kBf16>
       StoreP<kBf16>(p_out, start + i, pn);
     }
     for (int k = 0; k < tbl::kMaxSlots; ++k) {
-      if (R::kHas[k]) Encode(codecs[k], buf[k], len, L.c_out[k] + start, L.sc_out[k] + b);
+      if (!R::kHas[k]) continue;
+#ifdef RMSJAX_HAVE_AVX2_VERSION
+      if constexpr (kAvx2) {
+        EncodeAvx2(codecs[k], buf[k], len, L.c_out[k] + start, L.sc_out[k] + b);
+        continue;
+      }
+#endif
+      Encode(codecs[k], buf[k], len, L.c_out[k] + start, L.sc_out[k] + b);
     }
   }
 }
@@ -432,10 +534,11 @@ template <class R, bool kBf16>
 // One loop: a rule, its parameter dtype and its state storage.
 template <class R, bool kBf16, bool kQ8>
 struct Kernel {
+  template <bool kAvx2>
   [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
                                                  const float* sc, const Codec* codecs) {
     if constexpr (kQ8) {
-      BlockLoop<R, kBf16>(L, lo, hi, sc, codecs);
+      BlockLoop<R, kBf16, kAvx2>(L, lo, hi, sc, codecs);
     } else {
       DenseLoop<R, kBf16>(L, lo, hi, sc);
     }
@@ -448,15 +551,14 @@ using KernelFn = void (*)(const Leaf&, int64_t, int64_t, const float*, const Cod
 // for that function's instruction set.
 template <class K>
 void Baseline(const Leaf& L, int64_t lo, int64_t hi, const float* sc, const Codec* codecs) {
-  K::Loop(L, lo, hi, sc, codecs);
+  K::template Loop<false>(L, lo, hi, sc, codecs);
 }
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define RMSJAX_HAVE_AVX2_VERSION 1
+#ifdef RMSJAX_HAVE_AVX2_VERSION
 template <class K>
 [[gnu::target("avx2,fma")]] void Avx2Fma(const Leaf& L, int64_t lo, int64_t hi,
                                          const float* sc, const Codec* codecs) {
-  K::Loop(L, lo, hi, sc, codecs);
+  K::template Loop<true>(L, lo, hi, sc, codecs);
 }
 #endif
 

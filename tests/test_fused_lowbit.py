@@ -123,8 +123,7 @@ def test_kernel_equals_pure_path_over_steps(name, cols, rows, seed, p_special):
     kstep, pstep, opt = _kernel_and_pure(name)
     shapes = {"w": (rows, cols), "v": (cols * 2,)}
     params = {
-        k: jnp.asarray(rng.standard_normal(s).astype(np.float32), dtype)
-        for k, s in shapes.items()
+        k: jnp.asarray(rng.standard_normal(s).astype(np.float32), dtype) for k, s in shapes.items()
     }
     assert "ffi_call" in str(jax.make_jaxpr(opt.step)(params, params, opt.init(params)))
     pk, sk = params, opt.init(params)

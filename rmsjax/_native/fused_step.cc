@@ -76,6 +76,9 @@ constexpr float kF32Max = std::numeric_limits<float>::max();
 constexpr int kMaxBlock = tbl::codec::kMaxBlock;
 constexpr int kMapSize = tbl::codec::kMapSize;
 
+// The instruction sets the loops are compiled for (see KernelIsa).
+constexpr int kIsaBaseline = 0, kIsaAvx2 = 1, kIsaAvx512 = 2;
+
 // One leaf's arrays. Parameters and gradients are float32 or (flag bf16) bfloat16, kept as
 // raw pointers; the state arrays are indexed by the kind's slot enum (absent slots null):
 // float32 arrays, or (flag q8) uint8 codes and float32 scales, one scale per block of ``block``
@@ -108,7 +111,24 @@ struct Codec {
   alignas(32) float qmap[kMapSize];
   alignas(32) float points[kMapSize];
   std::vector<uint8_t> cells;  // 2 * half entries, then 3 bytes of padding
+  // The breakpoints by level of a branch-free binary search (AVX-512 encode, see Search512):
+  // level l (l = 0..7, step s = 128 >> l) holds points[j * 2s + s - 1] for j < 2**l, padded
+  // to 16 entries; the last three levels fill 32, 64 and 128 entries.
+  alignas(64) float level[5][16];
+  alignas(64) float level5[32];
+  alignas(64) float level6[64];
+  alignas(64) float level7[128];
 };
+
+// Fills the binary-search levels of ``c`` from its breakpoints.
+void FillLevels(Codec& c) {
+  float* dst[8] = {c.level[0], c.level[1], c.level[2], c.level[3],
+                   c.level[4], c.level5,   c.level6,   c.level7};
+  for (int l = 0; l < 8; ++l) {
+    const int s = 128 >> l, n = 1 << l;
+    for (int j = 0; j < std::max(n, 16); ++j) dst[l][j] = c.points[(j % n) * 2 * s + s - 1];
+  }
+}
 
 [[gnu::always_inline]] inline uint32_t Bits(float x) {
   uint32_t b;
@@ -451,6 +471,134 @@ struct SgdRule {
 }
 #endif
 
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define RMSJAX_HAVE_AVX512_VERSION 1
+#define RMSJAX_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"
+
+// Decode and Encode, sixteen entries at a time with AVX-512 and no gathers: the map is read
+// with in-register permutes (32 entries per permute, the code's top three bits choose among
+// eight), and the code of v is found by a branch-free binary search over the breakpoints whose
+// levels are permutes of the Codec's level tables. The search counts the breakpoints <= v as
+// Lookup does (the breakpoints are sorted; points[255] = +inf is never compared), so the codes
+// are Lookup's. A short block's tail is handled with masked loads and stores.
+
+[[gnu::target(RMSJAX_AVX512)]] inline __mmask16 TailMask(int left) {
+  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+}
+
+[[gnu::target(RMSJAX_AVX512)]] void DecodeAvx512(const Codec& c, const uint8_t* codes,
+                                                 float scale, int len, float* x) {
+  __m512 q[16];
+  for (int r = 0; r < 16; ++r) q[r] = _mm512_load_ps(c.qmap + 16 * r);
+  const __m512 s = _mm512_set1_ps(scale);
+  const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64);
+  const __m512i bit7 = _mm512_set1_epi32(128);
+  for (int i = 0; i < len; i += 16) {
+    const __mmask16 m = TailMask(len - i);
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + i));
+    const __mmask16 b5 = _mm512_test_epi32_mask(idx, bit5);
+    const __mmask16 b6 = _mm512_test_epi32_mask(idx, bit6);
+    const __mmask16 b7 = _mm512_test_epi32_mask(idx, bit7);
+    __m512 r[8];
+    for (int k = 0; k < 8; ++k) r[k] = _mm512_permutex2var_ps(q[2 * k], idx, q[2 * k + 1]);
+    const __m512 r01 = _mm512_mask_blend_ps(b5, r[0], r[1]);
+    const __m512 r23 = _mm512_mask_blend_ps(b5, r[2], r[3]);
+    const __m512 r45 = _mm512_mask_blend_ps(b5, r[4], r[5]);
+    const __m512 r67 = _mm512_mask_blend_ps(b5, r[6], r[7]);
+    const __m512 lo = _mm512_mask_blend_ps(b6, r01, r23);
+    const __m512 hi = _mm512_mask_blend_ps(b6, r45, r67);
+    _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_mask_blend_ps(b7, lo, hi), s));
+  }
+}
+
+// The code of each lane of v (|v| <= 1, not NaN): #(breakpoints <= v), by binary search.
+struct Levels512 {
+  __m512 l[5], l5[2], l6[4], l7[8];
+};
+
+[[gnu::target(RMSJAX_AVX512)]] [[gnu::always_inline]] inline __m512i Search512(
+    const Levels512& t, __m512 v) {
+  // level 0 (step 128) compares every lane with the same breakpoint
+  __m512i idx = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(t.l[0], v, _CMP_LE_OQ),
+                                       _mm512_set1_epi32(128));
+  // levels 1..4: at most 16 candidates, one permute
+#define RMSJAX_LEVEL(L, STEP)                                                      \
+  {                                                                                \
+    const __m512i j = _mm512_srli_epi32(idx, 8 - (L));                             \
+    const __m512 p = _mm512_permutexvar_ps(j, t.l[L]);                             \
+    idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(p, v, _CMP_LE_OQ), idx,    \
+                                _mm512_set1_epi32(STEP));                          \
+  }
+  RMSJAX_LEVEL(1, 64)
+  RMSJAX_LEVEL(2, 32)
+  RMSJAX_LEVEL(3, 16)
+  RMSJAX_LEVEL(4, 8)
+#undef RMSJAX_LEVEL
+  {  // level 5: 32 candidates
+    const __m512i j = _mm512_srli_epi32(idx, 3);
+    const __m512 p = _mm512_permutex2var_ps(t.l5[0], j, t.l5[1]);
+    idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(p, v, _CMP_LE_OQ), idx,
+                                _mm512_set1_epi32(4));
+  }
+  {  // level 6: 64 candidates
+    const __m512i j = _mm512_srli_epi32(idx, 2);
+    const __mmask16 b5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+    const __m512 p = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t.l6[0], j, t.l6[1]),
+                                          _mm512_permutex2var_ps(t.l6[2], j, t.l6[3]));
+    idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(p, v, _CMP_LE_OQ), idx,
+                                _mm512_set1_epi32(2));
+  }
+  {  // level 7: 128 candidates
+    const __m512i j = _mm512_srli_epi32(idx, 1);
+    const __mmask16 b5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+    const __mmask16 b6 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(64));
+    const __m512 p01 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t.l7[0], j, t.l7[1]),
+                                            _mm512_permutex2var_ps(t.l7[2], j, t.l7[3]));
+    const __m512 p23 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t.l7[4], j, t.l7[5]),
+                                            _mm512_permutex2var_ps(t.l7[6], j, t.l7[7]));
+    const __m512 p = _mm512_mask_blend_ps(b6, p01, p23);
+    idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(p, v, _CMP_LE_OQ), idx,
+                                _mm512_set1_epi32(1));
+  }
+  return idx;
+}
+
+[[gnu::target(RMSJAX_AVX512)]] void EncodeAvx512(const Codec& c, float* x, int len,
+                                                 uint8_t* codes, float* scale_out) {
+  const __m512 lo = _mm512_set1_ps(-kF32Max), hi = _mm512_set1_ps(kF32Max);
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int i = 0; i < len; i += 16) {
+    const __mmask16 m = TailMask(len - i);
+    // max(lo, x) and min(hi, .) return x when x is NaN (the second operand); lanes past the
+    // end are 0
+    const __m512 xi = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_maskz_loadu_ps(m, x + i)));
+    _mm512_mask_storeu_ps(x + i, m, xi);
+    const __m512 a = _mm512_abs_ps(xi);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(a, vmax);  // a NaN magnitude gives vmax (the second operand)
+  }
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const float scale = nan != 0 ? std::numeric_limits<float>::quiet_NaN() : amax;
+  const float div = scale == 0.0f ? 1.0f : scale;
+  Levels512 t;
+  for (int l = 0; l < 5; ++l) t.l[l] = _mm512_load_ps(c.level[l]);
+  t.l[0] = _mm512_set1_ps(c.level[0][0]);
+  for (int r = 0; r < 2; ++r) t.l5[r] = _mm512_load_ps(c.level5 + 16 * r);
+  for (int r = 0; r < 4; ++r) t.l6[r] = _mm512_load_ps(c.level6 + 16 * r);
+  for (int r = 0; r < 8; ++r) t.l7[r] = _mm512_load_ps(c.level7 + 16 * r);
+  const __m512 vdiv = _mm512_set1_ps(div);
+  const __m512 minus_one = _mm512_set1_ps(-1.0f);
+  for (int k = 0; k < len; k += 16) {
+    const __mmask16 m = TailMask(len - k);
+    __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + k), vdiv);
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), minus_one);
+    _mm_mask_storeu_epi8(codes + k, m, _mm512_cvtepi32_epi8(Search512(t, v)));
+  }
+  *scale_out = scale;
+}
+#endif
+
 // ---- the loops ----------------------------------------------------------------------------------
 
 // Float32 state: elements [lo, hi) of one leaf.
@@ -483,7 +631,7 @@ template <class R, bool kBf16>
 // 8-bit state: blocks [lo, hi) of one leaf (block b is block b % nb of row b / nb). Per block:
 // decode every slot into a stack buffer, run the rule (parameters written at once), then
 // requantise each slot from the buffer: one pass over the leaf's memory.
-template <class R, bool kBf16, bool kAvx2>
+template <class R, bool kBf16, int kIsa>
 [[gnu::always_inline]] inline void BlockLoop(const Leaf& L, int64_t lo, int64_t hi,
                                              const float* sc, const Codec* codecs) {
   alignas(32) float buf[tbl::kMaxSlots][kMaxBlock];
@@ -495,8 +643,14 @@ template <class R, bool kBf16, bool kAvx2>
     const int len = static_cast<int>(std::min<int64_t>(block, L.cols - j * block));
     for (int k = 0; k < tbl::kMaxSlots; ++k) {
       if (!R::kHas[k]) continue;
+#ifdef RMSJAX_HAVE_AVX512_VERSION
+      if constexpr (kIsa == kIsaAvx512) {
+        DecodeAvx512(codecs[k], L.c_in[k] + start, L.sc_in[k][b], len, buf[k]);
+        continue;
+      }
+#endif
 #ifdef RMSJAX_HAVE_AVX2_VERSION
-      if constexpr (kAvx2) {
+      if constexpr (kIsa == kIsaAvx2) {
         DecodeAvx2(codecs[k], L.c_in[k] + start, L.sc_in[k][b], len, buf[k]);
         continue;
       }
@@ -520,8 +674,14 @@ template <class R, bool kBf16, bool kAvx2>
     }
     for (int k = 0; k < tbl::kMaxSlots; ++k) {
       if (!R::kHas[k]) continue;
+#ifdef RMSJAX_HAVE_AVX512_VERSION
+      if constexpr (kIsa == kIsaAvx512) {
+        EncodeAvx512(codecs[k], buf[k], len, L.c_out[k] + start, L.sc_out[k] + b);
+        continue;
+      }
+#endif
 #ifdef RMSJAX_HAVE_AVX2_VERSION
-      if constexpr (kAvx2) {
+      if constexpr (kIsa == kIsaAvx2) {
         EncodeAvx2(codecs[k], buf[k], len, L.c_out[k] + start, L.sc_out[k] + b);
         continue;
       }
@@ -534,11 +694,12 @@ template <class R, bool kBf16, bool kAvx2>
 // One loop: a rule, its parameter dtype and its state storage.
 template <class R, bool kBf16, bool kQ8>
 struct Kernel {
-  template <bool kAvx2>
+  static constexpr bool kQuantized = kQ8;
+  template <int kIsa>
   [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
                                                  const float* sc, const Codec* codecs) {
     if constexpr (kQ8) {
-      BlockLoop<R, kBf16, kAvx2>(L, lo, hi, sc, codecs);
+      BlockLoop<R, kBf16, kIsa>(L, lo, hi, sc, codecs);
     } else {
       DenseLoop<R, kBf16>(L, lo, hi, sc);
     }
@@ -551,37 +712,60 @@ using KernelFn = void (*)(const Leaf&, int64_t, int64_t, const float*, const Cod
 // for that function's instruction set.
 template <class K>
 void Baseline(const Leaf& L, int64_t lo, int64_t hi, const float* sc, const Codec* codecs) {
-  K::template Loop<false>(L, lo, hi, sc, codecs);
+  K::template Loop<kIsaBaseline>(L, lo, hi, sc, codecs);
 }
 
 #ifdef RMSJAX_HAVE_AVX2_VERSION
 template <class K>
 [[gnu::target("avx2,fma")]] void Avx2Fma(const Leaf& L, int64_t lo, int64_t hi,
                                          const float* sc, const Codec* codecs) {
-  K::template Loop<true>(L, lo, hi, sc, codecs);
+  K::template Loop<kIsaAvx2>(L, lo, hi, sc, codecs);
 }
 #endif
 
-// True when the AVX2+FMA versions run: the CPU (and OS) support both, and
-// RMSJAX_NATIVE_ISA=baseline does not ask for the baseline versions (for testing).
-bool UseAvx2Fma() {
-  static const bool use = [] {
-#ifdef RMSJAX_HAVE_AVX2_VERSION
-    const char* env = std::getenv("RMSJAX_NATIVE_ISA");
-    if (env != nullptr && std::strcmp(env, "baseline") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
+#ifdef RMSJAX_HAVE_AVX512_VERSION
+template <class K>
+[[gnu::target(RMSJAX_AVX512)]] void Avx512(const Leaf& L, int64_t lo, int64_t hi,
+                                           const float* sc, const Codec* codecs) {
+  K::template Loop<kIsaAvx512>(L, lo, hi, sc, codecs);
+}
 #endif
+
+// The instruction set of the loops in use: the best the CPU (and OS) supports, lowered by
+// RMSJAX_NATIVE_ISA=avx2 (the AVX2+FMA loops even where AVX-512 is present) or =baseline (the
+// baseline loops), for testing. AVX-512 (F, BW, DQ, VL) serves the 8-bit state loops only; the
+// float32-state loops are memory-bound and stay AVX2+FMA.
+int KernelIsa() {
+  static const int isa = [] {
+    int best = kIsaBaseline;
+#ifdef RMSJAX_HAVE_AVX2_VERSION
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = kIsaAvx2;
+#ifdef RMSJAX_HAVE_AVX512_VERSION
+    if (best == kIsaAvx2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl")) {
+      best = kIsaAvx512;
+    }
+#endif
+#endif
+    const char* env = std::getenv("RMSJAX_NATIVE_ISA");
+    if (env != nullptr && std::strcmp(env, "baseline") == 0) return kIsaBaseline;
+    if (env != nullptr && std::strcmp(env, "avx2") == 0) return std::min(best, kIsaAvx2);
+    return best;
   }();
-  return use;
+  return isa;
 }
 
 template <class K>
 KernelFn Dispatch() {
+#ifdef RMSJAX_HAVE_AVX512_VERSION
+  if constexpr (K::kQuantized) {
+    if (KernelIsa() == kIsaAvx512) return Avx512<K>;
+  }
+#endif
 #ifdef RMSJAX_HAVE_AVX2_VERSION
-  if (UseAvx2Fma()) return Avx2Fma<K>;
+  if (KernelIsa() >= kIsaAvx2) return Avx2Fma<K>;
 #endif
   return Baseline<K>;
 }
@@ -796,6 +980,7 @@ ffi::Error ParseCodec(ffi::AnyBuffer buf, Codec& c) {
   std::memcpy(c.qmap, bytes + kHead, sizeof c.qmap);
   std::memcpy(c.points, bytes + kHead + sizeof c.qmap, sizeof c.points);
   c.cells.assign(bytes + kHead + kTables, bytes + kHead + kTables + cells + 3);
+  FillLevels(c);
   // The lookup reads points[cells[...]] and points[255] is +inf: every code stays < 256.
   if (c.lo_bits == 0 || c.lo_bits > 0x3f800000u ||
       ((0x3f800000u - c.lo_bits) >> c.shift) + 1 != static_cast<uint32_t>(c.half)) {
@@ -1007,5 +1192,12 @@ extern "C" __attribute__((visibility("default"))) const char* RmsjaxSourceId() {
 }
 
 extern "C" __attribute__((visibility("default"))) const char* RmsjaxKernelIsa() {
-  return UseAvx2Fma() ? "avx2+fma" : "baseline";
+  switch (KernelIsa()) {
+    case kIsaAvx512:
+      return "avx512+avx2+fma";  // AVX-512 for the 8-bit state loops, AVX2+FMA for the others
+    case kIsaAvx2:
+      return "avx2+fma";
+    default:
+      return "baseline";
+  }
 }

@@ -118,17 +118,10 @@ struct Codec {
   alignas(64) float level5[32];
   alignas(64) float level6[64];
   alignas(64) float level7[128];
+  // The map as four byte planes (plane k holds byte k of each value, little-endian), read 64
+  // codes at a time by byte permutes (AVX-512 VBMI decode, see DecodeAvx512).
+  alignas(64) uint8_t plane[4][kMapSize];
 };
-
-// Fills the binary-search levels of ``c`` from its breakpoints.
-void FillLevels(Codec& c) {
-  float* dst[8] = {c.level[0], c.level[1], c.level[2], c.level[3],
-                   c.level[4], c.level5,   c.level6,   c.level7};
-  for (int l = 0; l < 8; ++l) {
-    const int s = 128 >> l, n = 1 << l;
-    for (int j = 0; j < std::max(n, 16); ++j) dst[l][j] = c.points[(j % n) * 2 * s + s - 1];
-  }
-}
 
 [[gnu::always_inline]] inline uint32_t Bits(float x) {
   uint32_t b;
@@ -140,6 +133,20 @@ void FillLevels(Codec& c) {
   float x;
   std::memcpy(&x, &b, sizeof x);
   return x;
+}
+
+// Fills the binary-search levels of ``c`` from its breakpoints.
+void FillLevels(Codec& c) {
+  float* dst[8] = {c.level[0], c.level[1], c.level[2], c.level[3],
+                   c.level[4], c.level5,   c.level6,   c.level7};
+  for (int l = 0; l < 8; ++l) {
+    const int s = 128 >> l, n = 1 << l;
+    for (int j = 0; j < std::max(n, 16); ++j) dst[l][j] = c.points[(j % n) * 2 * s + s - 1];
+  }
+  for (int i = 0; i < kMapSize; ++i) {
+    const uint32_t b = Bits(c.qmap[i]);
+    for (int k = 0; k < 4; ++k) c.plane[k][i] = static_cast<uint8_t>(b >> (8 * k));
+  }
 }
 
 // bfloat16 <-> float32 as XLA converts: widening is exact; narrowing rounds to nearest, ties to
@@ -473,7 +480,7 @@ struct SgdRule {
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define RMSJAX_HAVE_AVX512_VERSION 1
-#define RMSJAX_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"
+#define RMSJAX_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx2,fma"
 
 // Decode and Encode, sixteen entries at a time with AVX-512 and no gathers: the map is read
 // with in-register permutes (32 entries per permute, the code's top three bits choose among
@@ -486,28 +493,51 @@ struct SgdRule {
   return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
 }
 
+// x[i] = qmap[codes[i]] * scale for 64 codes at a time: each byte of the map's values is read
+// by two byte permutes (128 entries each; the code's top bit chooses), the four bytes are
+// interleaved into float32 values by unpacks (which work within 128-bit lanes, so the codes are
+// first permuted into the order the unpacks undo), and multiplied by the scale.
 [[gnu::target(RMSJAX_AVX512)]] void DecodeAvx512(const Codec& c, const uint8_t* codes,
                                                  float scale, int len, float* x) {
-  __m512 q[16];
-  for (int r = 0; r < 16; ++r) q[r] = _mm512_load_ps(c.qmap + 16 * r);
+  __m512i lo[4], hi[4];
+  for (int k = 0; k < 4; ++k) {
+    lo[k] = _mm512_load_si512(c.plane[k]);
+    hi[k] = _mm512_load_si512(c.plane[k] + 64);
+  }
+  __m512i lo2[4], hi2[4];
+  for (int k = 0; k < 4; ++k) {
+    lo2[k] = _mm512_load_si512(c.plane[k] + 128);
+    hi2[k] = _mm512_load_si512(c.plane[k] + 192);
+  }
+  // byte 16 * lane + 4 * r + d of the permuted codes is code 16 * r + 4 * lane + d: after the
+  // unpacks, dword d of 128-bit lane `lane` of result r is then entry 16 * r + 4 * lane + d
+  alignas(64) uint8_t order[64];
+  for (int lane = 0; lane < 4; ++lane) {
+    for (int r = 0; r < 4; ++r) {
+      for (int d = 0; d < 4; ++d) order[16 * lane + 4 * r + d] = 16 * r + 4 * lane + d;
+    }
+  }
+  const __m512i perm = _mm512_load_si512(order);
   const __m512 s = _mm512_set1_ps(scale);
-  const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64);
-  const __m512i bit7 = _mm512_set1_epi32(128);
-  for (int i = 0; i < len; i += 16) {
-    const __mmask16 m = TailMask(len - i);
-    const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + i));
-    const __mmask16 b5 = _mm512_test_epi32_mask(idx, bit5);
-    const __mmask16 b6 = _mm512_test_epi32_mask(idx, bit6);
-    const __mmask16 b7 = _mm512_test_epi32_mask(idx, bit7);
-    __m512 r[8];
-    for (int k = 0; k < 8; ++k) r[k] = _mm512_permutex2var_ps(q[2 * k], idx, q[2 * k + 1]);
-    const __m512 r01 = _mm512_mask_blend_ps(b5, r[0], r[1]);
-    const __m512 r23 = _mm512_mask_blend_ps(b5, r[2], r[3]);
-    const __m512 r45 = _mm512_mask_blend_ps(b5, r[4], r[5]);
-    const __m512 r67 = _mm512_mask_blend_ps(b5, r[6], r[7]);
-    const __m512 lo = _mm512_mask_blend_ps(b6, r01, r23);
-    const __m512 hi = _mm512_mask_blend_ps(b6, r45, r67);
-    _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_mask_blend_ps(b7, lo, hi), s));
+  for (int i = 0; i < len; i += 64) {
+    const int left = len - i;
+    const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+    const __m512i idx = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi8(m, codes + i));
+    const __mmask64 top = _mm512_movepi8_mask(idx);  // codes 128..255
+    __m512i b[4];
+    for (int k = 0; k < 4; ++k) {
+      b[k] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(lo[k], idx, hi[k]),
+                                    _mm512_permutex2var_epi8(lo2[k], idx, hi2[k]));
+    }
+    const __m512i w0 = _mm512_unpacklo_epi8(b[0], b[1]), w1 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i w2 = _mm512_unpacklo_epi8(b[2], b[3]), w3 = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512i f[4] = {_mm512_unpacklo_epi16(w0, w2), _mm512_unpackhi_epi16(w0, w2),
+                          _mm512_unpacklo_epi16(w1, w3), _mm512_unpackhi_epi16(w1, w3)};
+    for (int r = 0; r < 4; ++r) {
+      const __mmask16 mr = TailMask(left - 16 * r);
+      if (left - 16 * r <= 0) break;
+      _mm512_mask_storeu_ps(x + i + 16 * r, mr, _mm512_mul_ps(_mm512_castsi512_ps(f[r]), s));
+    }
   }
 }
 
@@ -744,7 +774,7 @@ int KernelIsa() {
 #ifdef RMSJAX_HAVE_AVX512_VERSION
     if (best == kIsaAvx2 && __builtin_cpu_supports("avx512f") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl")) {
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi")) {
       best = kIsaAvx512;
     }
 #endif

@@ -15,6 +15,12 @@ one takes a step that differs by a fraction of the learning rate times that code
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,3 +237,43 @@ def test_native_backend_names_state_the_kernel_cannot_update():
             opt.step(params, params, opt.init(params))
         auto = fused.adam(1e-3, mu_dtype=storage, nu_dtype=storage)
         assert "ffi_call" not in str(jax.make_jaxpr(auto.step)(params, params, auto.init(params)))
+
+
+def _kernel_isa() -> str:
+    """The loops in use: the status line ends in ``[<isa> kernels]``."""
+    match = re.search(r"\[(\S+) kernels\]", native.status())
+    assert match, native.status()
+    return match.group(1)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_instruction_set_gives_the_same_results(isa):
+    # The tests above run the best loops this CPU has; run them again with the kernel forced to
+    # each lower instruction set it carries (RMSJAX_NATIVE_ISA, read once per process), in a
+    # fresh process. The baseline loops use no FMA, so XLA is then limited to AVX too (as on a
+    # CPU without FMA, where the baseline loops run). ~10 s each.
+    rank = {"baseline": 0, "avx2+fma": 1, "avx512+avx2+fma": 2}
+    want = {"avx2": "avx2+fma", "baseline": "baseline"}[isa]
+    if rank[_kernel_isa()] <= rank[want]:
+        pytest.skip(f"the {want} loops are the ones in use here; the other tests cover them")
+    code = textwrap.dedent(
+        f"""
+        import sys, pytest
+        from rmsjax import native
+        assert "[{want} kernels]" in native.status(), native.status()
+        import tests.test_fused_differential as d
+        for name, items in d.CONFIGS[::12]:
+            d.check_example(name, items, hp_index=len(name), seed=3, p_special=0.3)
+        sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", "{__file__}",
+                              "-k", "not instruction_set and not operand and not backend"]))
+        """
+    )
+    env = dict(os.environ, RMSJAX_NATIVE_ISA=isa, JAX_PLATFORMS="cpu")
+    if isa == "baseline":
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX").strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]

@@ -112,8 +112,9 @@ struct Codec {
   alignas(32) float points[kMapSize];
   std::vector<uint8_t> cells;  // 2 * half entries, then 3 bytes of padding
   // The breakpoints by level of a branch-free binary search (AVX-512 encode, see Search512):
-  // level l (l = 0..7, step s = 128 >> l) holds points[j * 2s + s - 1] for j < 2**l, padded
-  // to 16 entries; the last three levels fill 32, 64 and 128 entries.
+  // level l (l = 0..7, step s = 128 >> l) holds points[j * 2s + s - 1] for j < 2**l at
+  // position Reverse(j, l) (its l bits in reverse order), padded to 16 entries; the last three
+  // levels fill 32, 64 and 128 entries.
   alignas(64) float level[5][16];
   alignas(64) float level5[32];
   alignas(64) float level6[64];
@@ -141,7 +142,11 @@ void FillLevels(Codec& c) {
                    c.level[4], c.level5,   c.level6,   c.level7};
   for (int l = 0; l < 8; ++l) {
     const int s = 128 >> l, n = 1 << l;
-    for (int j = 0; j < std::max(n, 16); ++j) dst[l][j] = c.points[(j % n) * 2 * s + s - 1];
+    for (int j = 0; j < std::max(n, 16); ++j) {
+      int r = 0;  // j % n with its l bits reversed
+      for (int bit = 0; bit < l; ++bit) r |= (((j % n) >> bit) & 1) << (l - 1 - bit);
+      dst[l][r + (j - j % n)] = c.points[(j % n) * 2 * s + s - 1];
+    }
   }
   for (int i = 0; i < kMapSize; ++i) {
     const uint32_t b = Bits(c.qmap[i]);
@@ -480,7 +485,7 @@ struct SgdRule {
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define RMSJAX_HAVE_AVX512_VERSION 1
-#define RMSJAX_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx2,fma"
+#define RMSJAX_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,gfni,avx2,fma"
 
 // Decode and Encode, sixteen entries at a time with AVX-512 and no gathers: the map is read
 // with in-register permutes (32 entries per permute, the code's top three bits choose among
@@ -541,56 +546,41 @@ struct SgdRule {
   }
 }
 
-// The code of each lane of v (|v| <= 1, not NaN): #(breakpoints <= v), by binary search.
+// The code of each lane of v (|v| <= 1, not NaN): #(breakpoints <= v), by a branch-free binary
+// search. Level l compares v with one breakpoint chosen by the l results before it, and its
+// result is bit 7 - l of the code. The results are gathered in r in reverse order (level l's
+// in bit l), so that r's low bits, which the permutes read, hold all the results so far without
+// a shift; the levels' tables are stored in that order, levels 6 and 7 (64 and 128 entries)
+// choose among their 32-entry permutes with the results of levels 5 and 6, and the code is r
+// with its bits reversed (one GFNI affine transform per byte).
 struct Levels512 {
   __m512 l[5], l5[2], l6[4], l7[8];
 };
 
 [[gnu::target(RMSJAX_AVX512)]] [[gnu::always_inline]] inline __m512i Search512(
     const Levels512& t, __m512 v) {
-  // level 0 (step 128) compares every lane with the same breakpoint
-  __m512i idx = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(t.l[0], v, _CMP_LE_OQ),
-                                       _mm512_set1_epi32(128));
-  // levels 1..4: at most 16 candidates, one permute
-#define RMSJAX_LEVEL(L, STEP)                                                      \
-  {                                                                                \
-    const __m512i j = _mm512_srli_epi32(idx, 8 - (L));                             \
-    const __m512 p = _mm512_permutexvar_ps(j, t.l[L]);                             \
-    idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(p, v, _CMP_LE_OQ), idx,    \
-                                _mm512_set1_epi32(STEP));                          \
+  __mmask16 m = _mm512_cmp_ps_mask(t.l[0], v, _CMP_LE_OQ);  // level 0: the same breakpoint
+  __m512i r = _mm512_maskz_mov_epi32(m, _mm512_set1_epi32(1));
+  for (int l = 1; l < 5; ++l) {  // at most 16 candidates: one permute
+    m = _mm512_cmp_ps_mask(_mm512_permutexvar_ps(r, t.l[l]), v, _CMP_LE_OQ);
+    r = _mm512_mask_or_epi32(r, m, r, _mm512_set1_epi32(1 << l));
   }
-  RMSJAX_LEVEL(1, 64)
-  RMSJAX_LEVEL(2, 32)
-  RMSJAX_LEVEL(3, 16)
-  RMSJAX_LEVEL(4, 8)
-#undef RMSJAX_LEVEL
-  {  // level 5: 32 candidates
-    const __m512i j = _mm512_srli_epi32(idx, 3);
-    const __m512 p = _mm512_permutex2var_ps(t.l5[0], j, t.l5[1]);
-    idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(p, v, _CMP_LE_OQ), idx,
-                                _mm512_set1_epi32(4));
-  }
-  {  // level 6: 64 candidates
-    const __m512i j = _mm512_srli_epi32(idx, 2);
-    const __mmask16 b5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
-    const __m512 p = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t.l6[0], j, t.l6[1]),
-                                          _mm512_permutex2var_ps(t.l6[2], j, t.l6[3]));
-    idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(p, v, _CMP_LE_OQ), idx,
-                                _mm512_set1_epi32(2));
-  }
-  {  // level 7: 128 candidates
-    const __m512i j = _mm512_srli_epi32(idx, 1);
-    const __mmask16 b5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
-    const __mmask16 b6 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(64));
-    const __m512 p01 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t.l7[0], j, t.l7[1]),
-                                            _mm512_permutex2var_ps(t.l7[2], j, t.l7[3]));
-    const __m512 p23 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t.l7[4], j, t.l7[5]),
-                                            _mm512_permutex2var_ps(t.l7[6], j, t.l7[7]));
-    const __m512 p = _mm512_mask_blend_ps(b6, p01, p23);
-    idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(p, v, _CMP_LE_OQ), idx,
-                                _mm512_set1_epi32(1));
-  }
-  return idx;
+  m = _mm512_cmp_ps_mask(_mm512_permutex2var_ps(t.l5[0], r, t.l5[1]), v, _CMP_LE_OQ);
+  const __mmask16 m5 = m;
+  r = _mm512_mask_or_epi32(r, m, r, _mm512_set1_epi32(32));
+  m = _mm512_cmp_ps_mask(_mm512_mask_blend_ps(m5, _mm512_permutex2var_ps(t.l6[0], r, t.l6[1]),
+                                              _mm512_permutex2var_ps(t.l6[2], r, t.l6[3])),
+                         v, _CMP_LE_OQ);
+  const __mmask16 m6 = m;
+  r = _mm512_mask_or_epi32(r, m, r, _mm512_set1_epi32(64));
+  const __m512 p01 = _mm512_mask_blend_ps(m5, _mm512_permutex2var_ps(t.l7[0], r, t.l7[1]),
+                                          _mm512_permutex2var_ps(t.l7[2], r, t.l7[3]));
+  const __m512 p23 = _mm512_mask_blend_ps(m5, _mm512_permutex2var_ps(t.l7[4], r, t.l7[5]),
+                                          _mm512_permutex2var_ps(t.l7[6], r, t.l7[7]));
+  m = _mm512_cmp_ps_mask(_mm512_mask_blend_ps(m6, p01, p23), v, _CMP_LE_OQ);
+  r = _mm512_mask_or_epi32(r, m, r, _mm512_set1_epi32(128));
+  // reverse the bits of each byte (r < 256, so the other bytes stay 0)
+  return _mm512_gf2p8affine_epi64_epi8(r, _mm512_set1_epi64(0x8040201008040201LL), 0);
 }
 
 [[gnu::target(RMSJAX_AVX512)]] void EncodeAvx512(const Codec& c, float* x, int len,
@@ -617,12 +607,16 @@ struct Levels512 {
   for (int r = 0; r < 2; ++r) t.l5[r] = _mm512_load_ps(c.level5 + 16 * r);
   for (int r = 0; r < 4; ++r) t.l6[r] = _mm512_load_ps(c.level6 + 16 * r);
   for (int r = 0; r < 8; ++r) t.l7[r] = _mm512_load_ps(c.level7 + 16 * r);
+  if (nan != 0) {  // every v is NaN: the code of -1
+    std::memset(codes, Lookup(c, -1.0f), static_cast<size_t>(len));
+    *scale_out = scale;
+    return;
+  }
+  // no x is NaN, so every v = x / div is a number of [-1, 1]
   const __m512 vdiv = _mm512_set1_ps(div);
-  const __m512 minus_one = _mm512_set1_ps(-1.0f);
   for (int k = 0; k < len; k += 16) {
     const __mmask16 m = TailMask(len - k);
-    __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + k), vdiv);
-    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), minus_one);
+    const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + k), vdiv);
     _mm_mask_storeu_epi8(codes + k, m, _mm512_cvtepi32_epi8(Search512(t, v)));
   }
   *scale_out = scale;
@@ -774,7 +768,8 @@ int KernelIsa() {
 #ifdef RMSJAX_HAVE_AVX512_VERSION
     if (best == kIsaAvx2 && __builtin_cpu_supports("avx512f") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi")) {
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+        __builtin_cpu_supports("gfni")) {
       best = kIsaAvx512;
     }
 #endif

@@ -42,8 +42,10 @@
 //
 // Each loop below is written once, as the always-inline Loop of a struct, and compiled twice:
 // into a baseline function and, on x86-64, into an AVX2+FMA function (target attribute), the
-// latter chosen at run time when the CPU has both (see Dispatch); the library needs no -march
-// flag, so it runs on any x86-64 CPU. Only IEEE operations are used (+ - * / sqrt, correctly
+// latter chosen at run time when the CPU has both (see Dispatch); the loops for 8-bit state
+// are compiled a third time, for AVX-512 (F, BW, DQ, VL, VBMI, GFNI: decode and encode by
+// in-register permutes instead of gathers, see DecodeAvx512 and EncodeAvx512), chosen when the
+// CPU has those. The library needs no -march flag, so it runs on any x86-64 CPU. Only IEEE operations are used (+ - * / sqrt, correctly
 // rounded; no reciprocal or rsqrt approximations). The build passes -ffp-contract=fast, so
 // a * b + c becomes one FMA where the instruction set has it, as in XLA's CPU code: the
 // AVX2+FMA version rounds like the pure-JAX path on an FMA CPU, the baseline version like it

@@ -721,6 +721,7 @@ template <class R, bool kBf16, int kIsa>
 template <class R, bool kBf16, bool kQ8>
 struct Kernel {
   static constexpr bool kQuantized = kQ8;
+  static constexpr bool kBfloat16 = kBf16;
   template <int kIsa>
   [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
                                                  const float* sc, const Codec* codecs) {
@@ -759,8 +760,9 @@ template <class K>
 
 // The instruction set of the loops in use: the best the CPU (and OS) supports, lowered by
 // RMSJAX_NATIVE_ISA=avx2 (the AVX2+FMA loops even where AVX-512 is present) or =baseline (the
-// baseline loops), for testing. AVX-512 (F, BW, DQ, VL) serves the 8-bit state loops only; the
-// float32-state loops are memory-bound and stay AVX2+FMA.
+// baseline loops), for testing. AVX-512 (F, BW, DQ, VL, VBMI, GFNI) serves the 8-bit state and
+// bfloat16 parameter loops (compute-bound: table searches, bfloat16 rounding); the float32 loops
+// are memory-bound and stay AVX2+FMA.
 int KernelIsa() {
   static const int isa = [] {
     int best = kIsaBaseline;
@@ -787,7 +789,7 @@ int KernelIsa() {
 template <class K>
 KernelFn Dispatch() {
 #ifdef RMSJAX_HAVE_AVX512_VERSION
-  if constexpr (K::kQuantized) {
+  if constexpr (K::kQuantized || K::kBfloat16) {
     if (KernelIsa() == kIsaAvx512) return Avx512<K>;
   }
 #endif

@@ -40,6 +40,16 @@ Usage::
                                       # the training step (4M) for rmsprop, centered, adamw
   python benchmarks/run.py --quick    # 4M params, 1 and 64 leaves, fewer repetitions (< 1 min)
   python benchmarks/run.py --sizes 32 --trees 1024 --configs rmsprop --reps 15
+  python benchmarks/run.py --lowbit   # memory-efficient state: 8-bit moments and bfloat16
+                                      # parameters (32M, 1 and 64 leaves), to results/lowbit/
+
+The memory-efficient configurations (``--lowbit``, or by name in ``--configs``) keep optax's
+float32 step as the reference of every ratio: ``adamw-8bit`` and ``rmsprop-8bit`` store every
+moment in 8 bits (``rmsjax.quantized(bits=8)``) in the protocol (pure-JAX) and the fused
+optimizer, against optax's float32-state optimizer on the same float32 parameters;
+``adamw-bf16`` trains bfloat16 parameters (gradients bfloat16, moments float32) with rmsjax
+and the fused step, against optax's float32 AdamW on float32 parameters (so the ratio is what
+switching both the parameters and the optimizer costs).
 
 Writes ``<out>/results.json`` and ``<out>/results.md`` (default ``benchmarks/results``).
 """
@@ -143,6 +153,44 @@ def configs() -> dict[str, dict[str, Any]]:
             torch=lambda ps, **kw: t.optim.SGD(ps, lr=LR, momentum=0.9, **kw),
             torch_fused=True,
             bytes=20,  # read p, g, m; write p, m
+        ),
+        **lowbit_configs(),
+    }
+
+
+# Moments of every state slot in 8 bits (rmsjax's codec: blocks of 256 along the last axis).
+Q8 = dict(mu_dtype=rmsjax.quantized(bits=8), nu_dtype=rmsjax.quantized(bits=8))
+# The memory-efficient configurations (not in the default run; see --lowbit).
+LOWBIT_CONFIGS = ("adamw-8bit", "rmsprop-8bit", "adamw-bf16")
+
+
+def lowbit_configs() -> dict[str, dict[str, Any]]:
+    """Memory-efficient state, each against optax's float32 optimizer (see the docstring)."""
+    return {
+        "adamw-8bit": dict(
+            optax=optax.adamw(LR, weight_decay=1e-4),
+            rmsjax=("rmsjax (8-bit)", rmsjax.adamw(LR, weight_decay=1e-4, **Q8)),
+            fused=fused.adamw(LR, weight_decay=1e-4, **Q8),
+            torch=None,
+            torch_fused=False,
+            bytes=16,  # read p, g (4 + 4), mu, nu codes (1 + 1); write p (4), codes (1 + 1)
+        ),
+        "rmsprop-8bit": dict(
+            optax=optax.rmsprop(LR),
+            rmsjax=("rmsjax (8-bit)", rmsjax.rmsprop(LR, nu_dtype=Q8["nu_dtype"])),
+            fused=fused.rmsprop(LR, nu_dtype=Q8["nu_dtype"]),
+            torch=None,
+            torch_fused=False,
+            bytes=14,  # read p, g, nu codes; write p, nu codes
+        ),
+        "adamw-bf16": dict(
+            optax=optax.adamw(LR, weight_decay=1e-4),
+            rmsjax=("rmsjax (bf16)", rmsjax.adamw(LR, weight_decay=1e-4)),
+            fused=fused.adamw(LR, weight_decay=1e-4),
+            torch=None,
+            torch_fused=False,
+            bytes=22,  # read p, g (2 + 2), mu, nu (4 + 4); write p (2), mu, nu (4 + 4)
+            param_dtype=jnp.bfloat16,  # for rmsjax and the fused step; optax: float32
         ),
     }
 
@@ -443,15 +491,24 @@ def bench_case(
             "optax", protocol_step(tx, optax.apply_updates), copy(params), grads, tx.init(params)
         ),
     ]
+    # rmsjax's parameters (and gradients) in the configuration's dtype (optax keeps float32).
+    dtype = cfg.get("param_dtype", jnp.float32)
+    cast = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)
+    rparams, rgrads = cast(params), cast(grads)
     label, rtx = cfg["rmsjax"]
     runners.append(
         JaxRunner(
-            label, protocol_step(rtx, rmsjax.apply_updates), copy(params), grads, rtx.init(params)
+            label,
+            protocol_step(rtx, rmsjax.apply_updates),
+            copy(rparams),
+            rgrads,
+            rtx.init(rparams),
         )
     )
     fo = cfg["fused"]
-    runners.append(JaxRunner("rmsjax.fused", fo.step, copy(params), grads, fo.init(params)))
-    if torch is not None:
+    runners.append(JaxRunner("rmsjax.fused", fo.step, copy(rparams), rgrads, fo.init(rparams)))
+    del rparams
+    if torch is not None and cfg["torch"] is not None:
         runners.append(TorchRunner("torch.foreach", cfg["torch"], params, grads, foreach=True))
         if cfg["torch_fused"]:
             runners.append(TorchRunner("torch.fused", cfg["torch"], params, grads, fused=True))
@@ -722,6 +779,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--summarize", default=None, help="only print the summary of a results.json")
+    ap.add_argument(
+        "--lowbit",
+        action="store_true",
+        help="the memory-efficient configurations (32M, 1 and 64 leaves) into <out>/lowbit",
+    )
     args = ap.parse_args(argv)
     if args.summarize:
         print(summary(json.loads(Path(args.summarize).read_text())["rows"]), end="")
@@ -733,13 +795,18 @@ def main(argv: list[str] | None = None) -> int:
         sizes, trees, reps, target = [4], ["1", "64"], 3, 0.015
     else:
         sizes, trees, reps, target = [4, 32], ["1", "64", "1024", "transformer", "train"], 9, 0.05
+    if args.lowbit:
+        sizes, trees = [32], ["1", "64"]
     if args.sizes:
         sizes = [int(s) for s in args.sizes.split(",")]
     if args.trees:
         trees = args.trees.split(",")
     reps = args.reps or reps
     all_cfgs = configs()
-    names = args.configs.split(",") if args.configs else list(all_cfgs)
+    default = LOWBIT_CONFIGS if args.lowbit else [n for n in all_cfgs if n not in LOWBIT_CONFIGS]
+    names = args.configs.split(",") if args.configs else list(default)
+    if args.lowbit and args.out == ap.get_default("out"):
+        args.out = str(Path(args.out) / "lowbit")
 
     print(native.status(), file=sys.stderr)
     rows: list[dict[str, Any]] = []

@@ -61,7 +61,12 @@ myst_heading_anchors = 3
 # The public modules whose ``__all__`` must be documented (api_coverage): submodules named in
 # an ``__all__`` (rmsjax.compat.pytorch, ...) are followed from these; list a public module
 # that no ``__all__`` names (imported as ``from rmsjax.compat.pytorch import lr_scheduler``).
-api_coverage_modules = ["rmsjax", "rmsjax.schedules", "rmsjax.compat.pytorch.lr_scheduler"]
+api_coverage_modules = [
+    "rmsjax",
+    "rmsjax.schedules",
+    "rmsjax.compat.pytorch.lr_scheduler",
+    "rmsjax.fused.nnx",
+]
 
 html_theme = "furo"
 html_title = f"rmsjax {release}"

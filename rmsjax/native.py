@@ -21,8 +21,11 @@ The kernel needs ``jax.ffi`` (``ffi_call`` with ``vmap_method`` and ``input_outp
 rmsjax's own jax floor (pyproject.toml), so every supported version can use it.
 
 Both builds are portable (no ``-march=native``): the kernel carries a baseline and an AVX2+FMA
-version of each loop and picks one at run time; like XLA's own CPU code, the kernel contracts
-``a * b + c`` into FMA where the CPU has FMA. :func:`status` says which version runs.
+version of each loop, and an AVX-512 version (F, BW, DQ, VL, VBMI) of the loops for 8-bit state,
+and picks the best the CPU has at run time (``"baseline"``, ``"avx2+fma"``, or
+``"avx512+avx2+fma"``: AVX-512 for 8-bit state, AVX2+FMA for the rest); every version gives the
+same results on a CPU with FMA. Like XLA's own CPU code, the kernel contracts ``a * b + c`` into
+FMA where the CPU has FMA. :func:`status` says which version runs.
 
 Environment variables:
 
@@ -33,7 +36,8 @@ Environment variables:
   ``g++``, then ``clang++``).
 * ``RMSJAX_NATIVE_THREADS=<n>`` threads the kernel may use (default: all cores).
 * ``RMSJAX_NATIVE_ISA=baseline`` makes the kernel use its baseline loops even where AVX2+FMA
-  is available (for testing; read once per process).
+  is available, ``RMSJAX_NATIVE_ISA=avx2`` its AVX2+FMA loops even where AVX-512 is (for
+  testing; read once per process).
 
 The kernel's operands (scalars, state slots, flags per kind) are defined once, in
 ``rmsjax/_native/table.py``; the build turns that table into a C++ header, and a library built

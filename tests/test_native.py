@@ -702,6 +702,15 @@ def _cpu_has_avx2_fma() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
+def _cpu_has_avx512_level() -> bool:
+    """The AVX-512 subset the kernel's 8-bit loops use, from /proc/cpuinfo (as above)."""
+    if not _cpu_has_avx2_fma():
+        return False
+    text = Path("/proc/cpuinfo").read_text()
+    flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vbmi"} <= set(flags)
+
+
 @pytest.fixture(scope="module")
 def built_library(tmp_path_factory) -> Path:
     """The kernel compiled by the shared recipe into a fresh folder (real compiler)."""
@@ -758,8 +767,11 @@ def test_recipe_builds_a_loadable_portable_library(built_library):
     assert lib.RmsjaxSourceId().decode() == expected_id
     lib.RmsjaxKernelIsa.restype = ctypes.c_char_p
     expected = "avx2+fma" if _cpu_has_avx2_fma() else "baseline"
-    if os.environ.get("RMSJAX_NATIVE_ISA") == "baseline":
-        expected = "baseline"
+    if _cpu_has_avx512_level():
+        expected = "avx512+avx2+fma"
+    forced = os.environ.get("RMSJAX_NATIVE_ISA")
+    if forced == "baseline" or (forced == "avx2" and expected != "baseline"):
+        expected = {"baseline": "baseline", "avx2": "avx2+fma"}[forced]
     assert lib.RmsjaxKernelIsa().decode() == expected
     assert "-march=native" not in recipe.FLAGS
 

@@ -6,7 +6,8 @@ on first use when no library was installed with the package. Standard library on
 
 The library is portable across x86-64 CPUs: it is compiled without ``-march=native`` (a wheel
 built here may run elsewhere) and the kernel source compiles every loop twice, for the baseline
-instruction set and for AVX2+FMA, choosing at run time.
+instruction set and for AVX2+FMA (and the loops for 8-bit state a third time, for AVX-512),
+choosing at run time.
 
 The kernel's operands are defined by the table in ``table.py`` (next to this file); before
 compiling, the recipe writes that table as the C++ header ``rmsjax_kernel_table.h`` into a
@@ -63,13 +64,14 @@ def _load_table() -> ModuleType:
 
 _table = _load_table()
 
-# GCC/Clang flags. No -march: the source selects AVX2+FMA loops at run time where the CPU has
-# them. -ffp-contract=fast contracts a * b + c into one FMA wherever the instruction set has FMA,
-# as XLA's CPU backend does (LLVM's FPOpFusion::Fast), so the kernel rounds like the pure-JAX
-# path on the same CPU: the AVX2+FMA loops like XLA on an FMA host, the baseline loops (x86-64
-# baseline has no FMA) like XLA on one without. It is GCC's default for C++; Clang's default
-# contracts only within one expression. -fno-math-errno lets sqrt vectorise (it cannot set
-# errno); neither it nor -fno-trapping-math changes any result.
+# GCC/Clang flags. No -march: the source selects AVX2+FMA (and, for 8-bit state, AVX-512) loops
+# at run time where the CPU has them. -ffp-contract=fast contracts a * b + c into one FMA
+# wherever the instruction set has FMA, as XLA's CPU backend does (LLVM's FPOpFusion::Fast), so
+# the kernel rounds like the pure-JAX path on the same CPU: the AVX2+FMA loops like XLA on an
+# FMA host, the baseline loops (x86-64 baseline has no FMA) like XLA on one without. It is
+# GCC's default for C++; Clang's default contracts only within one expression. -fno-math-errno
+# lets sqrt vectorise (it cannot set errno); neither it nor -fno-trapping-math changes any
+# result.
 FLAGS: tuple[str, ...] = (
     "-O3",
     "-std=c++17",

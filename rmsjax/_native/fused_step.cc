@@ -5,16 +5,27 @@
 // The arithmetic mirrors, operation for operation, the pure-JAX rules in rmsjax/transforms/
 // (_rms_rule, _centered_rms_rule, _scale_rule, _trace_rule, _adam_rule, _decay_rule) composed
 // as the optimizers chain them, then p + u; on every input, NaN and Inf included (see "Guards"
-// below). Hyperparameters arrive as a float32 operand computed by JAX (so schedules and
+// below); with bfloat16 parameters it rounds where the pure chain rounds (see the rules), and
+// with 8-bit state it decodes and encodes as rmsjax.quantization's codec does. Hyperparameters arrive as a float32 operand computed by JAX (so schedules and
 // injected hyperparameters are traced values, not constants).
 //
 // Operands (defined ONLY by rmsjax/_native/table.py, from which the build generates
-// rmsjax_kernel_table.h: the scalar, slot and flag names used below):
-//   scalars f32[<kind>::scalar::kCount], then per leaf: p, g, slot_1 .. slot_n
-//   results, per leaf: p, slot_1 .. slot_n   (aliased to the operands)
-// with the slots of the kind whose flag is set, in table order. Attributes: kind (the table's
-// kind id), flags (bit mask of the kind's flags), leaves (number of leaves), table (the table
-// hash). Every call is checked against the table exactly; a mismatch is an FFI error.
+// rmsjax_kernel_table.h: the scalar, slot, flag and codec names used below):
+//   scalars f32[<kind>::scalar::kCount], then (flag q8) one codec operand per present slot,
+//   then per leaf: p, g, and per present slot its state: one f32 array, or (q8) codes u8 and
+//   scales f32
+//   results, per leaf: p, then per slot the new state   (aliased to the operands)
+// with the slots of the kind whose flag is set, in table order; p and g are f32, or bf16 with
+// the flag bf16. Attributes: kind (the table's kind id), flags (bit mask of the kind's flags),
+// leaves (number of leaves), table (the table hash). Every call is checked against the table
+// exactly; a mismatch is an FFI error.
+//
+// 8-bit state (q8): rmsjax.quantized(bits=8) with rmsjax's codec (blocks along the last axis,
+// nearest rounding, the scale a block's largest magnitude). The kernel goes block by block:
+// decode each slot's block (map value times scale) into a stack buffer, run the rule over the
+// block (writing the parameters), then requantise each slot from the buffer (clip to the
+// float32 range, the new scale, v = x / scale, the nearest code by the codec's own breakpoints,
+// passed in the codec operand): one pass over memory, as with float32 state.
 //
 // Threads: the handler is asynchronous (it returns an ffi::Future). It hands the call's
 // elements to XLA's intra-op thread pool as a few tasks that claim blocks from a shared counter
@@ -31,8 +42,10 @@
 //
 // Each loop below is written once, as the always-inline Loop of a struct, and compiled twice:
 // into a baseline function and, on x86-64, into an AVX2+FMA function (target attribute), the
-// latter chosen at run time when the CPU has both (see Dispatch); the library needs no -march
-// flag, so it runs on any x86-64 CPU. Only IEEE operations are used (+ - * / sqrt, correctly
+// latter chosen at run time when the CPU has both (see Dispatch); the loops for 8-bit state
+// are compiled a third time, for AVX-512 (F, BW, DQ, VL, VBMI, GFNI: decode and encode by
+// in-register permutes instead of gathers, see DecodeAvx512 and EncodeAvx512), chosen when the
+// CPU has those. The library needs no -march flag, so it runs on any x86-64 CPU. Only IEEE operations are used (+ - * / sqrt, correctly
 // rounded; no reciprocal or rsqrt approximations). The build passes -ffp-contract=fast, so
 // a * b + c becomes one FMA where the instruction set has it, as in XLA's CPU code: the
 // AVX2+FMA version rounds like the pure-JAX path on an FMA CPU, the baseline version like it
@@ -49,7 +62,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 #include "rmsjax_kernel_table.h"  // generated from rmsjax/_native/table.py by build.py
@@ -61,16 +74,119 @@ namespace tbl = rmsjax_table;
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kF32Max = std::numeric_limits<float>::max();
+constexpr int kMaxBlock = tbl::codec::kMaxBlock;
+constexpr int kMapSize = tbl::codec::kMapSize;
 
-// One leaf's arrays; the state arrays are indexed by the kind's slot enum (absent slots null).
+// The instruction sets the loops are compiled for (see KernelIsa).
+constexpr int kIsaBaseline = 0, kIsaAvx2 = 1, kIsaAvx512 = 2;
+
+// One leaf's arrays. Parameters and gradients are float32 or (flag bf16) bfloat16, kept as
+// raw pointers; the state arrays are indexed by the kind's slot enum (absent slots null):
+// float32 arrays, or (flag q8) uint8 codes and float32 scales, one scale per block of ``block``
+// entries along the last axis (``cols`` entries per row, ``nb`` blocks per row, the last one
+// of a row possibly short).
 struct Leaf {
-  int64_t n;
-  const float* p;
-  const float* g;
-  const float* s_in[tbl::kMaxSlots];
-  float* p_out;
-  float* s_out[tbl::kMaxSlots];
+  int64_t n = 0;      // elements
+  int64_t units = 0;  // what the work is divided in: elements, or (q8) blocks
+  int64_t cols = 0;   // q8: length of the last axis
+  int64_t nb = 0;     // q8: blocks per row
+  const void* p = nullptr;
+  const void* g = nullptr;
+  void* p_out = nullptr;
+  const float* s_in[tbl::kMaxSlots] = {};
+  float* s_out[tbl::kMaxSlots] = {};
+  const uint8_t* c_in[tbl::kMaxSlots] = {};
+  uint8_t* c_out[tbl::kMaxSlots] = {};
+  const float* sc_in[tbl::kMaxSlots] = {};
+  float* sc_out[tbl::kMaxSlots] = {};
 };
+
+// An 8-bit codec (rmsjax.fused.codecs builds its operand from rmsjax.quantization): the map,
+// the float32 breakpoints where the nearest code changes (the last padded with +inf), and the
+// cell table that finds the count of breakpoints <= v with one comparison (see Lookup).
+struct Codec {
+  int block = 0;
+  uint32_t lo_bits = 0;
+  int shift = 0;
+  int half = 0;
+  alignas(32) float qmap[kMapSize];
+  alignas(32) float points[kMapSize];
+  std::vector<uint8_t> cells;  // 2 * half entries, then 3 bytes of padding
+  // The breakpoints by level of a branch-free binary search (AVX-512 encode, see Search512):
+  // level l (l = 0..7, step s = 128 >> l) holds points[j * 2s + s - 1] for j < 2**l at
+  // position Reverse(j, l) (its l bits in reverse order), padded to 16 entries; the last three
+  // levels fill 32, 64 and 128 entries.
+  alignas(64) float level[5][16];
+  alignas(64) float level5[32];
+  alignas(64) float level6[64];
+  alignas(64) float level7[128];
+  // The map as four byte planes (plane k holds byte k of each value, little-endian), read 64
+  // codes at a time by byte permutes (AVX-512 VBMI decode, see DecodeAvx512).
+  alignas(64) uint8_t plane[4][kMapSize];
+};
+
+[[gnu::always_inline]] inline uint32_t Bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+[[gnu::always_inline]] inline float FromBits(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+// Fills the binary-search levels of ``c`` from its breakpoints.
+void FillLevels(Codec& c) {
+  float* dst[8] = {c.level[0], c.level[1], c.level[2], c.level[3],
+                   c.level[4], c.level5,   c.level6,   c.level7};
+  for (int l = 0; l < 8; ++l) {
+    const int s = 128 >> l, n = 1 << l;
+    for (int j = 0; j < std::max(n, 16); ++j) {
+      int r = 0;  // j % n with its l bits reversed
+      for (int bit = 0; bit < l; ++bit) r |= (((j % n) >> bit) & 1) << (l - 1 - bit);
+      dst[l][r + (j - j % n)] = c.points[(j % n) * 2 * s + s - 1];
+    }
+  }
+  for (int i = 0; i < kMapSize; ++i) {
+    const uint32_t b = Bits(c.qmap[i]);
+    for (int k = 0; k < 4; ++k) c.plane[k][i] = static_cast<uint8_t>(b >> (8 * k));
+  }
+}
+
+// bfloat16 <-> float32 as XLA converts: widening is exact; narrowing rounds to nearest, ties to
+// even (a NaN stays a NaN, quieted).
+[[gnu::always_inline]] inline float Widen(uint16_t h) { return FromBits(uint32_t{h} << 16); }
+
+[[gnu::always_inline]] inline uint16_t Narrow(float x) {
+  const uint32_t b = Bits(x);
+  const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  const bool nan = (b & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(nan ? ((b >> 16) | 0x40u) : rounded);
+}
+
+// x rounded to bfloat16 (as a float32): what a cast to bfloat16 in the pure chain keeps.
+[[gnu::always_inline]] inline float RoundBf16(float x) { return Widen(Narrow(x)); }
+
+template <bool kBf16>
+[[gnu::always_inline]] inline float LoadP(const void* base, int64_t i) {
+  if constexpr (kBf16) {
+    return Widen(static_cast<const uint16_t*>(base)[i]);
+  } else {
+    return static_cast<const float*>(base)[i];
+  }
+}
+
+template <bool kBf16>
+[[gnu::always_inline]] inline void StoreP(void* base, int64_t i, float x) {
+  if constexpr (kBf16) {
+    static_cast<uint16_t*>(base)[i] = Narrow(x);
+  } else {
+    static_cast<float*>(base)[i] = x;
+  }
+}
 
 // where(den != 0, num / den, 0): a zero divisor gives 0, a NaN divisor NaN.
 [[gnu::always_inline]] inline float SafeDiv(float num, float den) {
@@ -93,63 +209,95 @@ struct Leaf {
   return ok ? r : 0.0f;
 }
 
-// ---- rmsprop family: scale_by_[centered_]rms, scale_by_learning_rate, trace ------------------
-template <bool kCentered, bool kEpsInSqrt, bool kMomentum, bool kNesterov>
-struct Rms {
-  [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
-                                                 const float* sc) {
+// The moving average (1 - d) * x + d * old, given both weights. -ffp-contract=fast turns one of
+// the two products into a fused multiply-add, the one whose statement comes first; XLA's CPU
+// code fuses the new sample's product for float32 gradients, the old average's for bfloat16
+// ones (measured, in jax 0.6.1 and 0.10.2), so kOldFirst follows the gradients' dtype.
+template <bool kOldFirst>
+[[gnu::always_inline]] inline float Ema(float w_new, float x, float w_old, float old) {
+  if constexpr (kOldFirst) {
+    const float b = w_old * old;
+    return b + w_new * x;
+  } else {
+    const float a = w_new * x;
+    return a + w_old * old;
+  }
+}
+
+// ---- the rules, one element at a time ---------------------------------------------------------
+// Step(g, p, s, sc) takes the gradient and parameter (widened to float32), the element's old
+// state in s[slot] (decoded when quantized), and returns the new parameter, leaving the new
+// state in s[slot]. With kBf16 it rounds to bfloat16 exactly where the pure chain (the rule,
+// then scale_by_learning_rate etc. on bfloat16 updates, then apply_updates) does, as XLA's CPU
+// compiler executes it: every cast of an update to the gradient's dtype rounds (map_rule), a
+// bfloat16 multiplication or addition rounds where its result feeds another bfloat16
+// operation, and does NOT round where its only use is a conversion back to float32 (XLA's
+// float normalisation computes such an operation in float32 and drops the conversion pair).
+
+// rmsprop family: scale_by_[centered_]rms, scale_by_learning_rate, trace.
+template <bool kCentered, bool kEpsInSqrt, bool kMomentum, bool kNesterov, bool kBf16,
+          bool kMuOldFirst, bool kNuOldFirst>
+struct RmsRule {
+  static constexpr bool kHas[tbl::kMaxSlots] = {kCentered, true, kMomentum};
+  static_assert(tbl::rms::slot::kMu == 0 && tbl::rms::slot::kNu == 1 &&
+                    tbl::rms::slot::kTrace == 2,
+                "rms: kHas follows the table's slot order");
+
+  [[gnu::always_inline]] static inline float Step(float gi, float pi, float* s,
+                                                  const float* sc) {
     namespace S = tbl::rms::scalar;
     namespace T = tbl::rms::slot;
     const float omd = sc[S::kOneMinusDecay], decay = sc[S::kDecay], eps = sc[S::kEps];
     const float corr = sc[S::kCorrection], lr = sc[S::kStepSize], beta = sc[S::kMomentum];
-    const float* p = L.p;
-    const float* g = L.g;
-    const float* mu_in = L.s_in[T::kMu];
-    const float* nu_in = L.s_in[T::kNu];
-    const float* m_in = L.s_in[T::kTrace];
-    float* p_out = L.p_out;
-    float* mu_out = L.s_out[T::kMu];
-    float* nu_out = L.s_out[T::kNu];
-    float* m_out = L.s_out[T::kTrace];
-#pragma GCC ivdep
-    for (int64_t i = lo; i < hi; ++i) {
-      const float gi = g[i];
-      const float nu = omd * (gi * gi) + decay * nu_in[i];
-      float var;
-      if constexpr (kCentered) {
-        const float mu = omd * gi + decay * mu_in[i];
-        const float nh = nu / corr;
-        const float mh = mu / corr;
-        const float d = nh - mh * mh;
-        // where(nu_hat == +inf, +inf, max(d, 0)); a NaN d stays NaN, like jnp.maximum
-        var = nh == kInf ? kInf : (d < 0.0f ? 0.0f : d);
-        mu_out[i] = mu;
-      } else {
-        var = nu / corr;
-      }
-      float s;
-      if constexpr (kEpsInSqrt) {
-        s = SafeRsqrtScale(gi, var + eps);
-      } else {
-        s = SafeDiv(gi, std::sqrt(var) + eps);
-      }
-      float u = lr * s;
-      if constexpr (kMomentum) {
-        const float m = u + beta * m_in[i];
-        u = kNesterov ? u + beta * m : m;
-        m_out[i] = m;
-      }
-      nu_out[i] = nu;
-      p_out[i] = p[i] + u;
+    const float nu = Ema<kNuOldFirst>(omd, gi * gi, decay, s[T::kNu]);
+    float var;
+    if constexpr (kCentered) {
+      const float mu = Ema<kMuOldFirst>(omd, gi, decay, s[T::kMu]);
+      const float nh = nu / corr;
+      const float mh = mu / corr;
+      const float d = nh - mh * mh;
+      // where(nu_hat == +inf, +inf, max(d, 0)); a NaN d stays NaN, like jnp.maximum
+      var = nh == kInf ? kInf : (d < 0.0f ? 0.0f : d);
+      s[T::kMu] = mu;
+    } else {
+      var = nu / corr;
+    }
+    float r;
+    if constexpr (kEpsInSqrt) {
+      r = SafeRsqrtScale(gi, var + eps);
+    } else {
+      r = SafeDiv(gi, std::sqrt(var) + eps);
+    }
+    if constexpr (kBf16) r = RoundBf16(r);  // scale_by_rms's update, cast to bfloat16
+    if constexpr (kMomentum) {
+      // bf16: lr * r feeds only trace's cast to float32, so it is not rounded
+      const float bm = beta * s[T::kTrace];
+      float u = lr * r;
+      const float m = bm + u;
+      u = kNesterov ? u + beta * m : m;
+      s[T::kTrace] = m;
+      if constexpr (kBf16) u = RoundBf16(u);  // trace's update, cast to bfloat16
+      s[T::kNu] = nu;
+      return pi + u;
+    } else {
+      float u = lr * r;  // bf16: lr is the bfloat16 step size
+      if constexpr (kBf16) u = RoundBf16(u);  // a bfloat16 product feeding the addition below
+      s[T::kNu] = nu;
+      return pi + u;
     }
   }
 };
 
-// ---- adam / adamw: scale_by_adam, [add_decayed_weights], scale_by_learning_rate --------------
-template <bool kNesterov, bool kDecay>
-struct Adam {
-  [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
-                                                 const float* sc) {
+// adam / adamw: scale_by_adam, [add_decayed_weights], scale_by_learning_rate.
+template <bool kNesterov, bool kDecay, bool kDecayBf16, bool kBf16, bool kMuOldFirst,
+          bool kNuOldFirst>
+struct AdamRule {
+  static constexpr bool kHas[tbl::kMaxSlots] = {true, true, false};
+  static_assert(tbl::adam::slot::kMu == 0 && tbl::adam::slot::kNu == 1,
+                "adam: kHas follows the table's slot order");
+
+  [[gnu::always_inline]] static inline float Step(float gi, float pi, float* s,
+                                                  const float* sc) {
     namespace S = tbl::adam::scalar;
     namespace T = tbl::adam::slot;
     const float omb1 = sc[S::kOneMinusB1], b1 = sc[S::kB1];
@@ -157,133 +305,563 @@ struct Adam {
     const float eps = sc[S::kEps], eps_root = sc[S::kEpsRoot];
     const float c1 = sc[S::kC1], c2 = sc[S::kC2], c1n = sc[S::kC1Next];
     const float lr = sc[S::kStepSize], wd = sc[S::kWeightDecay];
-    const float* p = L.p;
-    const float* g = L.g;
-    const float* mu_in = L.s_in[T::kMu];
-    const float* nu_in = L.s_in[T::kNu];
-    float* p_out = L.p_out;
-    float* mu_out = L.s_out[T::kMu];
-    float* nu_out = L.s_out[T::kNu];
-#pragma GCC ivdep
-    for (int64_t i = lo; i < hi; ++i) {
-      const float gi = g[i];
-      const float pi = p[i];
-      const float mu = omb1 * gi + b1 * mu_in[i];
-      const float nu = omb2 * (gi * gi) + b2 * nu_in[i];
-      const float mh = kNesterov ? b1 * (mu / c1n) + omb1 * (gi / c1) : mu / c1;
-      float s = MomentDiv(mh, std::sqrt(nu / c2 + eps_root) + eps, gi);
-      if constexpr (kDecay) s = s + wd * pi;
-      mu_out[i] = mu;
-      nu_out[i] = nu;
-      p_out[i] = pi + lr * s;
+    const float mu = Ema<kMuOldFirst>(omb1, gi, b1, s[T::kMu]);
+    const float nu = Ema<kNuOldFirst>(omb2, gi * gi, b2, s[T::kNu]);
+    const float mh = kNesterov ? b1 * (mu / c1n) + omb1 * (gi / c1) : mu / c1;
+    float r = MomentDiv(mh, std::sqrt(nu / c2 + eps_root) + eps, gi);
+    if constexpr (kBf16) r = RoundBf16(r);  // scale_by_adam's update, cast to bfloat16
+    if constexpr (kDecay) {
+      if constexpr (kBf16 && kDecayBf16) {
+        // a weakly typed coefficient: two bfloat16 operations, each rounded
+        r = RoundBf16(r + RoundBf16(wd * pi));
+      } else if constexpr (kBf16) {
+        r = RoundBf16(r + wd * pi);  // float32 arithmetic, cast back to bfloat16
+      } else {
+        r = r + wd * pi;
+      }
     }
+    s[T::kMu] = mu;
+    s[T::kNu] = nu;
+    if constexpr (kBf16) return pi + RoundBf16(lr * r);  // bfloat16 product, then the addition
+    return pi + lr * r;
   }
 };
 
-// ---- sgd: [trace], scale_by_learning_rate ----------------------------------------------------
-template <bool kMomentum, bool kNesterov>
-struct Sgd {
-  [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
-                                                 const float* sc) {
+// sgd: [trace], scale_by_learning_rate.
+template <bool kMomentum, bool kNesterov, bool kBf16>
+struct SgdRule {
+  static constexpr bool kHas[tbl::kMaxSlots] = {kMomentum, false, false};
+  static_assert(tbl::sgd::slot::kTrace == 0, "sgd: kHas follows the table's slot order");
+
+  [[gnu::always_inline]] static inline float Step(float gi, float pi, float* s,
+                                                  const float* sc) {
     namespace S = tbl::sgd::scalar;
     const float lr = sc[S::kStepSize], beta = sc[S::kMomentum];
-    const float* p = L.p;
-    const float* g = L.g;
-    const float* m_in = L.s_in[tbl::sgd::slot::kTrace];
-    float* p_out = L.p_out;
-    float* m_out = L.s_out[tbl::sgd::slot::kTrace];
-#pragma GCC ivdep
-    for (int64_t i = lo; i < hi; ++i) {
-      const float gi = g[i];
-      float u = gi;
-      if constexpr (kMomentum) {
-        const float m = gi + beta * m_in[i];
-        u = kNesterov ? gi + beta * m : m;
-        m_out[i] = m;
-      }
-      p_out[i] = p[i] + lr * u;
+    float u = gi;
+    if constexpr (kMomentum) {
+      const float m = gi + beta * s[tbl::sgd::slot::kTrace];
+      u = kNesterov ? gi + beta * m : m;
+      s[tbl::sgd::slot::kTrace] = m;
+      if constexpr (kBf16) u = RoundBf16(u);  // trace's update, cast to bfloat16
     }
+    if constexpr (kBf16) return pi + RoundBf16(lr * u);  // bfloat16 product, then the addition
+    return pi + lr * u;
   }
 };
 
-using KernelFn = void (*)(const Leaf&, int64_t, int64_t, const float*);
+// ---- 8-bit blocks: decode, encode -------------------------------------------------------------
 
-// The two compilations of each loop: K::Loop is inlined into each, so the loop is vectorised
-// for that function's instruction set.
-template <class K>
-void Baseline(const Leaf& L, int64_t lo, int64_t hi, const float* sc) {
-  K::Loop(L, lo, hi, sc);
+// The code of a normalised value v (|v| <= 1, not NaN): #(breakpoints <= v), as the JAX codec's
+// lookup counts it (rmsjax.quantization.rounding). The float32 numbers of [-1, 1] are cut into
+// cells of 2**shift consecutive magnitudes above lo_bits (everything below lo_bits in the first
+// cell of each sign), each holding at most one breakpoint (checked when the operand is built);
+// the cell table gives the count below the cell, one comparison adds the breakpoint inside it.
+[[gnu::always_inline]] inline int Lookup(const Codec& c, float v) {
+  const uint32_t b = Bits(v);
+  uint32_t a = b & 0x7fffffffu;
+  a = a < c.lo_bits ? c.lo_bits : a;
+  a = a > 0x3f800000u ? 0x3f800000u : a;
+  const int k = static_cast<int>((a - c.lo_bits) >> c.shift);
+  const int cell = (b >> 31) ? c.half - 1 - k : c.half + k;
+  const int base = c.cells[cell];
+  return base + (c.points[base] <= v ? 1 : 0);
+}
+
+// x[i] = qmap[codes[i]] * scale: the codec's decode (a float32 product).
+[[gnu::always_inline]] inline void Decode(const Codec& c, const uint8_t* codes, float scale,
+                                          int len, float* x) {
+  for (int i = 0; i < len; ++i) x[i] = c.qmap[codes[i]] * scale;
+}
+
+// The codec's encode of one block x[0..len) (storage.encode: values beyond float32 clipped to
+// +-max; the scale is the largest magnitude, NaN when the block holds a NaN; v = x / scale, by a
+// true division, with 1 in place of a zero scale; a NaN v takes the code of -1).
+[[gnu::always_inline]] inline void Encode(const Codec& c, float* x, int len, uint8_t* codes,
+                                          float* scale_out) {
+  float amax = 0.0f;
+  bool nan = false;
+  for (int i = 0; i < len; ++i) {
+    const float xi = std::min(std::max(x[i], -kF32Max), kF32Max);  // NaN stays NaN
+    x[i] = xi;
+    const float m = std::fabs(xi);
+    nan |= m != m;
+    amax = m > amax ? m : amax;
+  }
+  const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : amax;
+  const float div = scale == 0.0f ? 1.0f : scale;
+  for (int i = 0; i < len; ++i) {
+    float v = x[i] / div;
+    v = v != v ? -1.0f : v;
+    codes[i] = static_cast<uint8_t>(Lookup(c, v));
+  }
+  *scale_out = scale;
 }
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define RMSJAX_HAVE_AVX2_VERSION 1
-template <class K>
-[[gnu::target("avx2,fma")]] void Avx2Fma(const Leaf& L, int64_t lo, int64_t hi,
-                                         const float* sc) {
-  K::Loop(L, lo, hi, sc);
+
+// Decode and Encode, eight entries at a time with AVX2 (gathers for the map, the cell table and
+// the breakpoints); the same operations, hence the same results, as the scalar versions above.
+[[gnu::target("avx2,fma")]] void DecodeAvx2(const Codec& c, const uint8_t* codes, float scale,
+                                            int len, float* x) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i));
+    const __m256 q = _mm256_i32gather_ps(c.qmap, _mm256_cvtepu8_epi32(raw), 4);
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(q, s));
+  }
+  for (; i < len; ++i) x[i] = c.qmap[codes[i]] * scale;
+}
+
+[[gnu::target("avx2,fma")]] void EncodeAvx2(const Codec& c, float* x, int len, uint8_t* codes,
+                                            float* scale_out) {
+  const __m256 lo = _mm256_set1_ps(-kF32Max), hi = _mm256_set1_ps(kF32Max);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 vnan = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= len; i += 8) {
+    // max(lo, x) and min(hi, .) return x when x is NaN (the second operand)
+    const __m256 xi = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(x + i)));
+    _mm256_storeu_ps(x + i, xi);
+    const __m256 m = _mm256_and_ps(xi, abs_mask);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(m, m, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(m, vmax);  // a NaN m gives vmax (the second operand)
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.0f;
+  for (float v : lanes) amax = v > amax ? v : amax;
+  bool nan = _mm256_movemask_ps(vnan) != 0;
+  for (int j = i; j < len; ++j) {
+    const float xj = std::min(std::max(x[j], -kF32Max), kF32Max);
+    x[j] = xj;
+    const float m = std::fabs(xj);
+    nan |= m != m;
+    amax = m > amax ? m : amax;
+  }
+  const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : amax;
+  const float div = scale == 0.0f ? 1.0f : scale;
+  const __m256 vdiv = _mm256_set1_ps(div);
+  const __m256 minus_one = _mm256_set1_ps(-1.0f);
+  const __m256i lo_bits = _mm256_set1_epi32(static_cast<int>(c.lo_bits));
+  const __m256i one_bits = _mm256_set1_epi32(0x3f800000);
+  const __m256i mag_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m128i shift = _mm_cvtsi32_si128(c.shift);
+  const __m256i pos_base = _mm256_set1_epi32(c.half);
+  const __m256i neg_base = _mm256_set1_epi32(c.half - 1);
+  const __m256i byte = _mm256_set1_epi32(0xff);
+  const auto* cells = reinterpret_cast<const int*>(c.cells.data());
+  // bytes 0, 4, 8, 12 of each 128-bit lane to its first 4 bytes, then lanes 0 and 1 together
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, -1);
+  const __m256i join = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
+  int k = 0;
+  for (; k + 8 <= len; k += 8) {
+    __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), vdiv);
+    v = _mm256_blendv_ps(v, minus_one, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i b = _mm256_castps_si256(v);
+    __m256i a = _mm256_and_si256(b, mag_mask);
+    a = _mm256_min_epu32(_mm256_max_epu32(a, lo_bits), one_bits);
+    const __m256i cell_k = _mm256_srl_epi32(_mm256_sub_epi32(a, lo_bits), shift);
+    const __m256i negative = _mm256_srai_epi32(b, 31);
+    const __m256i cell = _mm256_blendv_epi8(_mm256_add_epi32(pos_base, cell_k),
+                                            _mm256_sub_epi32(neg_base, cell_k), negative);
+    const __m256i base = _mm256_and_si256(_mm256_i32gather_epi32(cells, cell, 1), byte);
+    const __m256 point = _mm256_i32gather_ps(c.points, base, 4);
+    const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(point, v, _CMP_LE_OQ));
+    const __m256i code = _mm256_sub_epi32(base, up);  // up is -1 where the breakpoint is <= v
+    const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(code, pick), join);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + k), _mm256_castsi256_si128(packed));
+  }
+  for (; k < len; ++k) {
+    float v = x[k] / div;
+    v = v != v ? -1.0f : v;
+    codes[k] = static_cast<uint8_t>(Lookup(c, v));
+  }
+  *scale_out = scale;
 }
 #endif
 
-// True when the AVX2+FMA versions run: the CPU (and OS) support both, and
-// RMSJAX_NATIVE_ISA=baseline does not ask for the baseline versions (for testing).
-bool UseAvx2Fma() {
-  static const bool use = [] {
-#ifdef RMSJAX_HAVE_AVX2_VERSION
-    const char* env = std::getenv("RMSJAX_NATIVE_ISA");
-    if (env != nullptr && std::strcmp(env, "baseline") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define RMSJAX_HAVE_AVX512_VERSION 1
+#define RMSJAX_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,gfni,avx2,fma"
+
+// Decode and Encode, sixteen entries at a time with AVX-512 and no gathers: the map is read
+// with in-register permutes (32 entries per permute, the code's top three bits choose among
+// eight), and the code of v is found by a branch-free binary search over the breakpoints whose
+// levels are permutes of the Codec's level tables. The search counts the breakpoints <= v as
+// Lookup does (the breakpoints are sorted; points[255] = +inf is never compared), so the codes
+// are Lookup's. A short block's tail is handled with masked loads and stores.
+
+[[gnu::target(RMSJAX_AVX512)]] inline __mmask16 TailMask(int left) {
+  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+}
+
+// x[i] = qmap[codes[i]] * scale for 64 codes at a time: each byte of the map's values is read
+// by two byte permutes (128 entries each; the code's top bit chooses), the four bytes are
+// interleaved into float32 values by unpacks (which work within 128-bit lanes, so the codes are
+// first permuted into the order the unpacks undo), and multiplied by the scale.
+[[gnu::target(RMSJAX_AVX512)]] void DecodeAvx512(const Codec& c, const uint8_t* codes,
+                                                 float scale, int len, float* x) {
+  __m512i lo[4], hi[4];
+  for (int k = 0; k < 4; ++k) {
+    lo[k] = _mm512_load_si512(c.plane[k]);
+    hi[k] = _mm512_load_si512(c.plane[k] + 64);
+  }
+  __m512i lo2[4], hi2[4];
+  for (int k = 0; k < 4; ++k) {
+    lo2[k] = _mm512_load_si512(c.plane[k] + 128);
+    hi2[k] = _mm512_load_si512(c.plane[k] + 192);
+  }
+  // byte 16 * lane + 4 * r + d of the permuted codes is code 16 * r + 4 * lane + d: after the
+  // unpacks, dword d of 128-bit lane `lane` of result r is then entry 16 * r + 4 * lane + d
+  alignas(64) uint8_t order[64];
+  for (int lane = 0; lane < 4; ++lane) {
+    for (int r = 0; r < 4; ++r) {
+      for (int d = 0; d < 4; ++d) order[16 * lane + 4 * r + d] = 16 * r + 4 * lane + d;
+    }
+  }
+  const __m512i perm = _mm512_load_si512(order);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int i = 0; i < len; i += 64) {
+    const int left = len - i;
+    const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+    const __m512i idx = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi8(m, codes + i));
+    const __mmask64 top = _mm512_movepi8_mask(idx);  // codes 128..255
+    __m512i b[4];
+    for (int k = 0; k < 4; ++k) {
+      b[k] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(lo[k], idx, hi[k]),
+                                    _mm512_permutex2var_epi8(lo2[k], idx, hi2[k]));
+    }
+    const __m512i w0 = _mm512_unpacklo_epi8(b[0], b[1]), w1 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i w2 = _mm512_unpacklo_epi8(b[2], b[3]), w3 = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512i f[4] = {_mm512_unpacklo_epi16(w0, w2), _mm512_unpackhi_epi16(w0, w2),
+                          _mm512_unpacklo_epi16(w1, w3), _mm512_unpackhi_epi16(w1, w3)};
+    for (int r = 0; r < 4; ++r) {
+      const __mmask16 mr = TailMask(left - 16 * r);
+      if (left - 16 * r <= 0) break;
+      _mm512_mask_storeu_ps(x + i + 16 * r, mr, _mm512_mul_ps(_mm512_castsi512_ps(f[r]), s));
+    }
+  }
+}
+
+// The code of each lane of v (|v| <= 1, not NaN): #(breakpoints <= v), by a branch-free binary
+// search. Level l compares v with one breakpoint chosen by the l results before it, and its
+// result is bit 7 - l of the code. The results are gathered in r in reverse order (level l's
+// in bit l), so that r's low bits, which the permutes read, hold all the results so far without
+// a shift; the levels' tables are stored in that order, levels 6 and 7 (64 and 128 entries)
+// choose among their 32-entry permutes with the results of levels 5 and 6, and the code is r
+// with its bits reversed (one GFNI affine transform per byte).
+struct Levels512 {
+  __m512 l[5], l5[2], l6[4], l7[8];
+};
+
+[[gnu::target(RMSJAX_AVX512)]] [[gnu::always_inline]] inline __m512i Search512(
+    const Levels512& t, __m512 v) {
+  __mmask16 m = _mm512_cmp_ps_mask(t.l[0], v, _CMP_LE_OQ);  // level 0: the same breakpoint
+  __m512i r = _mm512_maskz_mov_epi32(m, _mm512_set1_epi32(1));
+  for (int l = 1; l < 5; ++l) {  // at most 16 candidates: one permute
+    m = _mm512_cmp_ps_mask(_mm512_permutexvar_ps(r, t.l[l]), v, _CMP_LE_OQ);
+    r = _mm512_mask_or_epi32(r, m, r, _mm512_set1_epi32(1 << l));
+  }
+  m = _mm512_cmp_ps_mask(_mm512_permutex2var_ps(t.l5[0], r, t.l5[1]), v, _CMP_LE_OQ);
+  const __mmask16 m5 = m;
+  r = _mm512_mask_or_epi32(r, m, r, _mm512_set1_epi32(32));
+  m = _mm512_cmp_ps_mask(_mm512_mask_blend_ps(m5, _mm512_permutex2var_ps(t.l6[0], r, t.l6[1]),
+                                              _mm512_permutex2var_ps(t.l6[2], r, t.l6[3])),
+                         v, _CMP_LE_OQ);
+  const __mmask16 m6 = m;
+  r = _mm512_mask_or_epi32(r, m, r, _mm512_set1_epi32(64));
+  const __m512 p01 = _mm512_mask_blend_ps(m5, _mm512_permutex2var_ps(t.l7[0], r, t.l7[1]),
+                                          _mm512_permutex2var_ps(t.l7[2], r, t.l7[3]));
+  const __m512 p23 = _mm512_mask_blend_ps(m5, _mm512_permutex2var_ps(t.l7[4], r, t.l7[5]),
+                                          _mm512_permutex2var_ps(t.l7[6], r, t.l7[7]));
+  m = _mm512_cmp_ps_mask(_mm512_mask_blend_ps(m6, p01, p23), v, _CMP_LE_OQ);
+  r = _mm512_mask_or_epi32(r, m, r, _mm512_set1_epi32(128));
+  // reverse the bits of each byte (r < 256, so the other bytes stay 0)
+  return _mm512_gf2p8affine_epi64_epi8(r, _mm512_set1_epi64(0x8040201008040201LL), 0);
+}
+
+[[gnu::target(RMSJAX_AVX512)]] void EncodeAvx512(const Codec& c, float* x, int len,
+                                                 uint8_t* codes, float* scale_out) {
+  const __m512 lo = _mm512_set1_ps(-kF32Max), hi = _mm512_set1_ps(kF32Max);
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int i = 0; i < len; i += 16) {
+    const __mmask16 m = TailMask(len - i);
+    // max(lo, x) and min(hi, .) return x when x is NaN (the second operand); lanes past the
+    // end are 0
+    const __m512 xi = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_maskz_loadu_ps(m, x + i)));
+    _mm512_mask_storeu_ps(x + i, m, xi);
+    const __m512 a = _mm512_abs_ps(xi);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(a, vmax);  // a NaN magnitude gives vmax (the second operand)
+  }
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const float scale = nan != 0 ? std::numeric_limits<float>::quiet_NaN() : amax;
+  const float div = scale == 0.0f ? 1.0f : scale;
+  Levels512 t;
+  for (int l = 0; l < 5; ++l) t.l[l] = _mm512_load_ps(c.level[l]);
+  t.l[0] = _mm512_set1_ps(c.level[0][0]);
+  for (int r = 0; r < 2; ++r) t.l5[r] = _mm512_load_ps(c.level5 + 16 * r);
+  for (int r = 0; r < 4; ++r) t.l6[r] = _mm512_load_ps(c.level6 + 16 * r);
+  for (int r = 0; r < 8; ++r) t.l7[r] = _mm512_load_ps(c.level7 + 16 * r);
+  if (nan != 0) {  // every v is NaN: the code of -1
+    std::memset(codes, Lookup(c, -1.0f), static_cast<size_t>(len));
+    *scale_out = scale;
+    return;
+  }
+  // no x is NaN, so every v = x / div is a number of [-1, 1]
+  const __m512 vdiv = _mm512_set1_ps(div);
+  for (int k = 0; k < len; k += 16) {
+    const __mmask16 m = TailMask(len - k);
+    const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + k), vdiv);
+    _mm_mask_storeu_epi8(codes + k, m, _mm512_cvtepi32_epi8(Search512(t, v)));
+  }
+  *scale_out = scale;
+}
 #endif
+
+// ---- the loops ----------------------------------------------------------------------------------
+
+// Float32 state: elements [lo, hi) of one leaf.
+template <class R, bool kBf16>
+[[gnu::always_inline]] inline void DenseLoop(const Leaf& L, int64_t lo, int64_t hi,
+                                             const float* sc) {
+  const float* in[tbl::kMaxSlots];
+  float* out[tbl::kMaxSlots];
+  for (int k = 0; k < tbl::kMaxSlots; ++k) {
+    in[k] = L.s_in[k];
+    out[k] = L.s_out[k];
+  }
+  const void* p = L.p;
+  const void* g = L.g;
+  void* p_out = L.p_out;
+#pragma GCC ivdep
+  for (int64_t i = lo; i < hi; ++i) {
+    float s[tbl::kMaxSlots] = {};
+    for (int k = 0; k < tbl::kMaxSlots; ++k) {
+      if (R::kHas[k]) s[k] = in[k][i];
+    }
+    const float pn = R::Step(LoadP<kBf16>(g, i), LoadP<kBf16>(p, i), s, sc);
+    for (int k = 0; k < tbl::kMaxSlots; ++k) {
+      if (R::kHas[k]) out[k][i] = s[k];
+    }
+    StoreP<kBf16>(p_out, i, pn);
+  }
+}
+
+// 8-bit state: blocks [lo, hi) of one leaf (block b is block b % nb of row b / nb). Per block:
+// decode every slot into a stack buffer, run the rule (parameters written at once), then
+// requantise each slot from the buffer: one pass over the leaf's memory.
+template <class R, bool kBf16, int kIsa>
+[[gnu::always_inline]] inline void BlockLoop(const Leaf& L, int64_t lo, int64_t hi,
+                                             const float* sc, const Codec* codecs) {
+  alignas(32) float buf[tbl::kMaxSlots][kMaxBlock];
+  const int block = codecs[0].block;  // the same for every slot (checked by Prepare)
+  for (int64_t b = lo; b < hi; ++b) {
+    const int64_t row = b / L.nb;
+    const int64_t j = b - row * L.nb;
+    const int64_t start = row * L.cols + j * block;
+    const int len = static_cast<int>(std::min<int64_t>(block, L.cols - j * block));
+    for (int k = 0; k < tbl::kMaxSlots; ++k) {
+      if (!R::kHas[k]) continue;
+#ifdef RMSJAX_HAVE_AVX512_VERSION
+      if constexpr (kIsa == kIsaAvx512) {
+        DecodeAvx512(codecs[k], L.c_in[k] + start, L.sc_in[k][b], len, buf[k]);
+        continue;
+      }
+#endif
+#ifdef RMSJAX_HAVE_AVX2_VERSION
+      if constexpr (kIsa == kIsaAvx2) {
+        DecodeAvx2(codecs[k], L.c_in[k] + start, L.sc_in[k][b], len, buf[k]);
+        continue;
+      }
+#endif
+      Decode(codecs[k], L.c_in[k] + start, L.sc_in[k][b], len, buf[k]);
+    }
+    const void* p = L.p;
+    const void* g = L.g;
+    void* p_out = L.p_out;
+#pragma GCC ivdep
+    for (int i = 0; i < len; ++i) {
+      float s[tbl::kMaxSlots] = {};
+      for (int k = 0; k < tbl::kMaxSlots; ++k) {
+        if (R::kHas[k]) s[k] = buf[k][i];
+      }
+      const float pn = R::Step(LoadP<kBf16>(g, start + i), LoadP<kBf16>(p, start + i), s, sc);
+      for (int k = 0; k < tbl::kMaxSlots; ++k) {
+        if (R::kHas[k]) buf[k][i] = s[k];
+      }
+      StoreP<kBf16>(p_out, start + i, pn);
+    }
+    for (int k = 0; k < tbl::kMaxSlots; ++k) {
+      if (!R::kHas[k]) continue;
+#ifdef RMSJAX_HAVE_AVX512_VERSION
+      if constexpr (kIsa == kIsaAvx512) {
+        EncodeAvx512(codecs[k], buf[k], len, L.c_out[k] + start, L.sc_out[k] + b);
+        continue;
+      }
+#endif
+#ifdef RMSJAX_HAVE_AVX2_VERSION
+      if constexpr (kIsa == kIsaAvx2) {
+        EncodeAvx2(codecs[k], buf[k], len, L.c_out[k] + start, L.sc_out[k] + b);
+        continue;
+      }
+#endif
+      Encode(codecs[k], buf[k], len, L.c_out[k] + start, L.sc_out[k] + b);
+    }
+  }
+}
+
+// One loop: a rule, its parameter dtype and its state storage.
+template <class R, bool kBf16, bool kQ8>
+struct Kernel {
+  static constexpr bool kQuantized = kQ8;
+  static constexpr bool kBfloat16 = kBf16;
+  template <int kIsa>
+  [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
+                                                 const float* sc, const Codec* codecs) {
+    if constexpr (kQ8) {
+      BlockLoop<R, kBf16, kIsa>(L, lo, hi, sc, codecs);
+    } else {
+      DenseLoop<R, kBf16>(L, lo, hi, sc);
+    }
+  }
+};
+
+using KernelFn = void (*)(const Leaf&, int64_t, int64_t, const float*, const Codec*);
+
+// The two compilations of each loop: K::Loop is inlined into each, so the loop is vectorised
+// for that function's instruction set.
+template <class K>
+void Baseline(const Leaf& L, int64_t lo, int64_t hi, const float* sc, const Codec* codecs) {
+  K::template Loop<kIsaBaseline>(L, lo, hi, sc, codecs);
+}
+
+#ifdef RMSJAX_HAVE_AVX2_VERSION
+template <class K>
+[[gnu::target("avx2,fma")]] void Avx2Fma(const Leaf& L, int64_t lo, int64_t hi,
+                                         const float* sc, const Codec* codecs) {
+  K::template Loop<kIsaAvx2>(L, lo, hi, sc, codecs);
+}
+#endif
+
+#ifdef RMSJAX_HAVE_AVX512_VERSION
+template <class K>
+[[gnu::target(RMSJAX_AVX512)]] void Avx512(const Leaf& L, int64_t lo, int64_t hi,
+                                           const float* sc, const Codec* codecs) {
+  K::template Loop<kIsaAvx512>(L, lo, hi, sc, codecs);
+}
+#endif
+
+// The instruction set of the loops in use: the best the CPU (and OS) supports, lowered by
+// RMSJAX_NATIVE_ISA=avx2 (the AVX2+FMA loops even where AVX-512 is present) or =baseline (the
+// baseline loops), for testing. AVX-512 (F, BW, DQ, VL, VBMI, GFNI) serves the 8-bit state and
+// bfloat16 parameter loops (compute-bound: table searches, bfloat16 rounding); the float32 loops
+// are memory-bound and stay AVX2+FMA.
+int KernelIsa() {
+  static const int isa = [] {
+    int best = kIsaBaseline;
+#ifdef RMSJAX_HAVE_AVX2_VERSION
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = kIsaAvx2;
+#ifdef RMSJAX_HAVE_AVX512_VERSION
+    if (best == kIsaAvx2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+        __builtin_cpu_supports("gfni")) {
+      best = kIsaAvx512;
+    }
+#endif
+#endif
+    const char* env = std::getenv("RMSJAX_NATIVE_ISA");
+    if (env != nullptr && std::strcmp(env, "baseline") == 0) return kIsaBaseline;
+    if (env != nullptr && std::strcmp(env, "avx2") == 0) return std::min(best, kIsaAvx2);
+    return best;
   }();
-  return use;
+  return isa;
 }
 
 template <class K>
 KernelFn Dispatch() {
+#ifdef RMSJAX_HAVE_AVX512_VERSION
+  if constexpr (K::kQuantized || K::kBfloat16) {
+    if (KernelIsa() == kIsaAvx512) return Avx512<K>;
+  }
+#endif
 #ifdef RMSJAX_HAVE_AVX2_VERSION
-  if (UseAvx2Fma()) return Avx2Fma<K>;
+  if (KernelIsa() >= kIsaAvx2) return Avx2Fma<K>;
 #endif
   return Baseline<K>;
 }
 
+// Runtime flags -> template arguments: Expand<Make, N>(f) returns Make::Get<f[0], ..., f[N-1]>()
+// (every combination is instantiated once).
+template <class Make, int N, bool... Bs>
+KernelFn Expand(const bool* f) {
+  if constexpr (sizeof...(Bs) == N) {
+    return Make::template Get<Bs...>();
+  } else {
+    return f[sizeof...(Bs)] ? Expand<Make, N, Bs..., true>(f) : Expand<Make, N, Bs..., false>(f);
+  }
+}
+
+struct MakeRms {
+  template <bool kC, bool kE, bool kM, bool kN, bool kB, bool kQ>
+  static KernelFn Get() {
+    return Dispatch<Kernel<RmsRule<kC, kE, kM, kN, kB, kB && !kQ, kB>, kB, kQ>>();
+  }
+};
+struct MakeAdam {
+  template <bool kN, bool kD, bool kDB, bool kB, bool kQ>
+  static KernelFn Get() {
+    return Dispatch<Kernel<AdamRule<kN, kD, kDB, kB, kB && !kQ, kB>, kB, kQ>>();
+  }
+};
+struct MakeSgd {
+  template <bool kM, bool kN, bool kB, bool kQ>
+  static KernelFn Get() {
+    return Dispatch<Kernel<SgdRule<kM, kN, kB>, kB, kQ>>();
+  }
+};
+
 // The loop for a kind and its flag bits (the flag names are the table's; the static_asserts
-// fail to compile when the table gains a flag these dispatchers do not know).
+// fail to compile when the table gains a flag these dispatchers do not know). A flag that has
+// no effect in a configuration (nesterov without momentum, decay_bf16 without bf16 weight
+// decay) is cleared, so equal arithmetic shares one loop.
 KernelFn PickRms(int64_t f) {
   namespace F = tbl::rms::flag;
-  static_assert(F::kAll == (F::kCentered | F::kEpsInSqrt | F::kMomentum | F::kNesterov),
+  static_assert(F::kAll == (F::kCentered | F::kEpsInSqrt | F::kMomentum | F::kNesterov |
+                            F::kBf16 | F::kQ8),
                 "rms: a flag of the table is not dispatched");
   const bool momentum = f & F::kMomentum;
-  const int key = (((f & F::kCentered) != 0) << 3) | (((f & F::kEpsInSqrt) != 0) << 2) |
-                  (momentum << 1) | (momentum && (f & F::kNesterov));
-  using Pick = KernelFn (*)();
-  static const Pick table[16] = {
-      Dispatch<Rms<false, false, false, false>>, Dispatch<Rms<false, false, false, true>>,
-      Dispatch<Rms<false, false, true, false>>,  Dispatch<Rms<false, false, true, true>>,
-      Dispatch<Rms<false, true, false, false>>,  Dispatch<Rms<false, true, false, true>>,
-      Dispatch<Rms<false, true, true, false>>,   Dispatch<Rms<false, true, true, true>>,
-      Dispatch<Rms<true, false, false, false>>,  Dispatch<Rms<true, false, false, true>>,
-      Dispatch<Rms<true, false, true, false>>,   Dispatch<Rms<true, false, true, true>>,
-      Dispatch<Rms<true, true, false, false>>,   Dispatch<Rms<true, true, false, true>>,
-      Dispatch<Rms<true, true, true, false>>,    Dispatch<Rms<true, true, true, true>>,
-  };
-  return table[key]();
+  const bool b[6] = {(f & F::kCentered) != 0, (f & F::kEpsInSqrt) != 0, momentum,
+                     momentum && (f & F::kNesterov), (f & F::kBf16) != 0, (f & F::kQ8) != 0};
+  return Expand<MakeRms, 6>(b);
 }
 
 KernelFn PickAdam(int64_t f) {
   namespace F = tbl::adam::flag;
-  static_assert(F::kAll == (F::kNesterov | F::kWeightDecay), "adam: a flag is not dispatched");
-  const bool nesterov = f & F::kNesterov, decay = f & F::kWeightDecay;
-  return nesterov ? (decay ? Dispatch<Adam<true, true>>() : Dispatch<Adam<true, false>>())
-                  : (decay ? Dispatch<Adam<false, true>>() : Dispatch<Adam<false, false>>());
+  static_assert(F::kAll == (F::kNesterov | F::kWeightDecay | F::kDecayBf16 | F::kBf16 | F::kQ8),
+                "adam: a flag is not dispatched");
+  const bool decay = f & F::kWeightDecay, bf16 = f & F::kBf16;
+  const bool b[5] = {(f & F::kNesterov) != 0, decay, decay && bf16 && (f & F::kDecayBf16), bf16,
+                     (f & F::kQ8) != 0};
+  return Expand<MakeAdam, 5>(b);
 }
 
 KernelFn PickSgd(int64_t f) {
   namespace F = tbl::sgd::flag;
-  static_assert(F::kAll == (F::kMomentum | F::kNesterov), "sgd: a flag is not dispatched");
-  if (!(f & F::kMomentum)) return Dispatch<Sgd<false, false>>();
-  return (f & F::kNesterov) ? Dispatch<Sgd<true, true>>() : Dispatch<Sgd<true, false>>();
+  static_assert(F::kAll == (F::kMomentum | F::kNesterov | F::kBf16 | F::kQ8),
+                "sgd: a flag is not dispatched");
+  const bool momentum = f & F::kMomentum;
+  const bool b[4] = {momentum, momentum && (f & F::kNesterov), (f & F::kBf16) != 0,
+                     (f & F::kQ8) != 0};
+  return Expand<MakeSgd, 4>(b);
 }
 
 KernelFn Pick(int64_t kind, int64_t flags) {
@@ -297,6 +875,20 @@ KernelFn Pick(int64_t kind, int64_t flags) {
       return PickSgd(flags);
     default:
       return nullptr;
+  }
+}
+
+// The bf16 and q8 flag bits of a kind (their positions differ between kinds).
+int64_t StorageBit(int64_t kind, bool q8) {
+  switch (kind) {
+    case tbl::rms::kId:
+      return q8 ? tbl::rms::flag::kQ8 : tbl::rms::flag::kBf16;
+    case tbl::adam::kId:
+      return q8 ? tbl::adam::flag::kQ8 : tbl::adam::flag::kBf16;
+    case tbl::sgd::kId:
+      return q8 ? tbl::sgd::flag::kQ8 : tbl::sgd::flag::kBf16;
+    default:
+      return 0;
   }
 }
 
@@ -337,43 +929,48 @@ class ScopedFlushDenormal {
 #endif
 };
 
-// Process the global element range [lo, hi) of the concatenation of all leaves.
+// Process the global unit range [lo, hi) of the concatenation of all leaves (units: elements,
+// or blocks with q8).
 void RunRange(const std::vector<Leaf>& leaves, const std::vector<int64_t>& starts, int64_t lo,
-              int64_t hi, KernelFn fn, const float* sc) {
+              int64_t hi, KernelFn fn, const float* sc, const Codec* codecs) {
   const ScopedFlushDenormal flush;
   auto it = std::upper_bound(starts.begin(), starts.end(), lo);
   size_t k = static_cast<size_t>(it - starts.begin()) - 1;
   for (; k < leaves.size() && starts[k] < hi; ++k) {
     const int64_t a = std::max(lo, starts[k]) - starts[k];
-    const int64_t b = std::min(hi, starts[k] + leaves[k].n) - starts[k];
-    if (a < b) fn(leaves[k], a, b, sc);
+    const int64_t b = std::min(hi, starts[k] + leaves[k].units) - starts[k];
+    if (a < b) fn(leaves[k], a, b, sc, codecs);
   }
 }
 
-// One call's work: its leaves as one range of elements, claimed in blocks of 32K elements
-// (128 KiB per array) from a shared counter by the tasks that run it, so a thread that is busy
-// with something else simply takes fewer blocks. The task that finishes the last element
-// completes the call's future. The tasks share the job through a shared_ptr: one that starts
-// after the range is used up touches nothing but the counter, so nobody ever waits for a task
-// that has not started (on a loaded machine that wait could last a whole time slice).
+// One call's work: its leaves as one range of units, claimed in pieces of 32K elements (128 KiB
+// per float32 array; with q8, the blocks holding about as many elements) from a shared counter
+// by the tasks that run it, so a thread that is busy with something else simply takes fewer
+// pieces. The task that finishes the last unit completes the call's future. The tasks share the
+// job through a shared_ptr: one that starts after the range is used up touches nothing but the
+// counter, so nobody ever waits for a task that has not started (on a loaded machine that wait
+// could last a whole time slice).
 struct Job {
-  static constexpr int64_t kBlock = int64_t{1} << 15;
+  static constexpr int64_t kPieceElements = int64_t{1} << 15;
 
   std::vector<Leaf> leaves;
-  std::vector<int64_t> starts;  // starts[k]: the first element of leaf k in the range
+  std::vector<int64_t> starts;  // starts[k]: the first unit of leaf k in the range
   std::vector<float> scalars;
+  Codec codecs[tbl::kMaxSlots];  // by slot (q8 only)
   KernelFn fn = nullptr;
-  int64_t total = 0;
-  std::atomic<int64_t> next{0};  // the first element not claimed yet
-  std::atomic<int64_t> done{0};  // elements finished
+  int64_t unit_elements = 1;  // elements per unit: 1, or the block size with q8
+  int64_t total = 0;          // units
+  std::atomic<int64_t> next{0};  // the first unit not claimed yet
+  std::atomic<int64_t> done{0};  // units finished
   ffi::Promise promise;
 
   void Work() {
+    const int64_t piece = std::max<int64_t>(1, kPieceElements / unit_elements);
     for (;;) {
-      const int64_t lo = next.fetch_add(kBlock, std::memory_order_relaxed);
+      const int64_t lo = next.fetch_add(piece, std::memory_order_relaxed);
       if (lo >= total) return;
-      const int64_t hi = std::min(total, lo + kBlock);
-      RunRange(leaves, starts, lo, hi, fn, scalars.data());
+      const int64_t hi = std::min(total, lo + piece);
+      RunRange(leaves, starts, lo, hi, fn, scalars.data(), codecs);
       // acq_rel: the finisher sees every other task's writes before completing the future.
       if (done.fetch_add(hi - lo, std::memory_order_acq_rel) + (hi - lo) == total) {
         promise.SetAvailable();
@@ -384,6 +981,48 @@ struct Job {
 
 ffi::Error Invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("rmsjax_fused_step: " + what);
+}
+
+// Reads an 8-bit codec operand (layout: rmsjax/_native/table.py, CODEC_FIELDS).
+ffi::Error ParseCodec(ffi::AnyBuffer buf, Codec& c) {
+  namespace C = tbl::codec;
+  constexpr size_t kHead = sizeof(int32_t) * C::field::kCount;
+  constexpr size_t kTables = sizeof(float) * 2 * kMapSize;
+  if (buf.element_type() != ffi::U8 || buf.element_count() < kHead + kTables) {
+    return Invalid("a codec operand must be a uint8 array (see rmsjax.fused.codecs)");
+  }
+  const auto* bytes = static_cast<const uint8_t*>(buf.untyped_data());
+  int32_t head[C::field::kCount];
+  std::memcpy(head, bytes, kHead);
+  const int64_t cells = head[C::field::kCells];
+  if (head[C::field::kMagic] != C::kMagic || head[C::field::kBlockSize] < 1 ||
+      head[C::field::kBlockSize] > kMaxBlock || head[C::field::kShift] < 0 ||
+      head[C::field::kShift] > 23 || head[C::field::kHalf] < 1 ||
+      cells != 2 * int64_t{head[C::field::kHalf]} ||
+      buf.element_count() != kHead + kTables + static_cast<size_t>(cells) + 3) {
+    return Invalid("malformed codec operand (rebuild it with rmsjax.fused.codecs)");
+  }
+  c.block = head[C::field::kBlockSize];
+  c.lo_bits = static_cast<uint32_t>(head[C::field::kLoBits]);
+  c.shift = head[C::field::kShift];
+  c.half = head[C::field::kHalf];
+  std::memcpy(c.qmap, bytes + kHead, sizeof c.qmap);
+  std::memcpy(c.points, bytes + kHead + sizeof c.qmap, sizeof c.points);
+  c.cells.assign(bytes + kHead + kTables, bytes + kHead + kTables + cells + 3);
+  FillLevels(c);
+  // The lookup reads points[cells[...]] and points[255] is +inf: every code stays < 256.
+  if (c.lo_bits == 0 || c.lo_bits > 0x3f800000u ||
+      ((0x3f800000u - c.lo_bits) >> c.shift) + 1 != static_cast<uint32_t>(c.half)) {
+    return Invalid("codec operand: the cell layout does not cover [-1, 1]");
+  }
+  return ffi::Error::Success();
+}
+
+// The size of each axis of a buffer, as int64.
+template <class B>
+std::vector<int64_t> Dims(const B& buf) {
+  auto d = buf.dimensions();
+  return std::vector<int64_t>(d.begin(), d.end());
 }
 
 // Checks every operand against the table and fills ``job`` (nothing is read or written yet).
@@ -404,56 +1043,119 @@ ffi::Error Prepare(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args, ffi::
     return Invalid(name + " takes " + std::to_string(info.num_scalars) + " scalars, got " +
                    std::to_string(scalars.element_count()));
   }
+  const bool bf16 = (flags & StorageBit(kind, false)) != 0;
+  const bool q8 = (flags & StorageBit(kind, true)) != 0;
   int slots[tbl::kMaxSlots];
   int n_state = 0;
   for (int s = 0; s < info.num_slots; ++s) {
     if (info.slot_needs[s] == 0 || (flags & info.slot_needs[s]) != 0) slots[n_state++] = s;
   }
-  const size_t in_per = 2 + n_state, out_per = 1 + n_state;
-  if (n_leaves < 1 || args.size() != static_cast<size_t>(n_leaves) * in_per ||
+  if (q8 && n_state == 0) return Invalid(name + ": q8 needs a state slot");
+  const size_t per_slot = q8 ? 2 : 1;
+  const size_t n_codecs = q8 ? n_state : 0;
+  const size_t in_per = 2 + per_slot * n_state, out_per = 1 + per_slot * n_state;
+  if (n_leaves < 1 || args.size() != n_codecs + static_cast<size_t>(n_leaves) * in_per ||
       rets.size() != static_cast<size_t>(n_leaves) * out_per) {
+    const std::string codecs = q8 ? std::to_string(n_codecs) + " codec operands, then " : "";
     return Invalid(name + " with flags " + std::to_string(flags) + " and " +
-                   std::to_string(n_leaves) + " leaves takes " + std::to_string(in_per) +
-                   " operands and " + std::to_string(out_per) + " results per leaf; got " +
-                   std::to_string(args.size()) + " and " + std::to_string(rets.size()));
+                   std::to_string(n_leaves) + " leaves takes " + codecs +
+                   std::to_string(in_per) + " operands and " + std::to_string(out_per) +
+                   " results per leaf; got " + std::to_string(args.size()) + " and " +
+                   std::to_string(rets.size()));
+  }
+  for (size_t j = 0; j < n_codecs; ++j) {
+    auto buf = args.get<ffi::AnyBuffer>(j);
+    if (!buf.has_value()) return buf.error();
+    ffi::Error err = ParseCodec(*buf, job.codecs[slots[j]]);
+    if (!err.success()) return err;
+    if (job.codecs[slots[j]].block != job.codecs[slots[0]].block) {
+      return Invalid("the codecs of one call must have the same block size");
+    }
+    job.codecs[0].block = job.codecs[slots[0]].block;  // BlockLoop reads codecs[0].block
   }
   job.fn = Pick(kind, flags);
   if (job.fn == nullptr) return Invalid("no loop for kind " + name);
+  const ffi::DataType p_type = bf16 ? ffi::BF16 : ffi::F32;
+  const int64_t block = q8 ? job.codecs[0].block : 1;
+  job.unit_elements = block;
   job.leaves.resize(n_leaves);
   job.starts.assign(n_leaves + 1, 0);
   for (size_t k = 0; k < static_cast<size_t>(n_leaves); ++k) {
     Leaf& L = job.leaves[k];
-    const float* in[2 + tbl::kMaxSlots] = {};
-    int64_t n = -1;
-    for (size_t j = 0; j < in_per; ++j) {
-      auto buf = args.get<ffi::AnyBuffer>(k * in_per + j);
-      if (!buf.has_value()) return buf.error();
-      if (buf->element_type() != ffi::F32) return Invalid("operands must be float32");
-      const int64_t m = static_cast<int64_t>(buf->element_count());
-      if (n >= 0 && m != n) return Invalid("the arrays of one leaf differ in size");
-      n = m;
-      in[j] = static_cast<const float*>(buf->untyped_data());
-    }
-    float* out[1 + tbl::kMaxSlots] = {};
-    for (size_t j = 0; j < out_per; ++j) {
-      auto buf = rets.get<ffi::AnyBuffer>(k * out_per + j);
-      if (!buf.has_value()) return buf.error();
-      if ((*buf)->element_type() != ffi::F32 ||
-          static_cast<int64_t>((*buf)->element_count()) != n) {
-        return Invalid("a result buffer is not float32 of its leaf's size");
-      }
-      out[j] = static_cast<float*>((*buf)->untyped_data());
-    }
     L = Leaf{};
-    L.n = n;
-    L.p = in[0];
-    L.g = in[1];
-    L.p_out = out[0];
-    for (int j = 0; j < n_state; ++j) {
-      L.s_in[slots[j]] = in[2 + j];
-      L.s_out[slots[j]] = out[1 + j];
+    const size_t base = n_codecs + k * in_per;
+    auto p = args.get<ffi::AnyBuffer>(base);
+    auto g = args.get<ffi::AnyBuffer>(base + 1);
+    if (!p.has_value()) return p.error();
+    if (!g.has_value()) return g.error();
+    if (p->element_type() != p_type || g->element_type() != p_type) {
+      return Invalid(std::string("parameters and gradients must be ") +
+                     (bf16 ? "bfloat16 (flag bf16)" : "float32"));
     }
-    job.starts[k + 1] = job.starts[k] + n;
+    const std::vector<int64_t> shape = Dims(*p);
+    if (Dims(*g) != shape) return Invalid("a gradient differs from its parameter in shape");
+    L.n = static_cast<int64_t>(p->element_count());
+    L.p = p->untyped_data();
+    L.g = g->untyped_data();
+    std::vector<int64_t> scale_shape;
+    if (q8) {
+      L.cols = shape.empty() ? 1 : shape.back();
+      L.nb = L.cols == 0 ? 0 : (L.cols + block - 1) / block;
+      L.units = L.cols == 0 ? 0 : (L.n / L.cols) * L.nb;
+      scale_shape = shape.empty() ? std::vector<int64_t>{1} : shape;
+      scale_shape.back() = L.nb;
+    } else {
+      L.units = L.n;
+    }
+    auto p_ret = rets.get<ffi::AnyBuffer>(k * out_per);
+    if (!p_ret.has_value()) return p_ret.error();
+    if ((*p_ret)->element_type() != p_type || Dims(**p_ret) != shape) {
+      return Invalid("a parameter result differs from its operand in dtype or shape");
+    }
+    L.p_out = (*p_ret)->untyped_data();
+    for (int j = 0; j < n_state; ++j) {
+      const int s = slots[j];
+      const size_t a = base + 2 + per_slot * j, r = k * out_per + 1 + per_slot * j;
+      if (!q8) {
+        auto in = args.get<ffi::AnyBuffer>(a);
+        auto out = rets.get<ffi::AnyBuffer>(r);
+        if (!in.has_value()) return in.error();
+        if (!out.has_value()) return out.error();
+        if (in->element_type() != ffi::F32 || (*out)->element_type() != ffi::F32 ||
+            static_cast<int64_t>(in->element_count()) != L.n ||
+            static_cast<int64_t>((*out)->element_count()) != L.n) {
+          return Invalid("a state operand or result is not float32 of its leaf's size");
+        }
+        L.s_in[s] = static_cast<const float*>(in->untyped_data());
+        L.s_out[s] = static_cast<float*>((*out)->untyped_data());
+        continue;
+      }
+      auto codes = args.get<ffi::AnyBuffer>(a);
+      auto scales = args.get<ffi::AnyBuffer>(a + 1);
+      auto codes_out = rets.get<ffi::AnyBuffer>(r);
+      auto scales_out = rets.get<ffi::AnyBuffer>(r + 1);
+      if (!codes.has_value()) return codes.error();
+      if (!scales.has_value()) return scales.error();
+      if (!codes_out.has_value()) return codes_out.error();
+      if (!scales_out.has_value()) return scales_out.error();
+      const bool codes_ok = codes->element_type() == ffi::U8 && Dims(*codes) == shape &&
+                            (*codes_out)->element_type() == ffi::U8 &&
+                            Dims(**codes_out) == shape;
+      const bool scales_ok = scales->element_type() == ffi::F32 &&
+                             static_cast<int64_t>(scales->element_count()) == L.units &&
+                             (*scales_out)->element_type() == ffi::F32 &&
+                             static_cast<int64_t>((*scales_out)->element_count()) == L.units;
+      if (!codes_ok || !scales_ok) {
+        return Invalid("8-bit state: codes must be uint8 of the parameter's shape and scales "
+                       "float32 with one entry per block of " +
+                       std::to_string(block) + " along the last axis");
+      }
+      L.c_in[s] = static_cast<const uint8_t*>(codes->untyped_data());
+      L.c_out[s] = static_cast<uint8_t*>((*codes_out)->untyped_data());
+      L.sc_in[s] = static_cast<const float*>(scales->untyped_data());
+      L.sc_out[s] = static_cast<float*>((*scales_out)->untyped_data());
+    }
+    job.starts[k + 1] = job.starts[k] + L.units;
   }
   job.total = job.starts[n_leaves];
   job.scalars.assign(scalars.typed_data(), scalars.typed_data() + info.num_scalars);
@@ -464,7 +1166,7 @@ ffi::Error Prepare(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args, ffi::
 // thread pool (the pool that runs XLA's CPU code) as a few tasks, and returns a future that
 // the last task completes. So the calls of one step (a large tree is updated by several
 // calls, see rmsjax.fused.engine.LEAVES_PER_CALL) do not wait for each other: XLA issues
-// them all, and the pool's threads work through their blocks back to back, as if the tree
+// them all, and the pool's threads work through their pieces back to back, as if the tree
 // were one call; and the kernel never adds threads of its own to the pool's.
 ffi::Future FusedStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
                           ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t kind,
@@ -481,7 +1183,7 @@ ffi::Future FusedStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
     return future;
   }
   // One task per 64K elements at most: below that, waking a thread costs more than it saves.
-  const int64_t grain = int64_t{1} << 16;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / job->unit_elements);
   const int64_t pool_threads = pool.num_threads();
   const int64_t tasks = std::min({std::max<int64_t>(pool_threads, 1), ThreadCap(),
                                   (job->total + grain - 1) / grain});
@@ -519,5 +1221,12 @@ extern "C" __attribute__((visibility("default"))) const char* RmsjaxSourceId() {
 }
 
 extern "C" __attribute__((visibility("default"))) const char* RmsjaxKernelIsa() {
-  return UseAvx2Fma() ? "avx2+fma" : "baseline";
+  switch (KernelIsa()) {
+    case kIsaAvx512:
+      return "avx512+avx2+fma";  // AVX-512 for the 8-bit state loops, AVX2+FMA for the others
+    case kIsaAvx2:
+      return "avx2+fma";
+    default:
+      return "baseline";
+  }
 }

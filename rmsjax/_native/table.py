@@ -26,11 +26,18 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 __all__ = [
+    "CODEC_FIELDS",
+    "CODEC_MAGIC",
     "KINDS",
+    "MAP_SIZE",
+    "MAX_BLOCK",
+    "STORAGE_FLAGS",
     "TABLE_HASH",
     "VERSION",
     "Kind",
     "Slot",
+    "OPTIONAL_FLAGS",
+    "complete_flags",
     "cpp_header",
     "flag_bits",
     "kind",
@@ -38,7 +45,30 @@ __all__ = [
 ]
 
 # Bump when the meaning of an operand changes without its name changing.
-VERSION = 1
+VERSION = 2
+
+# Flags every kind has besides its own (appended to ``Kind.flags``): how the leaves of one call
+# are stored. ``bf16``: parameters and gradients are bfloat16 (the state float32 or ``q8``),
+# rounded where the pure-JAX chain rounds. ``q8``: every state slot is 8-bit block-quantized
+# (``rmsjax.quantized(bits=8)`` with rmsjax's own codec): per leaf and slot two operands, the
+# uint8 codes (the parameter's shape) and the float32 scales (one per block along the last
+# axis), and per call one codec operand per present slot (see ``CODEC_FIELDS``).
+STORAGE_FLAGS: tuple[str, ...] = ("bf16", "q8")
+
+# An 8-bit codec operand (uint8 bytes, built by rmsjax.fused.codecs): ``CODEC_FIELDS`` as int32,
+# then the map (``MAP_SIZE`` float32 values), the float32 breakpoints where the nearest code
+# changes (``MAP_SIZE`` values, the last +inf), then ``cells`` uint8 entries and 3 bytes of
+# padding. The code of a normalised value v is ``#(breakpoints <= v)``, found as
+# ``base = cell_table[cell(v)]`` plus ``breakpoints[base] <= v``, where ``cell(v)`` cuts the
+# float32 numbers of [-1, 1] into ranges of 2**shift consecutive magnitudes above ``lo_bits``
+# (the bits of a power of two below the smallest breakpoint), ``half`` per sign, each holding
+# at most one breakpoint.
+CODEC_MAGIC = 0x38435152  # "RQC8"
+CODEC_FIELDS: tuple[str, ...] = ("magic", "block_size", "lo_bits", "shift", "half", "cells")
+MAP_SIZE = 256
+# The largest block (entries per scale) the kernel takes: a block's new moments are kept on
+# the stack between the update and the requantisation.
+MAX_BLOCK = 4096
 
 
 class Slot(NamedTuple):
@@ -65,7 +95,7 @@ KINDS: tuple[Kind, ...] = (
         id=0,
         scalars=("one_minus_decay", "decay", "eps", "correction", "step_size", "momentum"),
         slots=(Slot("mu", "centered"), Slot("nu", None), Slot("trace", "momentum")),
-        flags=("centered", "eps_in_sqrt", "momentum", "nesterov"),
+        flags=("centered", "eps_in_sqrt", "momentum", "nesterov", *STORAGE_FLAGS),
     ),
     # rmsjax.adam / rmsjax.adamw: scale_by_adam, [add_decayed_weights], scale_by_learning_rate.
     Kind(
@@ -85,7 +115,9 @@ KINDS: tuple[Kind, ...] = (
             "weight_decay",
         ),
         slots=(Slot("mu", None), Slot("nu", None)),
-        flags=("nesterov", "weight_decay"),
+        # decay_bf16: with bf16, the weight decay product is a bfloat16 multiplication (a
+        # weakly typed Python-float coefficient), not a float32 one.
+        flags=("nesterov", "weight_decay", "decay_bf16", *STORAGE_FLAGS),
     ),
     # rmsjax.sgd: [trace], scale_by_learning_rate.
     Kind(
@@ -93,13 +125,14 @@ KINDS: tuple[Kind, ...] = (
         id=2,
         scalars=("step_size", "momentum"),
         slots=(Slot("trace", "momentum"),),
-        flags=("momentum", "nesterov"),
+        flags=("momentum", "nesterov", *STORAGE_FLAGS),
     ),
 )
 
 
 def _digest() -> str:
-    return hashlib.sha256(repr((VERSION, KINDS)).encode()).hexdigest()
+    layout = (STORAGE_FLAGS, CODEC_MAGIC, CODEC_FIELDS, MAP_SIZE, MAX_BLOCK)
+    return hashlib.sha256(repr((VERSION, KINDS, layout)).encode()).hexdigest()
 
 
 # 60 bits of a hash of the whole table: an int64 kernel attribute, and a constant in the header.
@@ -114,24 +147,36 @@ def kind(name: str) -> Kind:
     raise KeyError(f"no kernel kind {name!r}; the table has {[k.name for k in KINDS]}")
 
 
-def _check_flags(row: Kind, flags: Mapping[str, bool]) -> None:
-    if set(flags) != set(row.flags):
+# Flags that may be left out of a flag mapping (then false): the storage flags, and flags that
+# only matter with one of them.
+OPTIONAL_FLAGS: tuple[str, ...] = (*STORAGE_FLAGS, "decay_bf16")
+
+
+def complete_flags(row: Kind, flags: Mapping[str, bool]) -> dict[str, bool]:
+    """Every flag of ``row``, ``flags``' values (the optional flags it leaves out false).
+
+    Raises ``ValueError`` when ``flags`` has a name the kind lacks or misses a required one.
+    """
+    required = {f for f in row.flags if f not in OPTIONAL_FLAGS}
+    if not required <= set(flags) <= set(row.flags):
         raise ValueError(
-            f"kernel kind {row.name!r} takes exactly the flags {list(row.flags)}, "
-            f"got {sorted(flags)}"
+            f"kernel kind {row.name!r} takes exactly the flags {list(row.flags)} (of which "
+            f"{[f for f in row.flags if f in OPTIONAL_FLAGS]} may be left out), got "
+            f"{sorted(flags)}"
         )
+    return {f: bool(flags.get(f, False)) for f in row.flags}
 
 
 def present_slots(row: Kind, flags: Mapping[str, bool]) -> tuple[str, ...]:
     """The names of the slots present with these flags, in operand order."""
-    _check_flags(row, flags)
-    return tuple(s.name for s in row.slots if s.when is None or flags[s.when])
+    full = complete_flags(row, flags)
+    return tuple(s.name for s in row.slots if s.when is None or full[s.when])
 
 
 def flag_bits(row: Kind, flags: Mapping[str, bool]) -> int:
     """The ``flags`` attribute: bit ``i`` set when flag ``row.flags[i]`` is true."""
-    _check_flags(row, flags)
-    return sum(1 << i for i, name in enumerate(row.flags) if flags[name])
+    full = complete_flags(row, flags)
+    return sum(1 << i for i, name in enumerate(row.flags) if full[name])
 
 
 def _camel(name: str) -> str:
@@ -145,7 +190,9 @@ def cpp_header() -> str:
     ``scalar::kEps, ...`` and their number ``scalar::kCount``; the slot indices ``slot::kNu, ...``
     and ``slot::kCount``; the flag bits ``flag::kCentered, ...`` and their union ``flag::kAll``;
     ``kSlotNeeds`` (the flag bit each slot needs, 0 = always present). Then ``kKinds`` (a
-    ``KindInfo`` per kind id), ``kMaxSlots``, ``kNumKinds`` and ``kTableHash``.
+    ``KindInfo`` per kind id), ``kMaxSlots``, ``kNumKinds`` and ``kTableHash``, and in
+    ``namespace codec`` the codec operand's layout (``kMagic``, ``field::kBlockSize, ...``,
+    ``kMapSize``, ``kMaxBlock``).
     """
     ids = [row.id for row in KINDS]
     if ids != list(range(len(KINDS))):
@@ -160,6 +207,16 @@ def cpp_header() -> str:
         f"constexpr int64_t kTableHash = 0x{TABLE_HASH:015x};",
         f"constexpr int kMaxSlots = {max(len(row.slots) for row in KINDS)};",
         f"constexpr int kNumKinds = {len(KINDS)};",
+        "",
+        "// 8-bit codec operands (see table.py)",
+        "namespace codec {",
+        f"constexpr int32_t kMagic = 0x{CODEC_MAGIC:08x};",
+        f"namespace field {{ enum : int {{ "
+        f"{', '.join(f'{_camel(n)} = {i}' for i, n in enumerate(CODEC_FIELDS))}, "
+        f"kCount = {len(CODEC_FIELDS)} }}; }}",
+        f"constexpr int kMapSize = {MAP_SIZE};",
+        f"constexpr int kMaxBlock = {MAX_BLOCK};",
+        "}  // namespace codec",
         "",
     ]
     for row in KINDS:

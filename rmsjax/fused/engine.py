@@ -25,7 +25,10 @@ import optax
 
 from rmsjax import native
 from rmsjax._native import table
+from rmsjax.fused import codecs
 from rmsjax.fused.plans import Plan, Planner, StateLayoutError, find_state, replace_field
+from rmsjax.quantization import QuantizedArray
+from rmsjax.storage import Quantized, StoredArray
 from rmsjax.updates import apply_updates
 
 __all__ = [
@@ -188,22 +191,27 @@ def _ffi(
     p_list: Sequence[Any],
     g_list: Sequence[Any],
     slots: Mapping[str, Sequence[Any]],
+    codec_operands: Sequence[Any] = (),
 ) -> tuple[list[Any], dict[str, list[Any]]]:
-    """The FFI call itself, operands already checked (see :func:`kernel_call`)."""
+    """The FFI call itself, operands already checked (see :func:`kernel_call`).
+
+    With the flag ``q8`` each slot entry is a ``(codes, scales)`` pair and ``codec_operands``
+    holds one codec operand per present slot (:func:`rmsjax.fused.codecs.operand`); the new
+    slot entries are pairs too.
+    """
     names = table.present_slots(kind, flags)
+    q8 = table.complete_flags(kind, flags)["q8"]
     n_leaves, n_slots = len(p_list), len(names)
-    operands: list[Any] = [vector]
+    operands: list[Any] = [vector, *codec_operands]
     results: list[Any] = []
     aliases: dict[int, int] = {}
-    n_in, n_out = 2 + n_slots, 1 + n_slots
     for k in range(n_leaves):
-        leaf_in = [p_list[k], g_list[k], *(slots[s][k] for s in names)]
-        base_in, base_out = 1 + k * n_in, k * n_out
-        operands += leaf_in
-        shape = jax.ShapeDtypeStruct(leaf_in[0].shape, jnp.float32)
-        results += [shape] * n_out
+        states = [a for s in names for a in (slots[s][k] if q8 else (slots[s][k],))]
+        base_in, base_out = len(operands), len(results)
+        operands += [p_list[k], g_list[k], *states]
+        results += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (p_list[k], *states)]
         aliases[base_in] = base_out
-        for j in range(n_slots):
+        for j in range(len(states)):
             aliases[base_in + 2 + j] = base_out + 1 + j
     call = jax.ffi.ffi_call(
         native.TARGET, results, input_output_aliases=aliases, vmap_method="sequential"
@@ -215,8 +223,16 @@ def _ffi(
         leaves=np.int64(n_leaves),
         table=np.int64(table.TABLE_HASH),
     )
+    per = 2 if q8 else 1
+    n_out = 1 + per * n_slots
     p_new = list(outs[0::n_out])
-    s_new = {s: list(outs[1 + j :: n_out]) for j, s in enumerate(names)}
+    s_new: dict[str, list[Any]] = {}
+    for j, s in enumerate(names):
+        first = 1 + per * j
+        if q8:
+            s_new[s] = list(zip(outs[first::n_out], outs[first + 1 :: n_out], strict=True))
+        else:
+            s_new[s] = list(outs[first::n_out])
     return p_new, s_new
 
 
@@ -246,18 +262,41 @@ def _core(
 
     def kernel(hp_dyn: Any, sub_state: Any, p_list: Any, g_list: Any) -> Any:
         plan = plan_of(hp_dyn)
-        vector = _visible_work(_scalar_vector(plan.kind, plan.scalars(sub_state)))
         names = table.present_slots(plan.kind, plan.flags)
         slot_lists = {s: getattr(find_state(sub_state, plan.slots[s], s), s) for s in names}
+        dtype = jnp.dtype(p_list[0].dtype)
+        q8 = bool(names) and isinstance(slot_lists[names[0]][0], StoredArray)
+        flags = {
+            **plan.flags,
+            **plan.dtype_flags(sub_state, dtype),
+            "bf16": dtype == jnp.bfloat16,
+            "q8": q8,
+        }
+        vector = _visible_work(_scalar_vector(plan.kind, plan.scalars(sub_state, dtype)))
+        codec_operands: list[Any] = []
+        if q8:
+            # every leaf of the group has the same codecs (the group's key, see _leaf_key)
+            codec_operands = [
+                jnp.asarray(codecs.operand(slot_lists[s][0].data.codec)) for s in names
+            ]
+            slot_lists = {s: [(x.data.codes, x.data.scales) for x in slot_lists[s]] for s in names}
         p_new: list[Any] = []
         s_new: list[list[Any]] = [[] for _ in names]
         for lo in range(0, len(p_list), LEAVES_PER_CALL):
             hi = min(len(p_list), lo + LEAVES_PER_CALL)
             window = {s: slot_lists[s][lo:hi] for s in names}
-            pp, ss = _ffi(plan.kind, plan.flags, vector, p_list[lo:hi], g_list[lo:hi], window)
+            pp, ss = _ffi(
+                plan.kind, flags, vector, p_list[lo:hi], g_list[lo:hi], window, codec_operands
+            )
             p_new += pp
             for j, s in enumerate(names):
                 s_new[j] += ss[s]
+        if q8:
+            old = {s: getattr(find_state(sub_state, plan.slots[s], s), s) for s in names}
+            s_new = [
+                [_restored(x, new) for x, new in zip(old[s], s_new[j], strict=True)]
+                for j, s in enumerate(names)
+            ]
         return p_new, s_new
 
     kernel_v = jax.custom_batching.custom_vmap(kernel)
@@ -278,6 +317,11 @@ def _core(
     return core
 
 
+def _paths(tree: Any) -> list[Any]:
+    """The key path of every leaf of ``tree`` (``None`` leaves included), in flattening order."""
+    return [path for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]]
+
+
 def _single_device(trees: Iterable[Any]) -> bool:
     if jax.device_count() > 1:
         return False
@@ -289,16 +333,65 @@ def _single_device(trees: Iterable[Any]) -> bool:
     return True
 
 
-def _eligible(p: Any, g: Any, states: list[Any], min_size: int) -> bool:
+def _restored(old: StoredArray, new: tuple[Any, Any]) -> StoredArray:
+    """``old``'s storage holding the kernel's new codes and scales."""
+    q = old.data
+    data = QuantizedArray(new[0], new[1], q.codec, q.shape, q.dtype)
+    return StoredArray(data, old.storage)
+
+
+_PARAM_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
+
+
+class _Skip(NamedTuple):
+    """A leaf the kernel does not take; ``why`` is set when ``backend="native"`` must raise."""
+
+    why: str | None = None
+
+
+def _stored_issue(x: StoredArray, shape: tuple[int, ...]) -> str | None:
+    """Why the kernel cannot update a stored state array, or None when it can."""
+    if not isinstance(x.storage, Quantized):
+        return "stochastically rounded state (the kernel has float32 and 8-bit state)"
+    q = x.data
+    why = codecs.unsupported(q.codec)
+    if why is not None:
+        return why
+    if tuple(q.shape) != shape or q.dtype != np.float32:
+        return f"8-bit state of shape {q.shape} and dtype {q.dtype} for a parameter of {shape}"
+    return None
+
+
+def _leaf_key(p: Any, g: Any, states: list[Any], min_size: int) -> Any:
+    """The group of leaves (one kernel configuration) this leaf joins, or a :class:`_Skip`.
+
+    The key is the parameters' dtype and, for 8-bit state, the codec of every slot: the leaves
+    of one group share the kernel's flags, scalars and codec operands.
+    """
     if g is None or p is None or not hasattr(p, "dtype") or not hasattr(g, "dtype"):
-        return False
-    shape = np.shape(p)
+        return _Skip()
+    shape = tuple(np.shape(p))
     if math.prod(shape) < min_size:
-        return False
-    for x in (p, g, *states):
-        if getattr(x, "dtype", None) != np.float32 or np.shape(x) != shape:
-            return False
-    return True
+        return _Skip()
+    dtype = np.dtype(p.dtype)
+    if dtype not in _PARAM_DTYPES or np.dtype(g.dtype) != dtype or tuple(np.shape(g)) != shape:
+        return _Skip()
+    stored = [x for x in states if isinstance(x, StoredArray)]
+    if not stored:
+        for x in states:
+            if getattr(x, "dtype", None) != np.float32 or tuple(np.shape(x)) != shape:
+                return _Skip()
+        return (dtype.name, None)
+    for x in stored:
+        why = _stored_issue(x, shape)
+        if why is not None:
+            return _Skip(why)
+    if len(stored) != len(states):
+        return _Skip("8-bit state mixed with unquantized state in one parameter's moments")
+    blocks = {x.data.codec.block_size for x in stored}
+    if len(blocks) != 1:
+        return _Skip(f"8-bit moments with different block sizes {sorted(blocks)}")
+    return (dtype.name, tuple(x.data.codec for x in stored))
 
 
 def build(
@@ -354,35 +447,49 @@ def build(
             }
         except (StateLayoutError, ValueError, TypeError, AttributeError, IndexError):
             return _pure_step(tx, params, grads, state)  # let the reference path report it
-        idx = [
-            i
-            for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True))
-            if _eligible(p, g, [s_leaves[s][i] for s in names], min_native_size)
-        ]
-        if not idx:
+        groups: dict[Any, list[int]] = {}
+        for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True)):
+            key = _leaf_key(p, g, [s_leaves[s][i] for s in names], min_native_size)
+            if isinstance(key, _Skip):
+                if key.why is not None and backend == "native":
+                    path = jax.tree_util.keystr(_paths(params)[i]) or "the root"
+                    raise ValueError(
+                        f"backend='native': the native kernel cannot update the parameter at "
+                        f"{path}: {key.why}. Use backend='auto' to run such leaves with the "
+                        "pure-JAX chain (the other leaves still use the kernel)."
+                    )
+                continue
+            groups.setdefault(key, []).append(i)
+        if not groups:
             return _pure_step(tx, params, grads, state)
         if not native.available():
             _warn_fallback()
             return _pure_step(tx, params, grads, state)
-        chosen = set(idx)
+        chosen = {i for idx in groups.values() for i in idx}
         # Counts, schedule states and the other leaves: the pure chain, with the kernel's
         # leaves masked out by None gradients (they pass through untouched).
         rest = treedef.unflatten([None if i in chosen else g for i, g in enumerate(g_leaves)])
         new_params, new_state = _pure_step(tx, params, rest, state)
-        sub_state = state
-        for s in names:
-            sub_state = replace_field(sub_state, plan.slots[s], s, [s_leaves[s][i] for i in idx])
-        p_sub, s_sub = _core(factory, planner, hp_static)(
-            hp_dyn, sub_state, [p_leaves[i] for i in idx], [g_leaves[i] for i in idx]
-        )
         out_p = treedef.flatten_up_to(new_params)
-        for j, i in enumerate(idx):
-            out_p[i] = p_sub[j]
-        for k, s in enumerate(names):
-            leaves = treedef.flatten_up_to(getattr(find_state(new_state, plan.slots[s], s), s))
+        out_s = {
+            s: treedef.flatten_up_to(getattr(find_state(new_state, plan.slots[s], s), s))
+            for s in names
+        }
+        core = _core(factory, planner, hp_static)
+        for idx in groups.values():  # one kernel configuration per group
+            sub_state = state
+            for s in names:
+                leaves = [s_leaves[s][i] for i in idx]
+                sub_state = replace_field(sub_state, plan.slots[s], s, leaves)
+            p_sub, s_sub = core(
+                hp_dyn, sub_state, [p_leaves[i] for i in idx], [g_leaves[i] for i in idx]
+            )
             for j, i in enumerate(idx):
-                leaves[i] = s_sub[k][j]
-            new_state = replace_field(new_state, plan.slots[s], s, treedef.unflatten(leaves))
+                out_p[i] = p_sub[j]
+                for k, s in enumerate(names):
+                    out_s[s][i] = s_sub[k][j]
+        for s in names:
+            new_state = replace_field(new_state, plan.slots[s], s, treedef.unflatten(out_s[s]))
         return treedef.unflatten(out_p), new_state
 
     return FusedOptimizer(tx.init, tx.update, step)

@@ -108,15 +108,25 @@ def replace_field(state: Any, types: tuple[type, ...], field: str, value: Any) -
     return jax.tree.unflatten(treedef, leaves)
 
 
+def _no_flags(state: Any, dtype: Any) -> dict[str, bool]:
+    del state, dtype
+    return {}
+
+
 class Plan(NamedTuple):
     """What the kernel needs to run one configuration of a protocol optimizer."""
 
     kind: table.Kind
-    flags: dict[str, bool]  # every flag of ``kind``
+    # the flags of ``kind`` that do not depend on the leaves (the storage flags ``bf16`` and
+    # ``q8`` are set per group of leaves by the engine)
+    flags: dict[str, bool]
     # state types holding each slot of ``kind`` (the slot's name is the field's name)
     slots: dict[str, tuple[type, ...]]
-    # the optimizer's state BEFORE the step -> every scalar of ``kind``, by name
-    scalars: Callable[[Any], dict[str, Any]]
+    # (the optimizer's state BEFORE the step, the parameters' dtype) -> every scalar of
+    # ``kind``, by name, as the pure chain uses it for parameters of that dtype
+    scalars: Callable[[Any, Any], dict[str, Any]]
+    # (state, parameter dtype) -> flags that depend on the dtype of the parameters
+    dtype_flags: Callable[[Any, Any], dict[str, bool]] = _no_flags
 
 
 Planner = Callable[[Mapping[str, Any]], "Plan | None"]
@@ -128,19 +138,35 @@ def _ema_weights(decay: Any) -> tuple[Any, Any]:
     return ema(one, zero, decay), ema(zero, one, decay)
 
 
-def _step_size(learning_rate: Any, state: Any) -> Any:
-    """What ``scale_by_learning_rate(learning_rate)`` multiplies the update by at this step."""
+def _step_size(learning_rate: Any, state: Any, dtype: Any) -> Any:
+    """What ``scale_by_learning_rate(learning_rate)`` multiplies an update of ``dtype`` by at
+    this step (for bfloat16 updates, the step size rounded to bfloat16, as the chain casts it)."""
     tx = T.scale_by_learning_rate(learning_rate)
     sub = find_state(state, SCHEDULE_STATES, "count") if callable(learning_rate) else tx.init(None)
-    step_size, _ = tx.update(jnp.ones([], jnp.float32), sub)
+    step_size, _ = tx.update(jnp.ones([], dtype), sub)
     return step_size
 
 
-def _weight_decay(weight_decay: Any, state: Any) -> Any:
-    """What ``add_decayed_weights(weight_decay)`` multiplies the parameters by at this step."""
+def _decay_coefficient(weight_decay: Any, state: Any) -> Any:
+    """The coefficient ``add_decayed_weights(weight_decay)`` uses at this step, as its rule
+    receives it (a Python number stays weakly typed)."""
+    if callable(weight_decay):
+        return weight_decay(find_state(state, DECAY_STATES, "count").count)
+    return weight_decay
+
+
+def _decay_in(dtype: Any, weight_decay: Any, state: Any) -> Any:
+    """The dtype of the product ``weight_decay * p`` for parameters of ``dtype``."""
+    return jnp.result_type(_decay_coefficient(weight_decay, state), dtype)
+
+
+def _weight_decay(weight_decay: Any, state: Any, dtype: Any) -> Any:
+    """What ``add_decayed_weights(weight_decay)`` multiplies the parameters by at this step,
+    in the dtype of that product for parameters of ``dtype``."""
     tx = T.add_decayed_weights(weight_decay)
     sub = find_state(state, DECAY_STATES, "count") if callable(weight_decay) else tx.init(None)
-    coefficient, _ = tx.update(jnp.zeros([], jnp.float32), sub, jnp.ones([], jnp.float32))
+    unit = _decay_in(dtype, weight_decay, state)
+    coefficient, _ = tx.update(jnp.zeros([], unit), sub, jnp.ones([], unit))
     return coefficient
 
 
@@ -154,7 +180,7 @@ def rmsprop_plan(hp: Mapping[str, Any]) -> Plan:
         "nesterov": bool(hp["nesterov"]) and has_momentum,
     }
 
-    def scalars(state: Any) -> dict[str, Any]:
+    def scalars(state: Any, dtype: Any) -> dict[str, Any]:
         decay = hp["decay"]
         new, old = _ema_weights(decay)
         correction: Any = 1.0  # unbias(nu, None) is nu itself, as is nu / 1
@@ -165,7 +191,7 @@ def rmsprop_plan(hp: Mapping[str, Any]) -> Plan:
             "decay": old,
             "eps": hp["eps"],
             "correction": correction,
-            "step_size": _step_size(hp["learning_rate"], state),
+            "step_size": _step_size(hp["learning_rate"], state, dtype),
             "momentum": hp["momentum"] if has_momentum else 0.0,
         }
 
@@ -176,7 +202,7 @@ def rmsprop_plan(hp: Mapping[str, Any]) -> Plan:
 def _adam_plan(hp: Mapping[str, Any], *, weight_decay: bool) -> Plan:
     flags = {"nesterov": bool(hp["nesterov"]), "weight_decay": weight_decay}
 
-    def scalars(state: Any) -> dict[str, Any]:
+    def scalars(state: Any, dtype: Any) -> dict[str, Any]:
         b1, b2 = hp["b1"], hp["b2"]
         count = increment(find_state(state, ADAM_STATES, "count").count)
         new1, old1 = _ema_weights(b1)
@@ -191,11 +217,20 @@ def _adam_plan(hp: Mapping[str, Any], *, weight_decay: bool) -> Plan:
             "c1": debias(b1, count),
             "c2": debias(b2, count),
             "c1_next": debias(b1, increment(count)),
-            "step_size": _step_size(hp["learning_rate"], state),
-            "weight_decay": _weight_decay(hp["weight_decay"], state) if weight_decay else 0.0,
+            "step_size": _step_size(hp["learning_rate"], state, dtype),
+            "weight_decay": (
+                _weight_decay(hp["weight_decay"], state, dtype) if weight_decay else 0.0
+            ),
         }
 
-    return Plan(table.kind("adam"), flags, {"mu": ADAM_STATES, "nu": ADAM_STATES}, scalars)
+    def dtype_flags(state: Any, dtype: Any) -> dict[str, bool]:
+        # bfloat16 parameters: with a Python-number weight decay, add_decayed_weights computes
+        # in bfloat16 (two roundings); with a float32 array or schedule value, in float32.
+        low = weight_decay and _decay_in(dtype, hp["weight_decay"], state) == jnp.bfloat16
+        return {"decay_bf16": bool(low)}
+
+    slots = {"mu": ADAM_STATES, "nu": ADAM_STATES}
+    return Plan(table.kind("adam"), flags, slots, scalars, dtype_flags)
 
 
 def adam_plan(hp: Mapping[str, Any]) -> Plan:
@@ -216,9 +251,9 @@ def sgd_plan(hp: Mapping[str, Any]) -> Plan:
     has_momentum = hp["momentum"] is not None
     flags = {"momentum": has_momentum, "nesterov": bool(hp["nesterov"]) and has_momentum}
 
-    def scalars(state: Any) -> dict[str, Any]:
+    def scalars(state: Any, dtype: Any) -> dict[str, Any]:
         return {
-            "step_size": _step_size(hp["learning_rate"], state),
+            "step_size": _step_size(hp["learning_rate"], state, dtype),
             "momentum": hp["momentum"] if has_momentum else 0.0,
         }
 

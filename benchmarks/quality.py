@@ -27,7 +27,7 @@ runs of the four storages interleaved in time).
 
 Usage::
 
-  python benchmarks/quality.py            # the full run (about 30 min on 2 loaded cores)
+  python benchmarks/quality.py            # the full run (15-20 min on 2 shared cores)
   python benchmarks/quality.py --quick    # seconds-long smoke run (a few steps, 2 seeds)
   python benchmarks/quality.py --tasks mlp --optimizers adamw --storages float32 8-bit
   python benchmarks/quality.py --from-json benchmarks/results/quality.json  # redraw only

@@ -21,10 +21,8 @@ Dropout (0.3) and a modest learning rate hold the held-out loss on a plateau, ne
 character, from about step 100 to step 400 at least; the training loss keeps falling.
 
 The training loop is functional NNX (``nnx.split`` once, ``nnx.merge`` inside a ``jax.jit``
-step with an optax state), not flax's ``nnx.Optimizer``: in flax 0.12 ``nnx.Optimizer.update``
-writes the new state back through ``nnx.state``, which turns the quantized moments
-(``rmsjax.StoredArray`` nodes of codes and scales) into plain ``nnx.State`` dictionaries, and
-the next update fails. Float32 state works either way.
+step with an optax state); flax's ``nnx.Optimizer`` trains the same state equally well (see
+"With Flax NNX" in ``docs/guides/memory.md``).
 """
 
 from __future__ import annotations

@@ -86,6 +86,13 @@ def real_dtype(dtype: DTypeLike) -> jnp.dtype:
     return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
 
 
+def _is_flax_variable(x: Any) -> bool:
+    """Whether ``x`` is a Flax NNX ``Variable`` (``nnx.Param``, ...), without importing Flax."""
+    return any(
+        c.__name__ == "Variable" and c.__module__.startswith("flax.") for c in type(x).__mro__
+    )
+
+
 def state_like(
     params: Any,
     fill: Any = 0.0,
@@ -110,11 +117,18 @@ def state_like(
     moment can be negative (it picks the quantization map; default: ``not real``, as second
     moments are the real ones), and ``name`` (the state field, e.g. ``"nu"``) keeps the random
     streams of two moments of one parameter apart.
+
+    Flax NNX: ``nnx.Optimizer`` initialises the state from ``nnx.state(model, wrt)``, whose leaves
+    are ``nnx.Param`` variables, and wraps each leaf of the result in a variable of its own. A
+    float leaf keeps its parameter's variable (as optax's states do); a
+    :class:`~rmsjax.storage.StoredArray` (itself a small tree: codes and scales, or a value and a
+    key) is returned without it, so that NNX wraps its arrays one by one and can update them
+    (a variable holding a whole ``StoredArray`` would be overwritten with a plain dict by
+    ``nnx.update``).
     """
     plain = S.plain_dtype(dtype)
     spec = dtype if isinstance(dtype, S.Quantized | S.StochasticRounding) else None
     is_signed = (not real) if signed is None else signed
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
 
     def leaf(path: Any, p: Any) -> Any:
         dt = state_dtype(jnp.result_type(p), plain, promote_half=promote_half or spec is not None)
@@ -129,7 +143,19 @@ def state_like(
         salt = name + jax.tree_util.keystr(path)
         return S.store(array, spec, signed=is_signed, salt=salt)
 
-    return jax.tree.unflatten(treedef, [leaf(path, p) for path, p in path_leaves])
+    def node(path: Any, p: Any) -> Any:
+        if not _is_flax_variable(p):
+            return leaf(path, p)
+        # the variable's own path (not the path inside it) names the parameter: the same random
+        # stream as for the plain array
+        inner, box = jax.tree.flatten(p)
+        built = [leaf(path, x) for x in inner]
+        if len(built) == 1 and isinstance(built[0], S.StoredArray):
+            return built[0]
+        return jax.tree.unflatten(box, built)
+
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_flax_variable)
+    return jax.tree.unflatten(treedef, [node(path, p) for path, p in path_leaves])
 
 
 def check_state(state: Any, expected: type | tuple[type, ...], transform: str) -> None:

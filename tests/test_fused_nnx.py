@@ -1,4 +1,5 @@
-"""rmsjax.fused.nnx.Optimizer: Flax NNX training through the fused step.
+"""rmsjax.fused.nnx.Optimizer: Flax NNX training through the fused step; and stored moments
+(quantized, stochastically rounded) under flax's own nnx.Optimizer.
 
 Reference: ``flax.nnx.Optimizer`` over the protocol optimizer of the same name and arguments
 (``update`` + ``apply_updates``, checked against optax elsewhere), run from the same weights on
@@ -133,3 +134,66 @@ def test_rmsjax_imports_without_flax():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# Stored moments (codes and scales, or a value and its random key) are small trees of their
+# own; nnx.Optimizer wraps every state array in a variable and writes the new state back with
+# nnx.update, which must keep them. Reference: the functional loop on plain arrays.
+STORED = {
+    "adamw_8bit": lambda: rmsjax.adamw(
+        1e-2, mu_dtype=rmsjax.quantized(bits=8), nu_dtype=rmsjax.quantized(bits=8)
+    ),
+    "centered_4bit": lambda: rmsjax.rmsprop(
+        1e-2,
+        centered=True,
+        momentum=0.9,
+        nu_dtype=rmsjax.quantized(bits=4),
+        mu_dtype=rmsjax.quantized(bits=4),
+        momentum_dtype=rmsjax.quantized(bits=4),
+    ),
+    "adamw_bf16_stochastic": lambda: rmsjax.adamw(
+        1e-2, nu_dtype=rmsjax.stochastic_rounding(jnp.bfloat16, seed=3)
+    ),
+}
+
+
+def functional(tx, steps: int = 5):
+    graphdef, params = nnx.split(MLP(nnx.Rngs(0)))
+    params = nnx.as_pure(params)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, x, y):
+        grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), x, y))(params)
+        updates, state = tx.update(grads, state, params)
+        return rmsjax.apply_updates(params, updates), state
+
+    for x, y in batches(steps):
+        params, state = step(params, state, x, y)
+    return params, state
+
+
+def assert_same_leaves(actual, expected):
+    a, e = jax.tree.leaves(actual), jax.tree.leaves(expected)
+    assert len(a) == len(e)
+    for x, y in zip(a, e, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("name", list(STORED))
+def test_nnx_optimizer_keeps_stored_moments(name):
+    params, state = functional(STORED[name]())
+    model, optimizer = train(nnx.Optimizer, STORED[name](), donate=True)
+    is_stored = lambda x: isinstance(x, rmsjax.StoredArray)
+    stored = [x for x in jax.tree.leaves(optimizer.opt_state, is_leaf=is_stored) if is_stored(x)]
+    assert stored, "the hidden kernel's moments should be stored"
+    assert_same_leaves(nnx.as_pure(nnx.state(model)), params)
+    assert_same_leaves(nnx.as_pure(optimizer.opt_state), state)
+
+
+def test_fused_nnx_optimizer_with_8bit_state():
+    q8 = dict(mu_dtype=rmsjax.quantized(bits=8), nu_dtype=rmsjax.quantized(bits=8))
+    ref_model, ref_opt = train(nnx.Optimizer, rmsjax.adamw(1e-2, **q8))
+    model, opt = train(rmsjax.fused.nnx.Optimizer, rmsjax.fused.adamw(1e-2, **q8), donate=True)
+    assert_close(nnx.state(model), nnx.state(ref_model))
+    assert_close(nnx.state(opt), nnx.state(ref_opt))

@@ -305,6 +305,43 @@ def _check_gradient(path: Any, g: Any, leaf_name: str) -> None:
         )
 
 
+def _unbox(tree: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """``tree`` with every Flax NNX variable replaced by the one value it holds (an array or a
+    :class:`~rmsjax.storage.StoredArray`), and the function that puts a tree of that shape
+    back into the same variables.
+
+    Gradients and parameters of an NNX model may arrive as ``nnx.Param`` variables, and the
+    state of a float moment keeps them, while a stored moment is built without one (see
+    :func:`state_like`): the rule meets all of them as plain values.
+    """
+    is_leaf = lambda x: x is None or _is_flax_variable(x)
+    leaves, treedef_ = jax.tree.flatten(tree, is_leaf=is_leaf)
+    treedef: Any = treedef_
+    boxes: list[Any] = []
+    values: list[Any] = []
+    for x in leaves:
+        inner, box = (
+            jax.tree.flatten(x, is_leaf=S.is_stored) if _is_flax_variable(x) else ([x], None)
+        )
+        if box is not None and len(inner) != 1:
+            inner, box = [x], None  # a variable holding a tree: left as it is
+        boxes.append(box)
+        values.append(inner[0])
+    if all(b is None for b in boxes):
+        return tree, lambda new: new
+
+    def rebox(new: Any) -> Any:
+        flat = treedef.flatten_up_to(new)
+        return treedef.unflatten(
+            [
+                v if b is None else jax.tree.unflatten(b, [v])
+                for v, b in zip(flat, boxes, strict=True)
+            ]
+        )
+
+    return treedef.unflatten(values), rebox
+
+
 def map_rule(
     rule: Callable[..., tuple[Any, ...]],
     updates: Any,
@@ -325,8 +362,13 @@ def map_rule(
     A state leaf that is a :class:`~rmsjax.storage.StoredArray` is decoded before the rule is
     called and the rule's new value is encoded back into the same storage
     (:func:`rmsjax.storage.decode` / :func:`~rmsjax.storage.encode`); a plain state leaf keeps
-    its dtype.
+    its dtype. Flax NNX variables (``nnx.Param``) in any of the trees are looked through: the
+    rule sees the values they hold, and the results are put back into the same variables.
     """
+    updates, rebox_updates = _unbox(updates)
+    unboxed = [_unbox(t) for t in states]
+    states = [t for t, _ in unboxed]
+    extras = [_unbox(t)[0] for t in extras]
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)
     names = [what] * len(states) + list(extra_names[: len(extras)])
     others = [*states, *extras]
@@ -361,6 +403,9 @@ def map_rule(
         for acc, old, new in zip(out_states, olds, news, strict=True):
             acc.append(S.encode(new, old) if S.is_stored(old) else _cast_like(new, old))
     return (
-        jax.tree_util.tree_unflatten(treedef, out_updates),
-        tuple(jax.tree_util.tree_unflatten(treedef, leaves) for leaves in out_states),
+        rebox_updates(jax.tree_util.tree_unflatten(treedef, out_updates)),
+        tuple(
+            rebox(jax.tree_util.tree_unflatten(treedef, leaves))
+            for leaves, (_, rebox) in zip(out_states, unboxed, strict=True)
+        ),
     )

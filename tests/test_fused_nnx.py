@@ -157,9 +157,10 @@ STORED = {
 }
 
 
-def functional(tx, steps: int = 5):
+def functional(tx, steps: int = 5, *, pure: bool = True):
     graphdef, params = nnx.split(MLP(nnx.Rngs(0)))
-    params = nnx.as_pure(params)
+    if pure:  # plain arrays; else nnx.Param variables (the gradients then are variables too)
+        params = nnx.as_pure(params)
     state = tx.init(params)
 
     @jax.jit
@@ -197,3 +198,17 @@ def test_fused_nnx_optimizer_with_8bit_state():
     model, opt = train(rmsjax.fused.nnx.Optimizer, rmsjax.fused.adamw(1e-2, **q8), donate=True)
     assert_close(nnx.state(model), nnx.state(ref_model))
     assert_close(nnx.state(opt), nnx.state(ref_opt))
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "adamw_bf16_stochastic"])
+def test_functional_loop_over_nnx_variables(name):
+    # the state of a stored moment holds no variable; gradients and parameters that are
+    # nnx.Param variables must meet it all the same, and come back as variables
+    params, state = functional(STORED[name](), pure=False)
+    assert all(
+        isinstance(x, nnx.Param)
+        for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    )
+    ref_params, ref_state = functional(STORED[name]())
+    assert_same_leaves(nnx.as_pure(params), ref_params)
+    assert_same_leaves(state, ref_state)

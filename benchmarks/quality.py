@@ -60,11 +60,13 @@ import optax
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import char_rnn  # noqa: E402
 import mlp_classifier  # noqa: E402
 import transformer_lm  # noqa: E402
 from flax import nnx  # noqa: E402
+from machine import describe  # noqa: E402
 
 import rmsjax  # noqa: E402
 
@@ -486,20 +488,6 @@ def summarize(runs: list[dict[str, Any]], timings: list[dict[str, Any]]) -> list
     return rows
 
 
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    devices = ", ".join(sorted({d.platform for d in jax.devices()}))
-    return f"{model}, {os.cpu_count()} cores, jax devices: {devices}"
-
-
 def versions() -> str:
     import flax
 
@@ -760,7 +748,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(
             ["python benchmarks/quality.py", shlex.join(sys.argv[1:] if argv is None else argv)]
         ).strip(),
-        "machine": machine(),
+        "machine": describe(),
         "versions": versions(),
         "load": [load_start, os.getloadavg()[0]],
         "load_during": {"min": min(loads), "mean": statistics.fmean(loads), "max": max(loads)},

@@ -60,7 +60,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -75,6 +74,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe
 
 import rmsjax
 from rmsjax import fused, native
@@ -756,20 +758,6 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    devices = ", ".join(sorted({d.platform for d in jax.devices()}))
-    return f"{model}, {os.cpu_count()} cores, jax devices: {devices}"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4M params, 1 and 64 leaves (< 1 min)")
@@ -837,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 rows += case
     meta = dict(
-        machine=machine(),
+        machine=describe(),
         jax=jax.__version__,
         optax=optax.__version__,
         torch=None if torch is None else torch.__version__,

@@ -1,8 +1,13 @@
-"""Shared test fixtures: a mixed pytree, a loss over it, and a jitted trajectory runner."""
+"""Shared test fixtures: a mixed pytree, a loss over it, a jitted trajectory runner, and a runner
+for worker scripts on 8 simulated CPU devices."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import chex
@@ -71,3 +76,29 @@ def assert_trees_close(actual: Any, expected: Any, rtol: float = 1e-5, atol: flo
     chex.assert_trees_all_equal_structs(actual, expected)
     chex.assert_trees_all_equal_dtypes(actual, expected)
     chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_on_8_cpu_devices(worker: Path, *args: str) -> None:
+    """Run ``python worker *args`` in a fresh process with 8 host CPU devices (XLA's
+    ``--xla_force_host_platform_device_count``), from the repository root; fail with its output
+    unless it exits 0. The device count must be set before JAX starts, hence the process."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(worker), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (
+        f"{worker.name} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    )

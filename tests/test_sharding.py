@@ -8,9 +8,6 @@ the subprocess' environment, so the rest of the test suite keeps its single devi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +16,14 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 
+from tests.common import run_on_8_cpu_devices
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "sharded_worker.py"
 
 
 def _run_worker(phase: str, out: Path) -> None:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), phase, str(out)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"worker {phase} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    run_on_8_cpu_devices(WORKER, phase, str(out))
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,6 @@ process restores the Orbax checkpoint written by the first.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +18,15 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 
+from tests.common import run_on_8_cpu_devices
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "storage_sharded_worker.py"
 STORAGES = ("q8", "q4", "sr")
 
 
 def _run(phase: str, out: Path) -> None:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), phase, str(out)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"worker {phase} failed:\n{proc.stderr[-4000:]}"
+    run_on_8_cpu_devices(WORKER, phase, str(out))
 
 
 @pytest.fixture(scope="module")

@@ -376,19 +376,32 @@ struct SgdRule {
 // The codec's encode of one block x[0..len) (storage.encode: values beyond float32 clipped to
 // +-max; the scale is the largest magnitude, NaN when the block holds a NaN; v = x / scale, by a
 // true division, with 1 in place of a zero scale; a NaN v takes the code of -1).
+// One entry of a block being encoded: x clipped to +-max (NaN stays NaN), its magnitude folded
+// into the block's largest magnitude and NaN flag.
+[[gnu::always_inline]] inline float ClipAndTrack(float x, float& amax, bool& nan) {
+  const float xi = std::min(std::max(x, -kF32Max), kF32Max);
+  const float m = std::fabs(xi);
+  nan |= m != m;
+  amax = m > amax ? m : amax;
+  return xi;
+}
+
+// A block's scale (its largest magnitude, NaN when it holds a NaN) and the divisor of its
+// entries (the scale, 1 in place of 0).
+[[gnu::always_inline]] inline float BlockScale(float amax, bool nan) {
+  return nan ? std::numeric_limits<float>::quiet_NaN() : amax;
+}
+[[gnu::always_inline]] inline float BlockDivisor(float scale) {
+  return scale == 0.0f ? 1.0f : scale;
+}
+
 [[gnu::always_inline]] inline void Encode(const Codec& c, float* x, int len, uint8_t* codes,
                                           float* scale_out) {
   float amax = 0.0f;
   bool nan = false;
-  for (int i = 0; i < len; ++i) {
-    const float xi = std::min(std::max(x[i], -kF32Max), kF32Max);  // NaN stays NaN
-    x[i] = xi;
-    const float m = std::fabs(xi);
-    nan |= m != m;
-    amax = m > amax ? m : amax;
-  }
-  const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : amax;
-  const float div = scale == 0.0f ? 1.0f : scale;
+  for (int i = 0; i < len; ++i) x[i] = ClipAndTrack(x[i], amax, nan);
+  const float scale = BlockScale(amax, nan);
+  const float div = BlockDivisor(scale);
   for (int i = 0; i < len; ++i) {
     float v = x[i] / div;
     v = v != v ? -1.0f : v;
@@ -434,15 +447,9 @@ struct SgdRule {
   float amax = 0.0f;
   for (float v : lanes) amax = v > amax ? v : amax;
   bool nan = _mm256_movemask_ps(vnan) != 0;
-  for (int j = i; j < len; ++j) {
-    const float xj = std::min(std::max(x[j], -kF32Max), kF32Max);
-    x[j] = xj;
-    const float m = std::fabs(xj);
-    nan |= m != m;
-    amax = m > amax ? m : amax;
-  }
-  const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : amax;
-  const float div = scale == 0.0f ? 1.0f : scale;
+  for (int j = i; j < len; ++j) x[j] = ClipAndTrack(x[j], amax, nan);
+  const float scale = BlockScale(amax, nan);
+  const float div = BlockDivisor(scale);
   const __m256 vdiv = _mm256_set1_ps(div);
   const __m256 minus_one = _mm256_set1_ps(-1.0f);
   const __m256i lo_bits = _mm256_set1_epi32(static_cast<int>(c.lo_bits));
@@ -601,8 +608,8 @@ struct Levels512 {
     vmax = _mm512_max_ps(a, vmax);  // a NaN magnitude gives vmax (the second operand)
   }
   const float amax = _mm512_reduce_max_ps(vmax);
-  const float scale = nan != 0 ? std::numeric_limits<float>::quiet_NaN() : amax;
-  const float div = scale == 0.0f ? 1.0f : scale;
+  const float scale = BlockScale(amax, nan != 0);
+  const float div = BlockDivisor(scale);
   Levels512 t;
   for (int l = 0; l < 5; ++l) t.l[l] = _mm512_load_ps(c.level[l]);
   t.l[0] = _mm512_set1_ps(c.level[0][0]);

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from rmsjax import native
 from rmsjax._native import table
@@ -245,7 +247,8 @@ def _core(
 
     ``sub_state`` is the optimizer state whose slot fields are lists of the eligible leaves.
     The kernel runs on CPU; the pure-JAX chain runs elsewhere, under vmap, and gives the
-    derivatives (both rebuilt from the hyperparameters, which may be traced).
+    derivatives (both rebuilt from the hyperparameters, which may be traced). ``core`` binds
+    one :data:`fused_step_p` (see there for how each of those is chosen).
     """
 
     def plan_of(hp_dyn: Any) -> Plan:
@@ -299,22 +302,104 @@ def _core(
             ]
         return p_new, s_new
 
-    kernel_v = jax.custom_batching.custom_vmap(kernel)
+    def core(hp_dyn: Any, sub_state: Any, p_list: Any, g_list: Any) -> Any:
+        args = (hp_dyn, sub_state, p_list, g_list)
+        flat, in_tree = jax.tree.flatten(args)
+        # the results are the new parameters and slots: the same arrays as those operands
+        plan = plan_of(hp_dyn)
+        names = table.present_slots(plan.kind, plan.flags)
+        slots = [getattr(find_state(sub_state, plan.slots[s], s), s) for s in names]
+        like, out_tree = jax.tree.flatten((p_list, slots))
+        out_avals = tuple(jax.core.ShapedArray(np.shape(x), x.dtype) for x in like)
+        call = _Call(kernel, pure, in_tree, out_tree, out_avals, f"{len(p_list)} leaves")
+        return jax.tree.unflatten(out_tree, fused_step_p.bind(*flat, call=call))
 
-    @kernel_v.def_vmap
-    def _vmap_rule(axis_size: int, in_batched: Any, *args: Any) -> Any:
-        in_axes = tuple(jax.tree.map(lambda b: 0 if b else None, ib) for ib in in_batched)
-        out = jax.vmap(pure, in_axes=in_axes, axis_size=axis_size)(*args)
-        return out, jax.tree.map(lambda _: True, out)
-
-    def dispatch(*args: Any) -> Any:
-        if not accelerator_present():
-            return kernel_v(*args)  # CPU-only process: skip tracing the unused pure branch
-        return jax.lax.platform_dependent(*args, cpu=kernel_v, default=pure)
-
-    core = jax.custom_jvp(dispatch)
-    core.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
     return core
+
+
+class _Call:
+    """The static part of one :data:`fused_step_p`: the kernel and the pure-JAX rule (both
+    ``(hp_dyn, sub_state, p_list, g_list) -> (p_list, slot_lists)``), how the flat operands
+    and results are structured, and the results' avals. Hashed and compared by identity."""
+
+    __slots__ = ("in_tree", "kernel", "label", "out_avals", "out_tree", "pure")
+
+    def __init__(
+        self,
+        kernel: Callable[..., Any],
+        pure: Callable[..., Any],
+        in_tree: Any,
+        out_tree: Any,
+        out_avals: tuple[Any, ...],
+        label: str,
+    ):
+        self.kernel, self.pure = kernel, pure
+        self.in_tree, self.out_tree = in_tree, out_tree
+        self.out_avals, self.label = out_avals, label
+
+    def __repr__(self) -> str:
+        return self.label
+
+    def flat(self, fn: Callable[..., Any], *flat: Any) -> list[Any]:
+        """``fn`` (the kernel or the pure rule) on flat operands, with flat results."""
+        leaves, tree = jax.tree.flatten(fn(*jax.tree.unflatten(self.in_tree, flat)))
+        if tree != self.out_tree:
+            raise AssertionError(f"fused step results {tree}, expected {self.out_tree}")
+        return leaves
+
+
+# One primitive for all the kernel calls of a group of leaves. It stands for the step of those
+# leaves until XLA lowering, which picks the rule per platform: the FFI kernel calls on CPU,
+# the pure-JAX chain elsewhere (only the platforms lowered for are ever traced). ``vmap`` runs
+# the pure-JAX chain under vmap, differentiation takes the pure-JAX chain's JVP. A primitive
+# rather than jax.custom_jvp / custom_vmap / lax.platform_dependent wrappers: those trace the
+# kernel path once more per wrapper over all the step's arrays, which was most of the fused
+# step's trace time on a tree of many leaves. The name contains ``ffi_call`` (the documented
+# way to see that a step uses the kernel: look for it in ``jax.make_jaxpr(opt.step)``).
+fused_step_p = Primitive("rmsjax_ffi_call")
+fused_step_p.multiple_results = True
+
+
+def _impl(*flat: Any, call: _Call) -> list[Any]:
+    # eager (outside jit): the kernel's FFI calls run one by one, as ops, on CPU
+    if accelerator_present():
+        return jax.lax.platform_dependent(
+            *flat,
+            cpu=functools.partial(call.flat, call.kernel),
+            default=functools.partial(call.flat, call.pure),
+        )
+    return call.flat(call.kernel, *flat)
+
+
+def _abstract_eval(*avals: Any, call: _Call) -> tuple[Any, ...]:
+    del avals
+    return call.out_avals
+
+
+def _lower_kernel(*flat: Any, call: _Call) -> list[Any]:
+    return call.flat(call.kernel, *flat)
+
+
+def _lower_pure(*flat: Any, call: _Call) -> list[Any]:
+    return call.flat(call.pure, *flat)
+
+
+def _jvp(primals: Sequence[Any], tangents: Sequence[Any], *, call: _Call) -> Any:
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    return jax.jvp(functools.partial(call.flat, call.pure), tuple(primals), tuple(tangents))
+
+
+def _batch(args: Sequence[Any], dims: Sequence[Any], *, call: _Call) -> Any:
+    out = jax.vmap(functools.partial(call.flat, call.pure), in_axes=tuple(dims))(*args)
+    return out, [0] * len(out)
+
+
+fused_step_p.def_impl(_impl)
+fused_step_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(fused_step_p, mlir.lower_fun(_lower_kernel, multiple_results=True), "cpu")
+mlir.register_lowering(fused_step_p, mlir.lower_fun(_lower_pure, multiple_results=True))
+ad.primitive_jvps[fused_step_p] = _jvp
+batching.primitive_batchers[fused_step_p] = _batch
 
 
 def _paths(tree: Any) -> list[Any]:

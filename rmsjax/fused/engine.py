@@ -7,7 +7,7 @@ sends the eligible leaves through the native kernel (:func:`kernel_call`, operan
 through ``tx.update`` + :func:`rmsjax.apply_updates`.
 
 Names documented for tests: :func:`accelerator_present` (monkeypatch it to emulate a process
-with a GPU) and :data:`LEAVES_PER_CALL`.
+with a GPU), :data:`LEAVES_PER_CALL` and :data:`RESULTS_PER_CALL`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = [
     "BACKENDS",
     "LEAVES_PER_CALL",
     "MIN_NATIVE_SIZE",
+    "RESULTS_PER_CALL",
     "FusedOptimizer",
     "NativeFallbackWarning",
     "accelerator_present",
@@ -51,11 +52,16 @@ BACKENDS = ("auto", "native", "jax")
 # from 32K-element leaves up. The fused factories' ``min_native_size`` argument overrides it.
 MIN_NATIVE_SIZE = 16384
 # XLA's compile time grows with the square of the results of one custom call (its fusion pass
-# checks every in-place output pair of the call for each result; 1024 leaves in one call:
-# about a minute), so a large tree is updated by several calls of at most this many leaves.
-# Each call is still a single pass over its leaves, and the calls are asynchronous: they run
-# back to back on XLA's thread pool, without waiting for each other.
-LEAVES_PER_CALL = 32
+# checks every in-place output pair of the call for each result, and MLIR verifies each
+# alias against the others; 1024 leaves in one call: about a minute), and by a smaller amount
+# with the number of calls (one thunk each), so a large tree is updated by several calls of at
+# most RESULTS_PER_CALL results (new parameters and state arrays; 16 measured fastest to compile
+# on 1024 leaves for rmsprop, centered rmsprop with momentum and AdamW: 8, 4 and 5 leaves per
+# call) and at most LEAVES_PER_CALL leaves. Each call is still a single pass over its leaves,
+# and the calls are asynchronous: they run back to back on XLA's thread pool, without waiting
+# for each other (the step time did not change from 32 leaves per call to 4).
+RESULTS_PER_CALL = 16
+LEAVES_PER_CALL = 16
 
 
 class FusedOptimizer(NamedTuple):
@@ -186,6 +192,11 @@ def _visible_work(vector: Any) -> Any:
     return vector - jnp.sum(zeros * zeros)
 
 
+def _leaves_per_call(results_per_leaf: int) -> int:
+    """How many leaves one kernel call takes (see :data:`RESULTS_PER_CALL`)."""
+    return max(1, min(LEAVES_PER_CALL, RESULTS_PER_CALL // results_per_leaf))
+
+
 def _ffi(
     kind: table.Kind,
     flags: Mapping[str, bool],
@@ -285,8 +296,9 @@ def _core(
             slot_lists = {s: [(x.data.codes, x.data.scales) for x in slot_lists[s]] for s in names}
         p_new: list[Any] = []
         s_new: list[list[Any]] = [[] for _ in names]
-        for lo in range(0, len(p_list), LEAVES_PER_CALL):
-            hi = min(len(p_list), lo + LEAVES_PER_CALL)
+        per_call = _leaves_per_call(1 + (2 if q8 else 1) * len(names))
+        for lo in range(0, len(p_list), per_call):
+            hi = min(len(p_list), lo + per_call)
             window = {s: slot_lists[s][lo:hi] for s in names}
             pp, ss = _ffi(
                 plan.kind, flags, vector, p_list[lo:hi], g_list[lo:hi], window, codec_operands
@@ -310,8 +322,9 @@ def _core(
         names = table.present_slots(plan.kind, plan.flags)
         slots = [getattr(find_state(sub_state, plan.slots[s], s), s) for s in names]
         like, out_tree = jax.tree.flatten((p_list, slots))
-        out_avals = tuple(jax.core.ShapedArray(np.shape(x), x.dtype) for x in like)
-        call = _Call(kernel, pure, in_tree, out_tree, out_avals, f"{len(p_list)} leaves")
+        position = {id(x): i for i, x in enumerate(flat)}
+        out_index = tuple(position[id(x)] for x in like)
+        call = _Call(kernel, pure, in_tree, out_tree, out_index, f"{len(p_list)} leaves")
         return jax.tree.unflatten(out_tree, fused_step_p.bind(*flat, call=call))
 
     return core
@@ -320,9 +333,10 @@ def _core(
 class _Call:
     """The static part of one :data:`fused_step_p`: the kernel and the pure-JAX rule (both
     ``(hp_dyn, sub_state, p_list, g_list) -> (p_list, slot_lists)``), how the flat operands
-    and results are structured, and the results' avals. Hashed and compared by identity."""
+    and results are structured, and which operand each result replaces (same shape and
+    dtype). Hashed and compared by identity."""
 
-    __slots__ = ("in_tree", "kernel", "label", "out_avals", "out_tree", "pure")
+    __slots__ = ("in_tree", "kernel", "label", "out_index", "out_tree", "pure")
 
     def __init__(
         self,
@@ -330,12 +344,12 @@ class _Call:
         pure: Callable[..., Any],
         in_tree: Any,
         out_tree: Any,
-        out_avals: tuple[Any, ...],
+        out_index: tuple[int, ...],
         label: str,
     ):
         self.kernel, self.pure = kernel, pure
         self.in_tree, self.out_tree = in_tree, out_tree
-        self.out_avals, self.label = out_avals, label
+        self.out_index, self.label = out_index, label
 
     def __repr__(self) -> str:
         return self.label
@@ -371,9 +385,9 @@ def _impl(*flat: Any, call: _Call) -> list[Any]:
     return call.flat(call.kernel, *flat)
 
 
-def _abstract_eval(*avals: Any, call: _Call) -> tuple[Any, ...]:
-    del avals
-    return call.out_avals
+def _abstract_eval(*avals: Any, call: _Call) -> list[Any]:
+    out = [avals[i] for i in call.out_index]
+    return [a.update(weak_type=False) if a.weak_type else a for a in out]
 
 
 def _lower_kernel(*flat: Any, call: _Call) -> list[Any]:

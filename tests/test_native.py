@@ -631,6 +631,30 @@ def test_gpu_lowering_uses_pure_jax(monkeypatch):
         assert "custom_call @rmsjax_fused_step" in cpu
 
 
+def test_step_lowers_per_platform_in_a_cpu_only_process():
+    # The kernel's leaves are one primitive, lowered per platform while lowering: the kernel for
+    # CPU, the pure-JAX chain for any other platform, with or without an accelerator present;
+    # a program exported for both runs the kernel here. Outside jit the step runs eagerly.
+    from jax import export  # a submodule: not an attribute of jax before it is imported
+
+    params = mixed()
+    opt = fused.rmsprop(0.01, centered=True, momentum=0.9, **SMALL)
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = opt.init(params)
+    cuda = export.export(jax.jit(opt.step), platforms=["cuda"])(params, grads, state)
+    assert "custom_call @rmsjax_fused_step" not in cuda.mlir_module()
+    if not NATIVE:
+        return
+    unsafe = [export.DisabledSafetyCheck.custom_call(native.TARGET)]  # the kernel is local
+    both = export.export(jax.jit(opt.step), platforms=["cpu", "cuda"], disabled_checks=unsafe)
+    exported = both(params, grads, state)
+    assert "custom_call @rmsjax_fused_step" in exported.mlir_module()
+    ref = fused.rmsprop(0.01, centered=True, momentum=0.9, backend="jax")
+    want = jax.jit(ref.step)(params, grads, ref.init(params))
+    assert_close(exported.call(params, grads, state), want)
+    assert_close(opt.step(params, grads, state), want)
+
+
 @needs_native
 def test_several_devices_fall_back_to_pure_jax():
     code = textwrap.dedent(

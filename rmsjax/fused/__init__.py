@@ -12,7 +12,7 @@ compiles one fusion per leaf and rule. An optimizer from this module adds a thir
   params, state = opt.step(params, grads, state)   # == update + apply_updates
 
 which on CPU runs the whole step, for all float32 leaves of the tree, in a native kernel
-(:mod:`rmsjax.native`; one call per 32 leaves) that reads each parameter, gradient and state
+(:mod:`rmsjax.native`; one call per few leaves) that reads each parameter, gradient and state
 element once and writes the new values in place (donate ``params`` and ``state`` to ``jax.jit``
 so XLA can reuse the buffers), on all the threads of XLA's CPU thread pool.
 
@@ -36,11 +36,13 @@ When the pure-JAX path runs instead (same numbers, the XLA-compiled chain):
   (``rmsjax.native.available()`` is False; ``rmsjax.native.status()`` says why). In the last
   case, with ``backend="auto"``, the first step that would have used the kernel issues a
   :class:`NativeFallbackWarning` (once per process);
-* on GPU/TPU (chosen while lowering, with ``jax.lax.platform_dependent``);
+* on GPU/TPU (chosen per platform while lowering: the kernel's leaves are one primitive,
+  ``rmsjax_ffi_call``, that lowers to the kernel's FFI calls for CPU and to the pure-JAX chain
+  for any other platform, so ``jax.export`` for GPU/TPU works from a CPU-only process too);
 * when more than one device is visible, or an input is sharded over several devices (the
   kernel has no partitioning rule, so the elementwise XLA program is kept);
-* under ``jax.vmap`` (a ``custom_vmap`` rule), and to differentiate the step (a ``custom_jvp``
-  rule: the tangents are the pure-JAX rule's);
+* under ``jax.vmap`` (the primitive's batching rule), and to differentiate the step (its
+  JVP rule: the tangents are the pure-JAX rule's);
 * for leaves that are not float32 (float16/bfloat16/float64/complex parameters, a non-float32
   ``mu_dtype``), leaves whose gradient is ``None``, leaves of fewer than ``min_native_size``
   elements (default :data:`MIN_NATIVE_SIZE` = 16384: for biases and norms the compiled chain is
@@ -48,8 +50,8 @@ When the pure-JAX path runs instead (same numbers, the XLA-compiled chain):
   while the other leaves still use the kernel.
 
 ``backend="native"`` raises ``RuntimeError`` at the first step when the kernel is unavailable
-instead of falling back. To see which path a step takes, look for ``ffi_call`` in
-``jax.make_jaxpr(opt.step)(params, grads, state)``.
+instead of falling back. To see which path a step takes, look for ``ffi_call`` (the primitive
+``rmsjax_ffi_call``) in ``jax.make_jaxpr(opt.step)(params, grads, state)``.
 
 Flax NNX: ``nnx.Optimizer.update`` calls ``update`` + ``apply_updates``, never ``step``;
 :class:`rmsjax.fused.nnx.Optimizer` is an ``nnx.Optimizer`` whose ``update`` runs the fused

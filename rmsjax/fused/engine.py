@@ -110,8 +110,10 @@ def _warn_fallback() -> None:
 def accelerator_present() -> bool:
     """True when this process can also run on a non-CPU backend (GPU, TPU, ...).
 
-    Then the step is lowered per platform (``jax.lax.platform_dependent``: the kernel on CPU,
-    the pure-JAX chain elsewhere); otherwise the pure branch is not even traced.
+    Then a fused step called outside ``jit`` picks its path per platform
+    (``jax.lax.platform_dependent``: the kernel on CPU, the pure-JAX chain elsewhere), and a
+    missing kernel is not warned about. Under ``jit`` the choice is made while lowering, for
+    the platforms lowered for (see ``fused_step_p``).
     """
     for name in ("gpu", "tpu", "METAL"):
         try:
@@ -259,7 +261,7 @@ def _core(
     ``sub_state`` is the optimizer state whose slot fields are lists of the eligible leaves.
     The kernel runs on CPU; the pure-JAX chain runs elsewhere, under vmap, and gives the
     derivatives (both rebuilt from the hyperparameters, which may be traced). ``core`` binds
-    one :data:`fused_step_p` (see there for how each of those is chosen).
+    one ``fused_step_p`` (see there for how each of those is chosen).
     """
 
     def plan_of(hp_dyn: Any) -> Plan:
@@ -331,7 +333,7 @@ def _core(
 
 
 class _Call:
-    """The static part of one :data:`fused_step_p`: the kernel and the pure-JAX rule (both
+    """The static part of one ``fused_step_p``: the kernel and the pure-JAX rule (both
     ``(hp_dyn, sub_state, p_list, g_list) -> (p_list, slot_lists)``), how the flat operands
     and results are structured, and which operand each result replaces (same shape and
     dtype). Hashed and compared by identity."""

@@ -33,15 +33,12 @@ def _one(config: str, impl: str, leaves: int, size_m: int, dump: str | None) -> 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import jax
-    import jax.numpy as jnp
     import optax
     import run  # benchmarks/run.py: configs, trees, the floor step
 
     cfg = run.configs()[config]
-    shapes = run.tree_shapes(f"{leaves} leaves" if leaves > 1 else "1 leaf", size_m * run.MiB)
-    if leaves not in (1, 64, 1024):
-        n = size_m * run.MiB
-        shapes = {f"w{i:04d}": (n // leaves,) for i in range(leaves)}
+    n = size_m * run.MiB  # as run.tree_shapes("<k> leaves", n), for any k
+    shapes = {f"w{i:04d}": (n // leaves,) for i in range(leaves)}
     key = jax.random.key(0)
     params = run.make_tree(shapes, key, 1.0)
     grads = run.make_tree(shapes, jax.random.fold_in(key, 1), 1e-2)
@@ -69,7 +66,6 @@ def _one(config: str, impl: str, leaves: int, size_m: int, dump: str | None) -> 
         stem = f"{config}-{impl}-{leaves}"
         Path(dump, stem + ".stablehlo.txt").write_text(lowered.as_text())
         Path(dump, stem + ".hlo.txt").write_text(compiled.as_text())
-    del jnp
     return dict(
         trace=c1 - c0,
         lower=c2 - c1,

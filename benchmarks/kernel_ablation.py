@@ -41,11 +41,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.machine import describe  # noqa: E402
 from rmsjax._native import build  # noqa: E402  (the one compile recipe of the kernel)
 from rmsjax.fused import codecs  # noqa: E402
 from rmsjax.quantization import moment_codec  # noqa: E402
-
-from benchmarks.machine import describe  # noqa: E402
 
 # The driver: reads the two codec operands (as the FFI handler's ParseCodec would), builds one
 # leaf of rows x 4096 entries, and times the AVX-512 loop of the AdamW rule with 8-bit moments.
@@ -107,7 +106,8 @@ int main(int argc, char** argv) {
   }
   uint64_t h = 1469598103934665603ull;  // FNV-1a of the final codes, scales and parameters
   auto mix = [&](const void* d, size_t bytes) {
-    for (size_t i = 0; i < bytes; ++i) h = (h ^ static_cast<const uint8_t*>(d)[i]) * 1099511628211ull;
+    const auto* u = static_cast<const uint8_t*>(d);
+    for (size_t i = 0; i < bytes; ++i) h = (h ^ u[i]) * 1099511628211ull;
   };
   mix(mu.data(), n), mix(nu.data(), n), mix(p.data(), 4 * n);
   mix(mu_scale.data(), 4 * blocks), mix(nu_scale.data(), 4 * blocks);
@@ -246,7 +246,8 @@ def main() -> None:
             codecs.operand(moment_codec(8, signed=signed)).tofile(path)
             ops.append(str(path))
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            exes = dict(zip(VARIANTS, pool.map(lambda n: _build(n, work, include, cxx), VARIANTS)))
+            built = pool.map(lambda n: _build(n, work, include, cxx), VARIANTS)
+            exes = dict(zip(VARIANTS, built, strict=True))
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         digest: dict[str, str] = {}
         for _ in range(args.rounds):

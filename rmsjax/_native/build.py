@@ -30,6 +30,7 @@ from types import ModuleType
 
 __all__ = [
     "FLAGS",
+    "HEADER_NAME",
     "SOURCE",
     "BuildError",
     "compile_kernel",

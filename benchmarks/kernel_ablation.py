@@ -16,7 +16,9 @@ each version. The changed versions compute WRONG numbers: they only say what eac
                   codec's cell table with AVX-512 gathers (the AVX2 loop's method) instead of
                   the in-register binary search, and the requantisation's division by an exact
                   reciprocal sequence (Markstein's correction, four multiply-adds) instead of a
-                  division.
+                  division, and the same for the rule's two bias-correction divisions (exact
+                  on this run's numbers; not in general without a fallback for moments
+                  outside float32's normal range).
 
 Usage (x86-64 with AVX-512 F/BW/DQ/VL/VBMI and GFNI, a C++ compiler, jaxlib installed)::
 
@@ -90,7 +92,7 @@ int main(int argc, char** argv) {
   L.c_in[0] = L.c_out[0] = mu.data(), L.c_in[1] = L.c_out[1] = nu.data();
   L.sc_in[0] = L.sc_out[0] = mu_scale.data(), L.sc_in[1] = L.sc_out[1] = nu_scale.data();
   namespace S = tbl::adam::scalar;
-  float sc[S::kCount] = {};
+  float sc[S::kCount + 4] = {};  // + the reciprocals of the two corrections (a variant's)
   sc[S::kOneMinusB1] = 0.1f, sc[S::kB1] = 0.9f, sc[S::kOneMinusB2] = 0.001f, sc[S::kB2] = 0.999f;
   sc[S::kEps] = 1e-8f, sc[S::kStepSize] = -1e-3f, sc[S::kWeightDecay] = 1e-4f;
   double best = 1e30;
@@ -98,6 +100,10 @@ int main(int argc, char** argv) {
     const float t = static_cast<float>(r + 1);
     sc[S::kC1] = 1.0f - std::pow(0.9f, t), sc[S::kC1Next] = 1.0f - std::pow(0.9f, t + 1);
     sc[S::kC2] = 1.0f - std::pow(0.999f, t);
+    for (int i = 0; i < 2; ++i) {  // RN(1 / c) and RN((1 - RN(1 / c) * c) / c)
+      const float c = sc[i == 0 ? S::kC1 : S::kC2], zh = 1.0f / c;
+      sc[S::kCount + 2 * i] = zh, sc[S::kCount + 2 * i + 1] = std::fma(-zh, c, 1.0f) / c;
+    }
     const auto t0 = std::chrono::steady_clock::now();
     Avx512<Kernel<AdamRule<false, true, true, false, false, false>, false, true>>(L, 0, blocks,
                                                                                  sc, codec);
@@ -151,6 +157,30 @@ VARIANTS: dict[str, tuple[str, bool, list[tuple[str, str]]]] = {
                 "for (int i = 0; i < len; ++i) buf[k][i] = L.c_in[k][start + i] * "
                 "L.sc_in[k][b];\n        continue;",
             )
+        ],
+    ),
+    "reciprocal bias corrections": (
+        "the rule's mu / c1 and nu / c2 by the reciprocal sequence (exact only where the "
+        "moment and its quotient stay in float32's normal range; the kernel would need a "
+        "fallback for the rest)",
+        True,
+        [
+            (
+                "(gi / c1) : mu / c1;",
+                "(gi / c1) : [&] {\n"
+                "      const float zh = sc[S::kCount], zl = sc[S::kCount + 1];\n"
+                "      const float q0 = std::fma(mu, zh, mu * zl);\n"
+                "      return std::fma(std::fma(-q0, c1, mu), zh, q0);\n"
+                "    }();",
+            ),
+            (
+                "std::sqrt(nu / c2 + eps_root)",
+                "std::sqrt([&] {\n"
+                "      const float zh = sc[S::kCount + 2], zl = sc[S::kCount + 3];\n"
+                "      const float q0 = std::fma(nu, zh, nu * zl);\n"
+                "      return std::fma(std::fma(-q0, c2, nu), zh, q0);\n"
+                "    }() + eps_root)",
+            ),
         ],
     ),
     "gather search": (

@@ -11,10 +11,11 @@ compiles one fusion per leaf and rule. An optimizer from this module adds a thir
   state = opt.init(params)
   params, state = opt.step(params, grads, state)   # == update + apply_updates
 
-which on CPU runs the whole step, for all float32 leaves of the tree, in a native kernel
-(:mod:`rmsjax.native`; one call per few leaves) that reads each parameter, gradient and state
-element once and writes the new values in place (donate ``params`` and ``state`` to ``jax.jit``
-so XLA can reuse the buffers), on all the threads of XLA's CPU thread pool.
+which on CPU runs the whole step, for the float32 and bfloat16 leaves of the tree (with float32
+or 8-bit state), in a native kernel (:mod:`rmsjax.native`; one call per few leaves) that reads
+each parameter, gradient and state element once and writes the new values in place (donate
+``params`` and ``state`` to ``jax.jit`` so XLA can reuse the buffers), on all the threads of
+XLA's CPU thread pool.
 
 Each fused optimizer is DERIVED from the optax-protocol optimizer of the same name:
 ``rmsjax.fused.rmsprop = fuse(rmsjax.rmsprop)``, and likewise ``adam``, ``adamw`` and ``sgd``.
@@ -43,8 +44,11 @@ When the pure-JAX path runs instead (same numbers, the XLA-compiled chain):
   kernel has no partitioning rule, so the elementwise XLA program is kept);
 * under ``jax.vmap`` (the primitive's batching rule), and to differentiate the step (its
   JVP rule: the tangents are the pure-JAX rule's);
-* for leaves that are not float32 (float16/bfloat16/float64/complex parameters, a non-float32
-  ``mu_dtype``), leaves whose gradient is ``None``, leaves of fewer than ``min_native_size``
+* for leaves whose parameters are not float32 or bfloat16 (float16/float64/complex, or a
+  gradient of another dtype), whose state the kernel does not store (a float dtype other than
+  float32, such as ``mu_dtype=jnp.bfloat16``; 4-bit codes, the bitsandbytes or torchao codecs,
+  stochastic rounding; 8-bit state is taken in rmsjax's own codec), leaves whose gradient is
+  ``None``, leaves of fewer than ``min_native_size``
   elements (default :data:`MIN_NATIVE_SIZE` = 16384: for biases and norms the compiled chain is
   faster), and AdamW with a weight-decay ``mask``. Such leaves go through the pure-JAX chain
   while the other leaves still use the kernel.

@@ -194,6 +194,12 @@ def _visible_work(vector: Any) -> Any:
     return vector - jnp.sum(zeros * zeros)
 
 
+def _results_per_leaf(q8: bool, n_slots: int) -> int:
+    """The kernel's results per leaf: the parameters, then each state slot (codes and scales
+    with 8-bit state)."""
+    return 1 + (2 if q8 else 1) * n_slots
+
+
 def _leaves_per_call(results_per_leaf: int) -> int:
     """How many leaves one kernel call takes (see :data:`RESULTS_PER_CALL`)."""
     return max(1, min(LEAVES_PER_CALL, RESULTS_PER_CALL // results_per_leaf))
@@ -239,7 +245,7 @@ def _ffi(
         table=np.int64(table.TABLE_HASH),
     )
     per = 2 if q8 else 1
-    n_out = 1 + per * n_slots
+    n_out = _results_per_leaf(q8, n_slots)
     p_new = list(outs[0::n_out])
     s_new: dict[str, list[Any]] = {}
     for j, s in enumerate(names):
@@ -298,7 +304,7 @@ def _core(
             slot_lists = {s: [(x.data.codes, x.data.scales) for x in slot_lists[s]] for s in names}
         p_new: list[Any] = []
         s_new: list[list[Any]] = [[] for _ in names]
-        per_call = _leaves_per_call(1 + (2 if q8 else 1) * len(names))
+        per_call = _leaves_per_call(_results_per_leaf(q8, len(names)))
         for lo in range(0, len(p_list), per_call):
             hi = min(len(p_list), lo + per_call)
             window = {s: slot_lists[s][lo:hi] for s in names}

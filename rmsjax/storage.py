@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,7 @@ from rmsjax.stochastic import stochastic_round
 from rmsjax.validation import check_float_dtype, display_name
 
 __all__ = [
+    "KernelView",
     "Quantized",
     "StochasticRounding",
     "Storage",
@@ -303,6 +304,31 @@ class StoredArray:
     def decode(self) -> jax.Array:
         """The moment as a plain array (what the update rules see)."""
         return decode(self)
+
+    def kernel_view(self, shape: tuple[int, ...]) -> KernelView | str:
+        """The arrays and codec the native kernel reads and writes for this moment of a
+        parameter of ``shape``, or why this storage has no such view (the moment then stays on
+        the pure-JAX path). Whether the kernel runs the codec is the kernel's business."""
+        if not isinstance(self.data, QuantizedArray):
+            return "stochastically rounded state (the kernel has float32 and 8-bit state)"
+        q = self.data
+        if tuple(q.shape) != tuple(shape) or q.dtype != np.float32:
+            return f"8-bit state of shape {q.shape} and dtype {q.dtype} for a parameter of {shape}"
+        return KernelView((q.codes, q.scales), q.codec)
+
+    def with_arrays(self, arrays: tuple[Any, ...]) -> StoredArray:
+        """This moment holding ``arrays`` (new values of :meth:`kernel_view`'s ``arrays``)."""
+        q = self.data
+        codes, scales = arrays
+        return StoredArray(QuantizedArray(codes, scales, q.codec, q.shape, q.dtype), self.storage)
+
+
+class KernelView(NamedTuple):
+    """What the native kernel reads and writes of a stored moment (see
+    :meth:`StoredArray.kernel_view`): its arrays in operand order and its block codec."""
+
+    arrays: tuple[Any, ...]
+    codec: BlockCodec
 
 
 def is_stored(x: Any) -> bool:

@@ -29,8 +29,7 @@ from rmsjax import native
 from rmsjax._native import table
 from rmsjax.fused import codecs
 from rmsjax.fused.plans import Plan, Planner, StateLayoutError, find_state, replace_field
-from rmsjax.quantization import QuantizedArray
-from rmsjax.storage import Quantized, StoredArray
+from rmsjax.storage import KernelView, StoredArray, is_stored
 from rmsjax.updates import apply_updates
 
 __all__ = [
@@ -287,7 +286,7 @@ def _core(
         names = table.present_slots(plan.kind, plan.flags)
         slot_lists = {s: getattr(find_state(sub_state, plan.slots[s], s), s) for s in names}
         dtype = jnp.dtype(p_list[0].dtype)
-        q8 = bool(names) and isinstance(slot_lists[names[0]][0], StoredArray)
+        q8 = bool(names) and is_stored(slot_lists[names[0]][0])
         flags = {
             **plan.flags,
             **plan.dtype_flags(sub_state, dtype),
@@ -298,10 +297,12 @@ def _core(
         codec_operands: list[Any] = []
         if q8:
             # every leaf of the group has the same codecs (the group's key, see _leaf_key)
-            codec_operands = [
-                jnp.asarray(codecs.operand(slot_lists[s][0].data.codec)) for s in names
-            ]
-            slot_lists = {s: [(x.data.codes, x.data.scales) for x in slot_lists[s]] for s in names}
+            views = {
+                s: [_view(x, tuple(p.shape)) for x, p in zip(slot_lists[s], p_list, strict=True)]
+                for s in names
+            }
+            codec_operands = [jnp.asarray(codecs.operand(views[s][0].codec)) for s in names]
+            slot_lists = {s: [v.arrays for v in views[s]] for s in names}
         p_new: list[Any] = []
         s_new: list[list[Any]] = [[] for _ in names]
         per_call = _leaves_per_call(_results_per_leaf(q8, len(names)))
@@ -440,11 +441,15 @@ def _single_device(trees: Iterable[Any]) -> bool:
     return True
 
 
-def _restored(old: StoredArray, new: tuple[Any, Any]) -> StoredArray:
-    """``old``'s storage holding the kernel's new codes and scales."""
-    q = old.data
-    data = QuantizedArray(new[0], new[1], q.codec, q.shape, q.dtype)
-    return StoredArray(data, old.storage)
+def _restored(old: StoredArray, new: tuple[Any, ...]) -> StoredArray:
+    """``old``'s storage holding the kernel's new arrays."""
+    return old.with_arrays(tuple(new))
+
+
+def _view(x: StoredArray, shape: tuple[int, ...]) -> KernelView:
+    view = x.kernel_view(shape)
+    assert not isinstance(view, str)  # the leaf's group was chosen by _leaf_key
+    return view
 
 
 _PARAM_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
@@ -458,15 +463,8 @@ class _Skip(NamedTuple):
 
 def _stored_issue(x: StoredArray, shape: tuple[int, ...]) -> str | None:
     """Why the kernel cannot update a stored state array, or None when it can."""
-    if not isinstance(x.storage, Quantized):
-        return "stochastically rounded state (the kernel has float32 and 8-bit state)"
-    q = x.data
-    why = codecs.unsupported(q.codec)
-    if why is not None:
-        return why
-    if tuple(q.shape) != shape or q.dtype != np.float32:
-        return f"8-bit state of shape {q.shape} and dtype {q.dtype} for a parameter of {shape}"
-    return None
+    view = x.kernel_view(shape)
+    return view if isinstance(view, str) else codecs.unsupported(view.codec)
 
 
 def _leaf_key(p: Any, g: Any, states: list[Any], min_size: int) -> Any:
@@ -483,7 +481,7 @@ def _leaf_key(p: Any, g: Any, states: list[Any], min_size: int) -> Any:
     dtype = np.dtype(p.dtype)
     if dtype not in _PARAM_DTYPES or np.dtype(g.dtype) != dtype or tuple(np.shape(g)) != shape:
         return _Skip()
-    stored = [x for x in states if isinstance(x, StoredArray)]
+    stored = [x for x in states if is_stored(x)]
     if not stored:
         for x in states:
             if getattr(x, "dtype", None) != np.float32 or tuple(np.shape(x)) != shape:
@@ -495,10 +493,11 @@ def _leaf_key(p: Any, g: Any, states: list[Any], min_size: int) -> Any:
             return _Skip(why)
     if len(stored) != len(states):
         return _Skip("8-bit state mixed with unquantized state in one parameter's moments")
-    blocks = {x.data.codec.block_size for x in stored}
+    codecs_ = [_view(x, shape).codec for x in stored]
+    blocks = {c.block_size for c in codecs_}
     if len(blocks) != 1:
         return _Skip(f"8-bit moments with different block sizes {sorted(blocks)}")
-    return (dtype.name, tuple(x.data.codec for x in stored))
+    return (dtype.name, tuple(codecs_))
 
 
 def build(

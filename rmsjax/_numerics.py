@@ -20,6 +20,7 @@ from rmsjax.validation import is_concrete
 
 __all__ = [
     "abs_sq",
+    "cast_to",
     "debias",
     "ema",
     "increment",
@@ -40,6 +41,22 @@ def abs_sq(x: jax.Array) -> jax.Array:
     if jnp.iscomplexobj(x):
         return jnp.real(x) ** 2 + jnp.imag(x) ** 2
     return x * x
+
+
+def cast_to(x: ArrayLike, dtype: Any) -> jax.Array:
+    """``x`` as an array of ``dtype`` (nothing emitted when it has it already).
+
+    A complex ``x`` cast to a real dtype keeps its real part: a real quantity computed with
+    complex-typed hyperparameters (``optax.inject_hyperparams`` hands them over as complex64,
+    imaginary part 0, for a complex model) is real.
+    """
+    x = jnp.asarray(x)
+    dtype = jnp.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        x = jnp.real(x)
+    return x.astype(dtype)
 
 
 def ema(new: jax.Array, old: jax.Array, decay: ArrayLike) -> jax.Array:

@@ -26,8 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from rmsjax.quantization import BlockCodec, QuantizedArray
-from rmsjax.storage import StoredArray, is_stored
+from rmsjax.storage import is_stored
 
 __all__ = ["state_sharding"]
 
@@ -70,56 +69,6 @@ def _replicated_like(shardings: list[Sharding]) -> Sharding | None:
             "`NamedSharding(mesh, PartitionSpec())`)."
         )
     return None
-
-
-def _axis_size(mesh: Any, entry: Any) -> int:
-    """How many shards a PartitionSpec entry (None, an axis name, a tuple of them) makes."""
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return int(np.prod([mesh.shape[name] for name in names], dtype=np.int64))
-
-
-def _codes_and_scales(
-    codec: BlockCodec, shape: tuple[int, ...], sharding: Sharding, replicated: Sharding
-) -> tuple[Sharding, Sharding]:
-    """Shardings of a quantized moment's codes and scales, from its parameter's sharding."""
-    if sharding.is_fully_replicated:
-        return sharding, sharding
-    if not isinstance(sharding, NamedSharding) or not shape:
-        return replicated, replicated
-    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(tuple(sharding.spec)))
-    named = lambda *entries: NamedSharding(sharding.mesh, PartitionSpec(*entries))
-    if codec.layout == "flat":  # blocks over the flattened array: only 8-bit codes mirror it
-        return (sharding if codec.bits == 8 else replicated), replicated
-    # Leading axes follow the parameter. The last axis does too when every shard holds whole
-    # blocks (and whole bytes of 4-bit codes); otherwise it is not split.
-    n, shards = shape[-1], _axis_size(sharding.mesh, spec[-1])
-    local = n // shards if n % shards == 0 else 0
-    whole = local > 0 and local % codec.block_size == 0 and (codec.bits == 8 or local % 2 == 0)
-    last = spec[-1] if whole else None
-    return named(*spec[:-1], last), named(*spec[:-1], last)
-
-
-def _stored_sharding(
-    stored: StoredArray, sharding: Sharding | None, replicated: Sharding
-) -> StoredArray:
-    """A :class:`StoredArray` whose array leaves are replaced by their shardings."""
-    if isinstance(stored.data, QuantizedArray):
-        q = stored.data
-        codes, scales = (
-            (replicated, replicated)
-            if sharding is None
-            else _codes_and_scales(q.codec, q.shape, sharding, replicated)
-        )
-        data: Any = QuantizedArray(codes, scales, q.codec, q.shape, q.dtype)
-    else:  # (values, key) of stochastic rounding
-        data = (replicated if sharding is None else sharding, replicated)
-    return StoredArray(data, stored.storage)
-
-
-def _stored_shape(stored: StoredArray) -> tuple[int, ...]:
-    if isinstance(stored.data, QuantizedArray):
-        return tuple(stored.data.shape)
-    return tuple(stored.data[0].shape)
 
 
 def state_sharding(
@@ -201,7 +150,7 @@ def state_sharding(
 
     def leaf_sharding(path: Any, leaf: Any) -> Any:
         if is_stored(leaf):
-            return _stored_sharding(leaf, mirrored(path, _stored_shape(leaf)), replicated)
+            return leaf.shardings(mirrored(path, leaf.moment_shape()), replicated)
         found = mirrored(path, tuple(leaf.shape))
         return replicated if found is None else found
 

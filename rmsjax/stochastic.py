@@ -20,11 +20,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from rmsjax import tree  # the module: rmsjax.tree imports this one (via rmsjax.storage)
+from rmsjax import tree
+from rmsjax._types import (
+    HALF_FLOATS,
+)  # the module: rmsjax.tree imports this one (via rmsjax.storage)
 
 __all__ = ["apply_updates_stochastic", "stochastic_round"]
 
-_TARGETS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_TARGETS = HALF_FLOATS  # bfloat16 first
 
 
 def _round_bfloat16(x: jax.Array, key: jax.Array) -> jax.Array:

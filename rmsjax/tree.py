@@ -38,11 +38,14 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from rmsjax import storage as S
+from rmsjax._numerics import cast_to
+from rmsjax._types import HALF_FLOATS
 
 __all__ = [
     "check_state",
     "describe_difference",
     "flatten_like",
+    "is_none",
     "map_rule",
     "real_dtype",
     "state_dtype",
@@ -50,10 +53,9 @@ __all__ = [
     "structure_error",
 ]
 
-_HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
-
-def _is_none(x: Any) -> bool:
+def is_none(x: Any) -> bool:
+    """``x is None`` (an ``is_leaf`` that keeps ``None`` leaves in ``jax.tree`` functions)."""
     return x is None
 
 
@@ -75,7 +77,7 @@ def state_dtype(
     dtype = jnp.dtype(param_dtype)
     if not jnp.issubdtype(dtype, jnp.inexact):
         return jnp.dtype(jnp.result_type(float))
-    if promote_half and dtype in _HALF:
+    if promote_half and dtype in HALF_FLOATS:
         return jnp.dtype(jnp.float32)
     return dtype
 
@@ -102,18 +104,22 @@ def state_like(
     real: bool = False,
     signed: bool | None = None,
     name: str = "",
+    both_parts: bool = False,
 ) -> Any:
     """A state tree shaped like ``params``, filled with ``fill`` (which may be traced).
 
     The leaf dtype follows :func:`state_dtype`; ``real=True`` drops a complex dtype to its real
-    part (for second moments, which are real). ``None`` leaves stay ``None``. Each leaf is built
-    with ``jnp.full_like``, so it carries its parameter's sharding: state initialised from
-    sharded parameters lives where they live (see :mod:`rmsjax.sharding`).
+    part (for second moments, which are real). ``both_parts=True`` fills a complex leaf with
+    ``fill`` in its real AND its imaginary part (for state that treats the two parts as
+    separate reals). ``None`` leaves stay ``None``. Each leaf is built with ``jnp.full_like``,
+    so it carries its parameter's sharding: state initialised from sharded parameters lives
+    where they live (see :mod:`rmsjax.sharding`).
 
-    ``dtype`` may also be a storage choice (:func:`rmsjax.quantized`,
-    :func:`rmsjax.stochastic_rounding`): each leaf is then built in its default dtype (as for
-    ``dtype=None`` with ``promote_half``) and held as a :class:`~rmsjax.storage.StoredArray`
-    where the storage applies (:func:`rmsjax.storage.store`). ``signed`` says whether the
+    ``dtype`` may also be a kind of storage (:class:`rmsjax.storage.Storage`:
+    :func:`rmsjax.quantized`, :func:`rmsjax.stochastic_rounding`): each leaf is then built in
+    its default dtype (as for ``dtype=None`` with ``promote_half``) and given to the kind's
+    :meth:`~rmsjax.storage.Storage.store`, which returns a
+    :class:`~rmsjax.storage.StoredArray` where the storage applies. ``signed`` says whether the
     moment can be negative (it picks the quantization map; default: ``not real``, as second
     moments are the real ones), and ``name`` (the state field, e.g. ``"nu"``) keeps the random
     streams of two moments of one parameter apart.
@@ -127,21 +133,22 @@ def state_like(
     ``nnx.update``).
     """
     plain = S.plain_dtype(dtype)
-    spec = dtype if isinstance(dtype, S.Quantized | S.StochasticRounding) else None
+    kind = dtype if isinstance(dtype, S.Storage) else None
     is_signed = (not real) if signed is None else signed
 
     def leaf(path: Any, p: Any) -> Any:
-        dt = state_dtype(jnp.result_type(p), plain, promote_half=promote_half or spec is not None)
+        dt = state_dtype(jnp.result_type(p), plain, promote_half=promote_half or kind is not None)
         if real:
             dt = real_dtype(dt)
         value = fill
         if jnp.iscomplexobj(fill) and not jnp.issubdtype(dt, jnp.complexfloating):
-            value = jnp.real(fill)  # a complex-typed real hyperparameter (see _cast_like)
+            value = jnp.real(fill)  # a complex-typed real hyperparameter (see cast_to)
         array = jnp.full_like(p, value, dtype=dt)
-        if spec is None:
+        if both_parts and jnp.iscomplexobj(array):
+            array = jax.lax.complex(jnp.real(array), jnp.real(array))
+        if kind is None:
             return array
-        salt = name + jax.tree_util.keystr(path)
-        return S.store(array, spec, signed=is_signed, salt=salt)
+        return kind.store(array, signed=is_signed, salt=name + jax.tree_util.keystr(path))
 
     def node(path: Any, p: Any) -> Any:
         if not _is_flax_variable(p):
@@ -150,7 +157,7 @@ def state_like(
         # stream as for the plain array
         inner, box = jax.tree.flatten(p)
         built = [leaf(path, x) for x in inner]
-        if len(built) == 1 and isinstance(built[0], S.StoredArray):
+        if len(built) == 1 and S.is_stored(built[0]):
             return built[0]
         return jax.tree.unflatten(box, built)
 
@@ -250,8 +257,8 @@ def structure_error(
     )
     return ValueError(
         f"The tree of {tree_name} does not have the structure of the {other_name}.\n"
-        f"  {tree_name}: {jax.tree.structure(tree, is_leaf=_is_none)}\n"
-        f"  {other_name}: {jax.tree.structure(other, is_leaf=_is_none)}\n"
+        f"  {tree_name}: {jax.tree.structure(tree, is_leaf=is_none)}\n"
+        f"  {other_name}: {jax.tree.structure(other, is_leaf=is_none)}\n"
         f"{detail[:1].upper() + detail[1:]}.\n"
         f"Pass {tree_name} shaped like the params given to `init`, or re-run `init` after "
         "changing the model."
@@ -275,23 +282,6 @@ def _check_leaf(tree: Any, other: Any, path: Any, leaf: Any, names: tuple[str, s
     where = jax.tree_util.keystr(path) or "the root"
     detail = f"at {where}, {_has(names[0])} an array where {_has(names[1])} a {type(leaf).__name__}"
     raise structure_error(tree, other, tree_name=names[0], other_name=names[1], detail=detail)
-
-
-def _cast_like(x: Any, like: Any) -> jax.Array:
-    """``x`` as an array of ``like``'s dtype, ``like`` an array or a dtype (no conversion
-    emitted when ``x`` already has it)."""
-    if isinstance(like, np.dtype):
-        dtype = like
-    else:
-        dtype = like.dtype if hasattr(like, "dtype") else jnp.result_type(like)
-    x = jnp.asarray(x)
-    if x.dtype == dtype:
-        return x
-    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
-        # A real state computed with complex hyperparameters (optax.inject_hyperparams hands
-        # them over as complex64, imaginary part 0, for a complex model): the real part.
-        x = jnp.real(x)
-    return x.astype(dtype)
 
 
 def _check_gradient(path: Any, g: Any, leaf_name: str) -> None:
@@ -369,7 +359,7 @@ def map_rule(
     unboxed = [_unbox(t) for t in states]
     states = [t for t, _ in unboxed]
     extras = [_unbox(t)[0] for t in extras]
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
     names = [what] * len(states) + list(extra_names[: len(extras)])
     others = [*states, *extras]
     if len(names) != len(others):
@@ -396,12 +386,12 @@ def map_rule(
                     updates, other, tree_name="gradients", other_name=name, detail=detail
                 )
             _check_leaf(updates, other, path, leaves[i], ("gradients", name))
-        plain = [S.decode(old) if S.is_stored(old) else old for old in olds]
-        g_in = _cast_like(g, jnp.result_type(g, *plain)) if plain else g
+        plain = [S.decode(old) for old in olds]
+        g_in = cast_to(g, jnp.result_type(g, *plain)) if plain else g
         u, *news = rule(g_in, *plain, *(leaves[i] for leaves in flat[n_states:]))
-        out_updates.append(_cast_like(u, g))
+        out_updates.append(cast_to(u, jnp.result_type(g)))
         for acc, old, new in zip(out_states, olds, news, strict=True):
-            acc.append(S.encode(new, old) if S.is_stored(old) else _cast_like(new, old))
+            acc.append(S.encode(new, old))
     return (
         rebox_updates(jax.tree_util.tree_unflatten(treedef, out_updates)),
         tuple(

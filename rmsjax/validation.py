@@ -64,6 +64,11 @@ def display_name(name: str) -> str:
     return _NAMES.get().get(name, name)
 
 
+def is_int(value: Any) -> bool:
+    """True for a Python or NumPy integer (not a bool)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def is_concrete(value: Any) -> bool:
     """True when ``value`` can be read on the host: not None, a tracer or a callable."""
     return not (value is None or callable(value) or isinstance(value, jax.core.Tracer))

@@ -7,6 +7,7 @@ import re
 import warnings
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -255,9 +256,7 @@ class _Foreign(NamedTuple):
 
 
 TRANSFORMS = [
-    rmsjax.scale(0.5),
     rmsjax.scale_by_schedule(optax.constant_schedule(0.1)),
-    rmsjax.scale_by_learning_rate(0.1),
     rmsjax.scale_by_learning_rate(optax.constant_schedule(0.1)),
     rmsjax.scale_by_rms(),
     rmsjax.scale_by_rms(bias_correction=True),
@@ -271,7 +270,6 @@ TRANSFORMS = [
     rmsjax.scale_by_adam_eps_hat(),
     rmsjax.trace(0.9),
     rmsjax.dampened_trace(0.9),
-    rmsjax.add_decayed_weights(0.1),
     rmsjax.add_decayed_weights(optax.constant_schedule(0.1)),
     rmsjax.decoupled_weight_decay(0.1, 0.1),
     rmsjax.scale_by_rprop(0.1),
@@ -285,6 +283,29 @@ def test_every_transformation_checks_its_state_type(tx) -> None:
     tx.update(params, tx.init(params), params)  # its own state is fine
     with pytest.raises(TypeError, match=r"expected its state as .*got _Foreign.*`init`"):
         tx.update(params, _Foreign(other=params), params)
+
+
+# name -> (the stateless rmsjax transformation, optax's)
+STATELESS = {
+    "scale": (rmsjax.scale(0.5), optax.scale(0.5)),
+    "scale_by_learning_rate": (
+        rmsjax.scale_by_learning_rate(0.1),
+        optax.scale_by_learning_rate(0.1),
+    ),
+    "add_decayed_weights": (rmsjax.add_decayed_weights(0.1), optax.add_decayed_weights(0.1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATELESS))
+@pytest.mark.parametrize("state", [{}, 0, None, _Foreign(other=1)], ids=repr)
+def test_stateless_transformations_ignore_their_state_as_optax_does(name, state) -> None:
+    tx, reference = STATELESS[name]
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    grads = {"w": jnp.array([0.5, 0.25, -1.0])}
+    got, new_state = tx.update(grads, state, params)
+    want, want_state = reference.update(grads, state, params)
+    chex.assert_trees_all_equal(got, want)
+    assert new_state is state and want_state is state
 
 
 # --------------------------------------------------------------------------------------------

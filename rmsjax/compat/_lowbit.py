@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmsjax._types import HALF_FLOATS
 from rmsjax.quantization import BlockCodec
 from rmsjax.stochastic import stochastic_round
 from rmsjax.storage import Quantized, quantized
@@ -22,8 +23,6 @@ __all__ = [
     "library_storage",
     "round_bfloat16_params",
 ]
-
-_HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
 def betas_pair(betas: Any) -> tuple[Any, Any]:
@@ -55,7 +54,7 @@ def float32_updates() -> optax.GradientTransformation:
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
-        cast = lambda u: u.astype(jnp.float32) if jnp.dtype(u.dtype) in _HALF else u
+        cast = lambda u: u.astype(jnp.float32) if jnp.dtype(u.dtype) in HALF_FLOATS else u
         return jax.tree.map(cast, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

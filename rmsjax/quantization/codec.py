@@ -16,11 +16,13 @@ from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax.quantization.maps import dynamic_map, linear_map
 from rmsjax.quantization.rounding import CONVENTIONS, lookup
+from rmsjax.validation import is_int
 
 __all__ = [
     "BlockCodec",
     "QuantizedArray",
     "bitsandbytes_codec",
+    "check_bits",
     "dequantize",
     "moment_codec",
     "quantize",
@@ -34,6 +36,12 @@ _LAYOUTS = ("last_axis", "flat")
 _NORMALIZE = ("divide", "reciprocal")
 _F32 = np.float32
 _TORCHAO_SCALE_FLOOR = 1e-12  # torchao clips each block's scale below at this value
+
+
+def check_bits(bits: Any) -> None:
+    """``bits``, the width of one code, must be 4 or 8: ``ValueError`` otherwise."""
+    if not is_int(bits) or bits not in (4, 8):
+        raise ValueError(f"`bits` must be 4 or 8, got {bits!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +278,7 @@ def moment_codec(bits: int = 8, *, signed: bool, block_size: int | None = None) 
     and shards), round differently (:func:`bitsandbytes_codec`, :func:`torchao_codec`) and
     store a block's largest negative entry 0.7% (8 bits) or 11% (4 bits) too small.
     """
-    if bits not in (4, 8):
-        raise ValueError(f"`bits` must be 4 or 8, got {bits!r}.")
+    check_bits(bits)
     if not signed:
         qmap = dynamic_map(False) if bits == 8 else linear_map(16, zero=False)
     else:
@@ -316,17 +323,16 @@ def torchao_codec(bits: int, *, signed: bool) -> BlockCodec:
     has at least 4096 entries and a whole number of blocks (``whole_blocks``), else float32.
     Codes, scales and decoded values equal torchao's bit for bit (tests/reference/lowbit.npz).
     """
+    check_bits(bits)
     if bits == 8:
         qmap, block = dynamic_map(signed), 256
-    elif bits == 4:
+    else:
         block = 128
         qmap = (
             dynamic_map(True, exponent_bits=3, total_bits=4)
             if signed
             else linear_map(16, zero=False)
         )
-    else:
-        raise ValueError(f"`bits` must be 4 or 8, got {bits!r}.")
     return BlockCodec(
         qmap=tuple(qmap.tolist()),
         block_size=block,

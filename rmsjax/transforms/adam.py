@@ -5,7 +5,7 @@ r"""The Adam family: :func:`scale_by_adam` (optax's, with NAdam), :func:`scale_b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -22,10 +22,9 @@ from rmsjax._numerics import (
     moment_div,
     precise_debias,
     safe_div,
-    zero_count,
 )
-from rmsjax.storage import Storage, check_storage
-from rmsjax.tree import check_state, map_rule, state_like
+from rmsjax.moments import Moment, document_storage, moment_transform
+from rmsjax.storage import Storage
 from rmsjax.validation import (
     check_decay,
     check_nonneg,
@@ -76,6 +75,7 @@ def _adam_rule(
     return moment_div(mu_hat, den, g, den_positive=is_positive(eps)), mu, nu
 
 
+@document_storage
 def scale_by_adam(
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
@@ -127,39 +127,28 @@ def scale_by_adam(
     check_decay("b2", b2)
     check_nonneg("eps", eps)
     check_nonneg("eps_root", eps_root)
-    check_storage("mu_dtype", mu_dtype)
-    check_storage("nu_dtype", nu_dtype)
 
-    def init_fn(params: Any) -> Any:
-        mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half, name="mu")
-        nu = state_like(
-            params, 0.0, dtype=nu_dtype, promote_half=promote_half, real=True, name="nu"
-        )
-        return ScaleByAdamState(count=zero_count(), mu=mu, nu=nu)
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        check_state(state, ScaleByAdamState, "scale_by_adam")
-        count = increment(state.count)
-        c1, c2 = debias(b1, count), debias(b2, count)
-        c1_next = debias(b1, increment(count))
-        rule = lambda g, mu, nu: _adam_rule(
-            g,
-            mu,
-            nu,
+    def step_args(count: Any) -> dict[str, Any]:
+        count = increment(count)
+        return dict(
             b1=b1,
             b2=b2,
             eps=eps,
             eps_root=eps_root,
-            c1=c1,
-            c1_next=c1_next,
-            c2=c2,
+            c1=debias(b1, count),
+            c1_next=debias(b1, increment(count)),
+            c2=debias(b2, count),
             nesterov=nesterov,
         )
-        out, (mu, nu) = map_rule(rule, updates, (state.mu, state.nu))
-        return out, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return moment_transform(
+        "scale_by_adam",
+        _adam_rule,
+        [Moment("mu", mu_dtype), Moment("nu", nu_dtype, real=True)],
+        state=ScaleByAdamState,
+        step_args=step_args,
+        promote_half=promote_half,
+    )
 
 
 ScaleByAmsgradState = optax.ScaleByAmsgradState
@@ -243,46 +232,32 @@ def _adam_with_max(
     name: str,
     state_cls: type,
     rule: Callable[..., tuple[jax.Array, ...]],
-    step_args: Callable[[jax.Array], dict[str, Any]],
+    step_args: Callable[[jax.Array], Mapping[str, Any]],
     *,
     track_max: bool,
     mu_dtype: DTypeLike | Storage | None,
     nu_dtype: DTypeLike | Storage | None,
     promote_half: bool,
 ) -> optax.GradientTransformation:
-    """The init/update shared by the Adam forms above.
-
-    State ``state_cls(count, mu, nu, nu_max)``, with ``nu_max = ()`` unless ``track_max``;
-    each step, ``rule(g, mu, nu, [nu_max], **step_args(count))`` with the incremented count.
-    ``nu_max`` is stored like ``nu`` (``nu_dtype``), as torchao stores ``max_exp_avg_sq``.
-    """
-    check_storage("mu_dtype", mu_dtype)
-    check_storage("nu_dtype", nu_dtype)
-
-    def second(params: Any, name: str) -> Any:
-        return state_like(
-            params, 0.0, dtype=nu_dtype, promote_half=promote_half, real=True, name=name
-        )
-
-    def init_fn(params: Any) -> Any:
-        mu = state_like(params, 0.0, dtype=mu_dtype, promote_half=promote_half, name="mu")
-        nu = second(params, "nu")
-        nu_max = second(params, "nu_max") if track_max else ()
-        return state_cls(count=zero_count(), mu=mu, nu=nu, nu_max=nu_max)
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        check_state(state, state_cls, name)
-        count = increment(state.count)
-        kwargs = step_args(count)
-        states = (state.mu, state.nu, state.nu_max) if track_max else (state.mu, state.nu)
-        out, (mu, nu, *mx) = map_rule(lambda *a: rule(*a, **kwargs), updates, states)
-        nu_max = mx[0] if track_max else ()
-        return out, state_cls(count=count, mu=mu, nu=nu, nu_max=nu_max)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    """The Adam forms above: state ``state_cls(count, mu, nu, nu_max)``, with ``nu_max = ()``
+    unless ``track_max``; ``step_args`` gets the incremented count. ``nu_max`` is stored like
+    ``nu`` (``nu_dtype``), as torchao stores ``max_exp_avg_sq``."""
+    moments = [
+        Moment("mu", mu_dtype),
+        Moment("nu", nu_dtype, real=True),
+        Moment("nu_max", nu_dtype, argument="nu_dtype", real=True, present=track_max),
+    ]
+    return moment_transform(
+        name,
+        rule,
+        moments,
+        state=state_cls,
+        step_args=lambda count: step_args(increment(count)),
+        promote_half=promote_half,
+    )
 
 
+@document_storage
 def scale_by_amsgrad(
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
@@ -358,6 +333,7 @@ def scale_by_amsgrad(
     )
 
 
+@document_storage
 def scale_by_adam_exact_bias(
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
@@ -424,6 +400,7 @@ def scale_by_adam_exact_bias(
     )
 
 
+@document_storage
 def scale_by_adam_eps_hat(
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,

@@ -11,12 +11,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from rmsjax._numerics import (
-    increment,
-    zero_count,
-)
-from rmsjax.storage import Storage, check_storage
-from rmsjax.tree import check_state, map_rule, state_like
+from rmsjax.moments import Moment, document_storage, moment_transform
+from rmsjax.storage import Storage
 from rmsjax.validation import check_in_range
 
 __all__ = [
@@ -38,6 +34,7 @@ def _trace_rule(
     return (g + decay * m if nesterov else m), m
 
 
+@document_storage
 def trace(
     decay: ArrayLike,
     nesterov: bool = False,
@@ -70,23 +67,14 @@ def trace(
     otherwise.
     """
     check_in_range("decay", decay, low=0.0, high=1.0)
-    check_storage("accumulator_dtype", accumulator_dtype)
-
-    def init_fn(params: Any) -> Any:
-        return TraceState(
-            trace=state_like(
-                params, 0.0, dtype=accumulator_dtype, promote_half=promote_half, name="trace"
-            )
-        )
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        check_state(state, TraceState, "trace")
-        rule = lambda g, m: _trace_rule(g, m, decay=decay, nesterov=nesterov)
-        out, (m,) = map_rule(rule, updates, (state.trace,))
-        return out, TraceState(trace=m)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return moment_transform(
+        "trace",
+        _trace_rule,
+        [Moment("trace", accumulator_dtype, argument="accumulator_dtype")],
+        state=TraceState,
+        step_args=lambda _: dict(decay=decay, nesterov=nesterov),
+        promote_half=promote_half,
+    )
 
 
 class DampenedTraceState(NamedTuple):
@@ -109,6 +97,7 @@ def _dampened_trace_rule(
     return (g + decay * b if nesterov else b), b
 
 
+@document_storage
 def dampened_trace(
     decay: ArrayLike,
     dampening: ArrayLike = 0.0,
@@ -139,22 +128,15 @@ def dampened_trace(
     """
     check_in_range("decay", decay, low=0.0, high=1.0)
     check_in_range("dampening", dampening, low=0.0, high=1.0)
-    check_storage("accumulator_dtype", accumulator_dtype)
 
-    def init_fn(params: Any) -> DampenedTraceState:
-        buf = state_like(
-            params, 0.0, dtype=accumulator_dtype, promote_half=promote_half, name="trace"
-        )
-        return DampenedTraceState(count=zero_count(), trace=buf)
+    def step_args(count: Any) -> dict[str, Any]:
+        return dict(first=count == 0, decay=decay, dampening=dampening, nesterov=nesterov)
 
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        check_state(state, DampenedTraceState, "dampened_trace")
-        first = state.count == 0
-        rule = lambda g, b: _dampened_trace_rule(
-            g, b, first=first, decay=decay, dampening=dampening, nesterov=nesterov
-        )
-        out, (buf,) = map_rule(rule, updates, (state.trace,))
-        return out, DampenedTraceState(count=increment(state.count), trace=buf)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return moment_transform(
+        "dampened_trace",
+        _dampened_trace_rule,
+        [Moment("trace", accumulator_dtype, argument="accumulator_dtype")],
+        state=DampenedTraceState,
+        step_args=step_args,
+        promote_half=promote_half,
+    )

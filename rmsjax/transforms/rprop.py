@@ -12,7 +12,7 @@ from jax.typing import ArrayLike
 
 from rmsjax._numerics import zero_count
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.tree import check_state, map_rule, state_like
+from rmsjax.moments import Moment, moment_transform
 from rmsjax.validation import (
     check_in_range,
     check_learning_rate,
@@ -158,25 +158,18 @@ def scale_by_rprop(
     stores the previous gradient in ``prev_updates``), so an optax state restores into it.
     """
     _check_rprop_args(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size)
+    lr = learning_rate(zero_count()) if callable(learning_rate) else learning_rate
     hyper = dict(
         eta_minus=eta_minus,
         eta_plus=eta_plus,
         min_step_size=min_step_size,
         max_step_size=max_step_size,
     )
-
-    def init_fn(params: Any) -> Any:
-        lr = learning_rate(zero_count()) if callable(learning_rate) else learning_rate
-        both = lambda s: jax.lax.complex(jnp.real(s), jnp.real(s)) if jnp.iscomplexobj(s) else s
-        steps = jax.tree.map(both, state_like(params, lr, promote_half=promote_half))
-        prev = state_like(params, 0.0, promote_half=promote_half)
-        return ScaleByRpropState(step_sizes=steps, prev_updates=prev)
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        check_state(state, ScaleByRpropState, "scale_by_rprop")
-        rule = lambda g, step, prev: _rprop_rule(g, step, prev, **hyper)
-        out, (steps, prev) = map_rule(rule, updates, (state.step_sizes, state.prev_updates))
-        return out, ScaleByRpropState(step_sizes=steps, prev_updates=prev)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return moment_transform(
+        "scale_by_rprop",
+        _rprop_rule,
+        [Moment("step_sizes", fill=lr, both_parts=True), Moment("prev_updates")],
+        state=ScaleByRpropState,
+        step_args=lambda _: hyper,
+        promote_half=promote_half,
+    )

@@ -6,19 +6,13 @@ The states are optax's own classes (``ScaleState`` is ``optax.ScaleState``, an
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from rmsjax._numerics import (
-    increment,
-    zero_count,
-)
 from rmsjax._types import ScalarOrSchedule, Schedule
-from rmsjax.tree import check_state, map_rule
+from rmsjax.moments import moment_transform
 from rmsjax.validation import (
     check_in_range,
     check_learning_rate,
@@ -57,18 +51,9 @@ def scale(step_size: ArrayLike) -> optax.GradientTransformation:
     Same as ``optax.scale``, with the same state (``optax.ScaleState``).
     """
     check_in_range("step_size", step_size)
-
-    def init_fn(params: Any) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        check_state(state, optax.EmptyState, "scale")
-        out, _ = map_rule(lambda g: _scale_rule(g, step_size), updates)
-        return out, state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return moment_transform(
+        "scale", _scale_rule, state=ScaleState, step_args=lambda _: dict(step_size=step_size)
+    )
 
 
 def scale_by_schedule(step_size_fn: Schedule) -> optax.GradientTransformation:
@@ -86,18 +71,12 @@ def scale_by_schedule(step_size_fn: Schedule) -> optax.GradientTransformation:
             f"`step_size_fn` must be a callable schedule count -> step size, got {step_size_fn!r}."
         )
 
-    def init_fn(params: Any) -> Any:
-        del params
-        return ScaleByScheduleState(count=zero_count())
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        check_state(state, ScaleByScheduleState, "scale_by_schedule")
-        step_size = step_size_fn(state.count)
-        out, _ = map_rule(lambda g: _scale_rule(g, step_size), updates)
-        return out, ScaleByScheduleState(count=increment(state.count))
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return moment_transform(
+        "scale_by_schedule",
+        _scale_rule,
+        state=ScaleByScheduleState,
+        step_args=lambda count: dict(step_size=step_size_fn(count)),
+    )
 
 
 def scale_by_learning_rate(

@@ -11,12 +11,8 @@ import jax
 import optax
 from jax.typing import ArrayLike
 
-from rmsjax._numerics import (
-    increment,
-    zero_count,
-)
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.tree import check_state, map_rule
+from rmsjax.moments import moment_transform
 from rmsjax.validation import (
     check_learning_rate,
     check_nonneg,
@@ -45,8 +41,8 @@ except ImportError:  # pragma: no cover - an optax without it has no such layout
         count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
-def _decay_rule(g: jax.Array, p: jax.Array, weight_decay: ArrayLike) -> tuple[jax.Array]:
-    return (g + weight_decay * p,)
+def _decay_rule(g: jax.Array, p: jax.Array, *, coefficient: ArrayLike) -> tuple[jax.Array]:
+    return (g + coefficient * p,)
 
 
 def add_decayed_weights(
@@ -76,39 +72,30 @@ def add_decayed_weights(
     if callable(weight_decay):
         schedule = weight_decay
         return _params_rule_transform(
-            _decay_rule, schedule, WeightDecaySchedule, "add_decayed_weights", mask
+            "add_decayed_weights", _decay_rule, schedule, WeightDecaySchedule, mask
         )
     return _params_rule_transform(
-        _decay_rule, lambda count: weight_decay, None, "add_decayed_weights", mask
+        "add_decayed_weights", _decay_rule, lambda _: weight_decay, AddDecayedWeightsState, mask
     )
 
 
 def _params_rule_transform(
-    rule: Callable[[jax.Array, jax.Array, ArrayLike], tuple[jax.Array]],
-    coefficient: Callable[[Any], ArrayLike],
-    state_cls: type | None,
     name: str,
+    rule: Callable[..., tuple[jax.Array]],
+    coefficient: Callable[[Any], ArrayLike],
+    state: type,
     mask: Any | Callable[[Any], Any] | None,
 ) -> optax.GradientTransformation:
-    """``u_t = rule(g_t, params, coefficient(count))`` (count 0, 1, 2, ...) with state
-    ``state_cls(count)``, or ``optax.EmptyState`` and ``coefficient(None)`` when ``state_cls``
-    is None; optionally masked. Shared by :func:`add_decayed_weights` and
-    :func:`rmsjax.decoupled_weight_decay`. ``name`` is the public name used in errors."""
-    expected = optax.EmptyState if state_cls is None else state_cls
-
-    def init_fn(params: Any) -> Any:
-        del params
-        return optax.EmptyState() if state_cls is None else state_cls(count=zero_count())
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        if params is None:
-            raise ValueError(f"{name} needs the parameters: call `update(grads, state, params)`.")
-        check_state(state, expected, name)
-        c = coefficient(None if state_cls is None else state.count)
-        out, _ = map_rule(lambda g, p: rule(g, p, c), updates, extras=(params,))
-        return out, state if state_cls is None else state_cls(count=increment(state.count))
-
-    transform = optax.GradientTransformation(init_fn, update_fn)
+    """``u_t = rule(g_t, params, coefficient=coefficient(count))`` (count 0, 1, 2, ...; None
+    when the state has no count), optionally masked: :func:`add_decayed_weights` and
+    :func:`decoupled_weight_decay`."""
+    transform = moment_transform(
+        name,
+        rule,
+        state=state,
+        step_args=lambda count: dict(coefficient=coefficient(count)),
+        with_params=True,
+    )
     return transform if mask is None else optax.masked(transform, mask)
 
 
@@ -118,8 +105,10 @@ class DecoupledWeightDecayState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
 
 
-def _decoupled_decay_rule(g: jax.Array, p: jax.Array, factor: ArrayLike) -> tuple[jax.Array]:
-    return (g - factor * p,)
+def _decoupled_decay_rule(
+    g: jax.Array, p: jax.Array, *, coefficient: ArrayLike
+) -> tuple[jax.Array]:
+    return (g - coefficient * p,)
 
 
 def decoupled_weight_decay(
@@ -157,9 +146,9 @@ def decoupled_weight_decay(
         return lr * wd
 
     return _params_rule_transform(
+        "decoupled_weight_decay",
         _decoupled_decay_rule,
         coefficient,
         DecoupledWeightDecayState,
-        "decoupled_weight_decay",
         mask,
     )

@@ -1,0 +1,221 @@
+r"""Block-wise 8- or 4-bit storage of a moment: :class:`Quantized`, made by :func:`quantized`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
+
+from rmsjax.quantization import BlockCodec, QuantizedArray, check_bits, moment_codec
+from rmsjax.storage.base import KernelView, Storage, StoredArray
+from rmsjax.validation import is_int
+
+__all__ = ["Quantized", "quantized"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized(Storage[QuantizedArray]):
+    """Block-wise 8- or 4-bit storage of a moment: made by :func:`quantized` (see there).
+
+    A frozen, hashable value (it is static metadata of the state's pytree). ``codec``, when
+    given, is used for every moment it is applied to; otherwise the codec is
+    :func:`rmsjax.quantization.moment_codec` ``(bits, signed=..., block_size=...)`` with
+    ``min_size``, signed or not according to the moment. The data of a stored moment is a
+    :class:`rmsjax.quantization.QuantizedArray` (uint8 codes, float32 scales; its codec, shape
+    and dtype as metadata).
+    """
+
+    bits: int = 8
+    block_size: int | None = None
+    min_size: int = 4096
+    codec: BlockCodec | None = None
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.block_size is not None and not (is_int(self.block_size) and self.block_size >= 1):
+            raise ValueError(
+                f"`block_size` must be None (256 for 8 bits, 128 for 4) or an integer >= 1, "
+                f"got {self.block_size!r}."
+            )
+        if not (is_int(self.min_size) and self.min_size >= 0):
+            raise ValueError(
+                f"`min_size` must be an integer >= 0 (entries; smaller arrays stay float32), "
+                f"got {self.min_size!r}."
+            )
+        if self.codec is not None:
+            if not isinstance(self.codec, BlockCodec):
+                raise TypeError(
+                    f"`codec` must be None or a rmsjax.quantization.BlockCodec, got "
+                    f"{type(self.codec).__name__}."
+                )
+            if self.bits not in (8, self.codec.bits) or (self.block_size, self.min_size) != (
+                None,
+                4096,
+            ):
+                raise ValueError(
+                    "`codec` fixes the bits, block size and minimum size itself; pass it alone "
+                    f"(got bits={self.bits}, block_size={self.block_size}, "
+                    f"min_size={self.min_size} with a {self.codec.bits}-bit codec)."
+                )
+            object.__setattr__(self, "bits", self.codec.bits)
+
+    def codec_for(self, signed: bool) -> BlockCodec:
+        """The codec of a moment that can be negative (``signed``) or not."""
+        return self.codec if self.codec is not None else _moment_codec(self, signed)
+
+    def store(self, array: jax.Array, *, signed: bool, salt: str) -> Any:
+        del salt
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            return array  # complex moments stay unquantized
+        codec = self.codec_for(signed)
+        if not codec.applies_to(array.shape):
+            return array
+        codes, scales = codec.encode(_finite(array))
+        # An all-zero moment starts as zero codes and zero scales, as the libraries create
+        # their state: it decodes to exactly 0 under every convention (torchao's encoder would
+        # give a zero block the scale 1e-12, and its zero-free 4-bit map would decode it to
+        # 6.25e-14).
+        empty = jnp.all(array == 0)
+        codes = jnp.where(empty, jnp.zeros_like(codes), codes)
+        scales = jnp.where(empty, jnp.zeros_like(scales), scales)
+        data = QuantizedArray(codes, scales, codec, tuple(array.shape), array.dtype)
+        return StoredArray(data, self)
+
+    def decode(self, data: QuantizedArray) -> jax.Array:
+        return data.codec.decode(data.codes, data.scales, data.shape, data.dtype)
+
+    def encode(self, x: jax.Array, data: QuantizedArray) -> QuantizedArray:
+        codes, scales = data.codec.encode(_finite(jnp.real(x)))
+        return dataclasses.replace(data, codes=codes, scales=scales)
+
+    def shape(self, data: QuantizedArray) -> tuple[int, ...]:
+        return tuple(data.shape)
+
+    def decoded_dtype(self, data: QuantizedArray) -> jnp.dtype:
+        return jnp.dtype(data.dtype)
+
+    def shardings(
+        self, data: QuantizedArray, sharding: Sharding | None, replicated: Sharding
+    ) -> QuantizedArray:
+        codes, scales = (
+            (replicated, replicated)
+            if sharding is None
+            else _codes_and_scales(data.codec, tuple(data.shape), sharding, replicated)
+        )
+        return dataclasses.replace(data, codes=codes, scales=scales)
+
+    def kernel_view(self, data: QuantizedArray) -> KernelView:
+        return KernelView((data.codes, data.scales), data.codec)
+
+    def with_arrays(self, data: QuantizedArray, arrays: tuple[Any, ...]) -> QuantizedArray:
+        codes, scales = arrays
+        return dataclasses.replace(data, codes=codes, scales=scales)
+
+
+@functools.lru_cache(maxsize=64)
+def _moment_codec(spec: Quantized, signed: bool) -> BlockCodec:
+    codec = moment_codec(spec.bits, signed=signed, block_size=spec.block_size)
+    return dataclasses.replace(codec, min_size=spec.min_size)
+
+
+def _finite(x: jax.Array) -> jax.Array:
+    """``x`` in float32 with values beyond the float32 range clipped to it (NaN stays NaN): a
+    block-wise scale cannot hold infinity without turning its whole block into NaN."""
+    big = jnp.finfo(jnp.float32).max
+    return jnp.clip(x.astype(jnp.float32), -big, big)
+
+
+def _axis_size(mesh: Any, entry: Any) -> int:
+    """How many shards a PartitionSpec entry (None, an axis name, a tuple of them) makes."""
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(int(mesh.shape[name]) for name in names)
+
+
+def _codes_and_scales(
+    codec: BlockCodec, shape: tuple[int, ...], sharding: Sharding, replicated: Sharding
+) -> tuple[Sharding, Sharding]:
+    """Shardings of a quantized moment's codes and scales, from its parameter's sharding."""
+    if sharding.is_fully_replicated:
+        return sharding, sharding
+    if not isinstance(sharding, NamedSharding) or not shape:
+        return replicated, replicated
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(tuple(sharding.spec)))
+    named = lambda *entries: NamedSharding(sharding.mesh, PartitionSpec(*entries))
+    if codec.layout == "flat":  # blocks over the flattened array: only 8-bit codes mirror it
+        return (sharding if codec.bits == 8 else replicated), replicated
+    # Leading axes follow the parameter. The last axis does too when every shard holds whole
+    # blocks (and whole bytes of 4-bit codes); otherwise it is not split.
+    n, shards = shape[-1], _axis_size(sharding.mesh, spec[-1])
+    local = n // shards if n % shards == 0 else 0
+    whole = local > 0 and local % codec.block_size == 0 and (codec.bits == 8 or local % 2 == 0)
+    last = spec[-1] if whole else None
+    return named(*spec[:-1], last), named(*spec[:-1], last)
+
+
+def quantized(
+    bits: int = 8,
+    *,
+    block_size: int | None = None,
+    min_size: int = 4096,
+    codec: BlockCodec | None = None,
+) -> Quantized:
+    r"""Store a moment block-wise in ``bits`` = 8 or 4 bits, with one float32 scale per block.
+
+    Pass it where a transformation takes a moment's dtype:
+    ``rmsjax.adamw(1e-3, mu_dtype=rmsjax.quantized(8), nu_dtype=rmsjax.quantized(8))``.
+    Each array of at least ``min_size`` entries is split along its LAST axis into blocks of
+    ``block_size`` entries (a short last block per row is allowed) and stored as
+
+    .. math::
+
+        s_b = \max_{i \in b} |x_i|, \qquad c_i = \arg\min_k |Q_k - x_i / s_b|, \qquad
+        \hat x_i = Q_{c_i}\, s_b,
+
+    uint8 codes :math:`c` and float32 scales :math:`s`. The map :math:`Q` depends on the
+    moment: a moment that can be negative (``mu``, ``trace``) uses the signed dynamic map
+    (8 bits: 256 values from :math:`-1` to 1, about two significant digits from
+    :math:`5.5 \cdot 10^{-7}` up; 4 bits: 16 values); a second moment (``nu``,
+    ``sum_of_squares``, AdaDelta's averages, ``nu_max``), which is :math:`\ge 0`, uses the
+    unsigned dynamic map at 8 bits and the zero-free linear map :math:`k/16,\ k = 1..16` at 4
+    bits, so a positive entry is never stored as 0 (no :math:`g/\sqrt{0}` blow-up). The error of
+    an entry is at most half the gap between the two map values around :math:`x_i/s_b`, times
+    :math:`s_b` (:func:`rmsjax.quantization.moment_codec`). Each step decodes, updates in
+    float32 and re-encodes, so the rounding error does not accumulate beyond one step's.
+
+    Smaller arrays (biases, norms), complex moments and moments of non-float parameters stay
+    unquantized in their default dtype (float32 for float32 and half-precision parameters):
+    they cost little memory and lose most from rounding. A value beyond the float32 range
+    (:math:`+\infty` after an overflow) is stored as the largest float32: a block-wise scale
+    cannot hold :math:`\infty` without turning its whole block into NaN. NaN stays NaN (its
+    block decodes to NaN).
+
+    Args:
+      bits: 8 (blocks of 256, 1.016 bytes per entry) or 4 (blocks of 128, two codes per byte,
+        0.531 bytes per entry).
+      block_size: entries per scale along the last axis, an integer >= 1; ``None`` for 256
+        (8 bits) or 128 (4 bits).
+      min_size: arrays with fewer entries stay unquantized; an integer >= 0 (default 4096,
+        bitsandbytes' ``min_8bit_size``).
+      codec: a :class:`rmsjax.quantization.BlockCodec` to use as is for every moment this is
+        applied to (the library presets pass ``bitsandbytes_codec`` / ``torchao_codec``); then
+        ``block_size`` and ``min_size`` must keep their defaults and ``bits`` is the codec's.
+
+    Returns:
+      A :class:`Quantized` value (frozen, hashable, validated here).
+
+    Differences: optax has no quantized state. bitsandbytes (``Adam8bit``, ...) and torchao
+    (``AdamW8bit``, ``AdamW4bit``) block the FLATTENED tensor, so a block can straddle rows and
+    shards; rmsjax's blocks never leave a row, so the state of a parameter sharded along a
+    leading axis is sharded with it and needs no communication (see
+    :func:`rmsjax.state_sharding`). rmsjax rounds to the nearest code and stores a block's
+    largest entry exactly whatever its sign (the libraries' signed maps end at -0.99297 / -0.8875);
+    bitsandbytes' CPU kernel never stores an exact 0. torchao keeps a tensor in float32 unless
+    its size is a multiple of the block size; rmsjax only needs ``min_size``. To reproduce the
+    libraries exactly use :mod:`rmsjax.compat.bitsandbytes` and :mod:`rmsjax.compat.torchao`.
+    """
+    return Quantized(bits=bits, block_size=block_size, min_size=min_size, codec=codec)

@@ -23,6 +23,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax import transforms as T
 from rmsjax._types import ScalarOrSchedule
+from rmsjax.moments import document_storage
 from rmsjax.storage import Storage, check_storage
 from rmsjax.validation import argument_names, check_learning_rate
 
@@ -49,6 +50,7 @@ def _momentum(
         )
 
 
+@document_storage
 def rmsprop(
     learning_rate: ScalarOrSchedule,
     decay: ArrayLike = 0.9,
@@ -94,14 +96,9 @@ def rmsprop(
       nesterov: Nesterov momentum (needs ``momentum``).
       bias_correction: divide the moments by :math:`1-\rho^t`.
       promote_half: keep state of float16/bfloat16 parameters in float32 (default).
-      nu_dtype: storage of :math:`\nu` (``None``: the default, see ``promote_half``), a
-        float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
-      mu_dtype: storage of the centered mean :math:`\mu` (``centered=True``) (``None``: float32, or
-        the parameter's wider dtype), a float dtype, :func:`rmsjax.quantized` or
-        :func:`rmsjax.stochastic_rounding`.
-      momentum_dtype: storage of :math:`m` (with ``momentum``) (``None``: float32, or the
-        parameter's wider dtype), a float dtype, :func:`rmsjax.quantized` or
-        :func:`rmsjax.stochastic_rounding`.
+      nu_dtype: storage of :math:`\nu`: {storage}.
+      mu_dtype: storage of the centered mean :math:`\mu` (with ``centered=True``): {storage}.
+      momentum_dtype: storage of the momentum buffer :math:`m` (with ``momentum``): {storage}.
 
     Same trajectory as ``optax.rmsprop`` to float32 rounding. Deliberate differences: the
     centered variance is clamped at zero (optax and torch return NaN once it rounds negative),
@@ -143,6 +140,7 @@ def rmsprop(
     return optax.chain(scaler, T.scale_by_learning_rate(learning_rate), buffer)
 
 
+@document_storage
 def adamw(
     learning_rate: ScalarOrSchedule,
     b1: ArrayLike = 0.9,
@@ -170,15 +168,13 @@ def adamw(
       learning_rate: :math:`\eta`, a float >= 0 or a schedule.
       b1, b2: moment decays, in [0, 1).
       eps, eps_root: >= 0, outside and inside the square root.
-      mu_dtype: dtype of the first moment (``None``: the parameter's, float32 for half), or
-        :func:`rmsjax.quantized` / :func:`rmsjax.stochastic_rounding`.
+      mu_dtype: storage of the first moment :math:`m`: {storage}.
       weight_decay: :math:`\lambda`, a float >= 0 or a schedule. optax's default 1e-4 (torch's
         AdamW defaults to 1e-2, Keras' to 4e-3: see ``rmsjax.compat``).
       mask: which leaves are decayed (a boolean tree or a callable returning one).
       nesterov: NAdamW.
       promote_half: keep state of float16/bfloat16 parameters in float32 (default).
-      nu_dtype: storage of the second moment :math:`\nu` (``None``: float32, or the parameter's
-        wider dtype), a float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
+      nu_dtype: storage of the second moment :math:`\nu`: {storage}.
 
     Same trajectory as ``optax.adamw``. Like optax and torch, the decay is multiplied by the
     learning rate (torch: :math:`\theta \leftarrow \theta(1 - \eta\lambda)`).
@@ -211,6 +207,7 @@ def adamw(
     )
 
 
+@document_storage
 def sgd(
     learning_rate: ScalarOrSchedule,
     momentum: ArrayLike | None = None,
@@ -233,8 +230,7 @@ def sgd(
       learning_rate: :math:`\eta`, a float >= 0 or a schedule ``count -> eta``.
       momentum: :math:`\beta` in [0, 1], or ``None`` for plain SGD.
       nesterov: Nesterov momentum; like optax, ignored when ``momentum`` is ``None``.
-      accumulator_dtype: dtype of :math:`m` (``None``: the parameter's, float32 for half), or
-        :func:`rmsjax.quantized` / :func:`rmsjax.stochastic_rounding`.
+      accumulator_dtype: storage of the momentum buffer :math:`m`: {storage}.
       promote_half: keep the buffer of float16/bfloat16 parameters in float32 (default).
 
     Same trajectory as ``optax.sgd``. Differences: a half precision buffer is float32 by
@@ -265,6 +261,7 @@ def sgd(
     )
 
 
+@document_storage
 def adam(
     learning_rate: ScalarOrSchedule,
     b1: ArrayLike = 0.9,
@@ -288,12 +285,10 @@ def adam(
       learning_rate: :math:`\eta`, a float >= 0 or a schedule.
       b1, b2: moment decays, in [0, 1).
       eps, eps_root: >= 0, outside and inside the square root.
-      mu_dtype: dtype of the first moment (``None``: the parameter's, float32 for half), or
-        :func:`rmsjax.quantized` / :func:`rmsjax.stochastic_rounding`.
+      mu_dtype: storage of the first moment :math:`m`: {storage}.
       nesterov: NAdam (Dozat 2016) as in optax.
       promote_half: keep the moments of float16/bfloat16 parameters in float32 (default).
-      nu_dtype: storage of the second moment :math:`\nu` (``None``: float32, or the parameter's
-        wider dtype), a float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
+      nu_dtype: storage of the second moment :math:`\nu`: {storage}.
 
     Same trajectory as ``optax.adam``; the differences are those of
     :func:`rmsjax.scale_by_adam` (float32 moments for half precision, 0 instead of NaN on a zero
@@ -328,6 +323,7 @@ def adam(
     )
 
 
+@document_storage
 def adagrad(
     learning_rate: ScalarOrSchedule,
     initial_accumulator_value: ArrayLike = 0.1,
@@ -346,8 +342,7 @@ def adagrad(
       initial_accumulator_value: :math:`s_0`, >= 0 (optax/Keras 0.1, torch 0).
       eps: :math:`\epsilon` inside the square root, >= 0.
       promote_half: keep :math:`s` of float16/bfloat16 parameters in float32 (default).
-      sum_of_squares_dtype: storage of :math:`s` (``None``: float32, or the parameter's wider
-        dtype), a float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
+      sum_of_squares_dtype: storage of :math:`s`: {storage}.
 
     Same trajectory as ``optax.adagrad``; differences as in :func:`rmsjax.scale_by_rss`.
     torch's Adagrad puts :math:`\epsilon` outside the root, starts the sum at 0 and has an
@@ -365,6 +360,7 @@ def adagrad(
     )
 
 
+@document_storage
 def adadelta(
     learning_rate: ScalarOrSchedule | None = None,
     rho: ArrayLike = 0.9,
@@ -395,10 +391,8 @@ def adadelta(
         the rescaling, as in optax and torch).
       weight_decay_mask: which leaves are decayed (a boolean tree or a callable returning one).
       promote_half: keep the averages of float16/bfloat16 parameters in float32 (default).
-      e_g_dtype: storage of :math:`E[g^2]` (``None``: the default, see ``promote_half``), a
-        float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
-      e_x_dtype: storage of :math:`E[\Delta^2]` (``None``: the default, see ``promote_half``),
-        a float dtype, :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding`.
+      e_g_dtype: storage of :math:`E[g^2]`: {storage}.
+      e_x_dtype: storage of :math:`E[\Delta^2]`: {storage}.
 
     Same trajectory as ``optax.adadelta`` when a ``learning_rate`` is given, for real
     parameters. Differences: with ``learning_rate=None`` optax applies no scaling at all and so

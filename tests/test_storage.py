@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import re
 from typing import Any
 
 import chex
@@ -512,3 +514,30 @@ def test_quantized_variance_does_round_below_zero(bits: int) -> None:
     u_optax, _ = optax.scale_by_stddev(decay=0.9).update(g, plain)
     u_mine, _ = opt.update(g, state)
     assert np.any(np.isnan(np.asarray(u_optax))) and np.all(np.isfinite(np.asarray(u_mine)))
+
+
+def _storage_arguments() -> list[tuple[str, str]]:
+    found = []
+    for name in rmsjax.__all__:
+        fn = getattr(rmsjax, name)
+        if not callable(fn) or isinstance(fn, type):
+            continue
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            continue
+        found += [(name, p) for p in params if p.endswith("_dtype")]
+    return found
+
+
+def test_every_storage_argument_is_documented_by_the_template() -> None:
+    from rmsjax.moments import STORAGE_CHOICES
+
+    arguments = _storage_arguments()
+    assert len(arguments) >= 25  # every moment of every optimizer and transformation
+    for name, argument in arguments:
+        doc = getattr(rmsjax, name).__doc__
+        assert "{storage}" not in doc, name
+        entry = re.search(rf"^\s+{argument}: storage of (.*?): ", doc, re.MULTILINE)
+        assert entry is not None, (name, argument)
+        assert STORAGE_CHOICES in " ".join(doc[entry.end() :].split()), (name, argument)

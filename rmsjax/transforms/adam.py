@@ -103,14 +103,10 @@ def scale_by_adam(
       b2: :math:`\beta_2`, in [0, 1).
       eps: :math:`\epsilon` outside the root, >= 0.
       eps_root: :math:`\epsilon_{root}` inside the root, >= 0.
-      mu_dtype: dtype of :math:`m`; ``None`` uses the parameter dtype (float32 for half).
-        Also takes :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding` (see
-        :mod:`rmsjax.storage`).
+      mu_dtype: storage of :math:`m`: {storage}.
       nesterov: NAdam (Dozat 2016) as in optax.
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
-      nu_dtype: storage of :math:`\nu` (optax has no such argument): ``None`` (the default dtype
-        policy), a float dtype, :func:`rmsjax.quantized` (8 or 4 bits) or
-        :func:`rmsjax.stochastic_rounding` (see :mod:`rmsjax.storage`).
+      nu_dtype: storage of :math:`\nu` (optax has no such argument): {storage}.
 
     Same numbers as ``optax.scale_by_adam`` for float32/float64; differences: half precision
     moments are float32 by default, a zero divisor gives 0 instead of NaN, and the update has
@@ -286,8 +282,7 @@ def scale_by_amsgrad(
     Args:
       b1, b2: moment decays, in [0, 1).
       eps, eps_root: >= 0, outside and inside the square root.
-      mu_dtype: dtype of :math:`m` (``None``: the parameter's; float32 for half), or a
-        storage choice as ``nu_dtype``.
+      mu_dtype: storage of :math:`m`: {storage}.
       bias_correction_mu: divide :math:`m` by :math:`c_1` (False: :math:`c_1 = 1`).
       bias_correction_nu: divide :math:`\nu` by :math:`c_2` (False: :math:`c_2 = 1`).
       max_before_correction: take the maximum over the raw :math:`\nu` and correct the maximum
@@ -295,9 +290,7 @@ def scale_by_amsgrad(
         optax (the default, False) maximises the corrected :math:`\nu_s / c_2(s)`. The two
         differ in the first steps, where :math:`c_2` changes fastest.
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
-      nu_dtype: storage of :math:`\nu` and of its running maximum: ``None`` (the default dtype
-        policy), a float dtype, :func:`rmsjax.quantized` (8 or 4 bits) or
-        :func:`rmsjax.stochastic_rounding` (see :mod:`rmsjax.storage`).
+      nu_dtype: storage of :math:`\nu` and of its running maximum: {storage}.
 
     Same numbers as ``optax.scale_by_amsgrad`` with the default ``max_before_correction``;
     like the other rmsjax transformations, a zero divisor gives 0 instead of NaN and ``nu`` of
@@ -362,12 +355,8 @@ def scale_by_adam_exact_bias(
       eps: :math:`\epsilon`, >= 0, outside the root.
       amsgrad: AMSGrad on the raw second moment.
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
-      mu_dtype: storage of :math:`m`: ``None`` (the default dtype policy), a float dtype,
-        :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding` (see
-        :mod:`rmsjax.storage`).
-      nu_dtype: storage of :math:`\nu` (and of its maximum): ``None`` (the default dtype policy), a
-        float dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
-        (see :mod:`rmsjax.storage`).
+      mu_dtype: storage of :math:`m`: {storage}.
+      nu_dtype: storage of :math:`\nu` (and of its maximum): {storage}.
 
     Versus :func:`rmsjax.scale_by_adam` (optax's numbers): identical in float64; in float32,
     optax's ``1 - b2**t`` is off by up to 1.3e-5 relative in the first steps, which moves a
@@ -432,12 +421,8 @@ def scale_by_adam_eps_hat(
       eps: :math:`\hat\epsilon`, >= 0 (Keras' ``epsilon``, default 1e-7).
       amsgrad: divide by the running maximum of the raw :math:`\nu` (Keras' ``amsgrad``).
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
-      mu_dtype: storage of :math:`m`: ``None`` (the default dtype policy), a float dtype,
-        :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding` (see
-        :mod:`rmsjax.storage`).
-      nu_dtype: storage of :math:`\nu` (and of its maximum): ``None`` (the default dtype policy), a
-        float dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
-        (see :mod:`rmsjax.storage`).
+      mu_dtype: storage of :math:`m`: {storage}.
+      nu_dtype: storage of :math:`\nu` (and of its maximum): {storage}.
 
     optax has no counterpart. A zero divisor gives 0.
     """

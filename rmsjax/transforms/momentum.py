@@ -50,10 +50,7 @@ def trace(
     Args:
       decay: :math:`\beta`, in [0, 1].
       nesterov: use Nesterov's look-ahead form.
-      accumulator_dtype: dtype of :math:`m`; ``None`` uses the parameter's dtype (float32 for
-        float16/bfloat16 parameters unless ``promote_half=False``). Also takes
-        :func:`rmsjax.quantized` or :func:`rmsjax.stochastic_rounding` (see
-        :mod:`rmsjax.storage`).
+      accumulator_dtype: storage of :math:`m`: {storage}.
       promote_half: see :func:`scale_by_rms`.
 
     Differences from ``optax.trace``: half precision buffers are float32 by default, and the
@@ -118,8 +115,7 @@ def dampened_trace(
         gradient into the new buffer).
       nesterov: Nesterov's look-ahead form (torch requires ``dampening == 0`` for it; this
         transformation accepts any value).
-      accumulator_dtype: dtype of :math:`b` (``None``: the parameter's; float32 for half), or
-        a storage choice as in :func:`rmsjax.trace`.
+      accumulator_dtype: storage of :math:`b`: {storage}.
       promote_half: see :func:`rmsjax.scale_by_rms`.
 
     With ``dampening=0`` this is :func:`rmsjax.trace` (optax's ``trace``) with one extra

@@ -149,9 +149,7 @@ def scale_by_rms(
       promote_half: keep :math:`\nu` of float16/bfloat16 leaves in float32 (default); False
         stores it in the leaf's dtype, saving memory but overflowing float16 for
         :math:`|g| > 256` and underflowing for :math:`|g| < 10^{-4}`, as optax does.
-      nu_dtype: storage of :math:`\nu`: ``None`` (the default dtype policy above), a float
-        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
-        (see :mod:`rmsjax.storage`).
+      nu_dtype: storage of :math:`\nu`: {storage}.
 
     State: optax's own, ``ScaleByRmsState(nu)``, or ``ScaleByRmsWithCountState(count, nu)``
     with ``bias_correction`` (int32 ``count``), so a state or checkpoint written by
@@ -216,12 +214,8 @@ def scale_by_centered_rms(
       eps_in_sqrt: :math:`\epsilon` inside (default) or outside the square root.
       bias_correction: divide both moments by :math:`1 - \rho^t`.
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
-      mu_dtype: storage of :math:`\mu`: ``None`` (the default dtype policy above), a float
-        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
-        (see :mod:`rmsjax.storage`).
-      nu_dtype: storage of :math:`\nu`: ``None`` (the default dtype policy above), a float
-        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
-        (see :mod:`rmsjax.storage`).
+      mu_dtype: storage of :math:`\mu`: {storage}.
+      nu_dtype: storage of :math:`\nu`: {storage}.
 
     Differences from ``optax.scale_by_stddev`` (and torch's ``centered=True``): the variance is
     clamped at 0. When gradients are nearly constant, :math:`\hat\nu - |\hat\mu|^2` is a
@@ -303,9 +297,7 @@ def scale_by_rss(
       promote_half: keep :math:`s` of float16/bfloat16 leaves in float32 (default); False
         stores it in the leaf's dtype, as optax does (float16 overflows once the sum passes
         65504).
-      sum_of_squares_dtype: storage of :math:`s`: ``None`` (the default dtype policy above), a float
-        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
-        (see :mod:`rmsjax.storage`).
+      sum_of_squares_dtype: storage of :math:`s`: {storage}.
 
     Same numbers as ``optax.scale_by_rss`` with the default ``eps_in_sqrt=True`` (optax has no
     eps-outside form). Differences: complex leaves keep :math:`s` in the real dtype (optax
@@ -378,12 +370,8 @@ def scale_by_adadelta(
         (:math:`\sqrt{\epsilon / ((1-\rho)|g|^2)}\,|g|` on step one); with 0 AdaDelta never
         moves, so 0 is rejected.
       promote_half: keep both averages of float16/bfloat16 leaves in float32 (default).
-      e_g_dtype: storage of :math:`E[g^2]`: ``None`` (the default dtype policy above), a float
-        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
-        (see :mod:`rmsjax.storage`).
-      e_x_dtype: storage of :math:`E[\\Delta^2]`: ``None`` (the default dtype policy above), a float
-        dtype, :func:`rmsjax.quantized` (8 or 4 bits) or :func:`rmsjax.stochastic_rounding`
-        (see :mod:`rmsjax.storage`).
+      e_g_dtype: storage of :math:`E[g^2]`: {storage}.
+      e_x_dtype: storage of :math:`E[\Delta^2]`: {storage}.
 
     Same numbers as ``optax.scale_by_adadelta`` for real leaves. Differences: complex leaves
     use :math:`|g|^2` and :math:`|u|^2` with real state (optax squares the complex numbers,

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import optax
 
+from rmsjax import stages
 from rmsjax._numerics import increment, zero_count
 from rmsjax.storage import check_storage
 from rmsjax.tree import check_state, map_rule, state_like
@@ -94,6 +95,7 @@ def moment_transform(
     step_args: Callable[[Any], Mapping[str, Any]] = _no_args,
     promote_half: bool = True,
     with_params: bool = False,
+    stage: str | None = None,
 ) -> optax.GradientTransformation:
     """An optax transformation that applies ``rule`` leaf by leaf and keeps ``moments``.
 
@@ -112,6 +114,8 @@ def moment_transform(
         policy, see :func:`rmsjax.tree.state_dtype`).
       with_params: the rule also takes the parameter leaf; ``update`` then requires
         ``params`` (``ValueError`` naming the transformation otherwise).
+      stage: the name under which the fused step knows this rule (see :mod:`rmsjax.stages`),
+        or ``None`` for a rule the native kernel does not have.
     """
     for m in moments:
         check_storage(m.argument or f"{m.name}_dtype", m.storage)
@@ -140,6 +144,12 @@ def moment_transform(
         values = {m.name: build(params, m) for m in moments}
         return state(**values, **({"count": zero_count()} if counted else {}))
 
+    def apply(
+        updates: Any, moments_: tuple[Any, ...], params: Any, args: Mapping[str, Any]
+    ) -> tuple[Any, tuple[Any, ...]]:
+        extras = (params,) if with_params else ()
+        return map_rule(lambda *a: rule(*a, **args), updates, moments_, extras)
+
     def update_fn(updates: Any, state_: Any, params: Any = None) -> tuple[Any, Any]:
         if fields:  # (a stateless transformation ignores its state, as optax's do)
             check_state(state_, state, name)
@@ -147,8 +157,12 @@ def moment_transform(
             raise ValueError(f"{name} needs the parameters: call `update(grads, state, params)`.")
         kwargs = step_args(state_.count if counted else None)
         stored = tuple(getattr(state_, m.name) for m in present)
-        extras = (params,) if with_params else ()
-        out, new = map_rule(lambda *a: rule(*a, **kwargs), updates, stored, extras)
+        moment_names = tuple(m.name for m in present)
+        if stage is not None and stages.record(
+            stages.Stage(stage, kwargs, state_, moment_names, updates, apply)
+        ):
+            return updates, state_
+        out, new = apply(updates, stored, params, kwargs)
         if not fields:
             return out, state_
         values: dict[str, Any] = {m.name: () for m in moments}

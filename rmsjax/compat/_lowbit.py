@@ -54,8 +54,10 @@ def float32_updates() -> optax.GradientTransformation:
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
-        cast = lambda u: u.astype(jnp.float32) if jnp.dtype(u.dtype) in HALF_FLOATS else u
-        return jax.tree.map(cast, updates), state
+        half = lambda u: jnp.dtype(u.dtype) in HALF_FLOATS
+        if not any(half(u) for u in jax.tree.leaves(updates)):
+            return updates, state  # the same tree (so a recording sees it, see rmsjax.stages)
+        return jax.tree.map(lambda u: u.astype(jnp.float32) if half(u) else u, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 

@@ -144,6 +144,7 @@ def scale_by_adam(
         state=ScaleByAdamState,
         step_args=step_args,
         promote_half=promote_half,
+        stage="adam",
     )
 
 
@@ -234,10 +235,12 @@ def _adam_with_max(
     mu_dtype: DTypeLike | Storage | None,
     nu_dtype: DTypeLike | Storage | None,
     promote_half: bool,
+    stage: str | None = None,
 ) -> optax.GradientTransformation:
     """The Adam forms above: state ``state_cls(count, mu, nu, nu_max)``, with ``nu_max = ()``
     unless ``track_max``; ``step_args`` gets the incremented count. ``nu_max`` is stored like
-    ``nu`` (``nu_dtype``), as torchao stores ``max_exp_avg_sq``."""
+    ``nu`` (``nu_dtype``), as torchao stores ``max_exp_avg_sq``. ``stage``: the rule's stage
+    name without the maximum (see :mod:`rmsjax.stages`)."""
     moments = [
         Moment("mu", mu_dtype),
         Moment("nu", nu_dtype, real=True),
@@ -250,6 +253,7 @@ def _adam_with_max(
         state=state_cls,
         step_args=lambda count: step_args(increment(count)),
         promote_half=promote_half,
+        stage=None if track_max else stage,
     )
 
 
@@ -386,6 +390,7 @@ def scale_by_adam_exact_bias(
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
         promote_half=promote_half,
+        stage="adam",
     )
 
 
@@ -443,4 +448,5 @@ def scale_by_adam_eps_hat(
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
         promote_half=promote_half,
+        stage="adam_eps_hat",
     )

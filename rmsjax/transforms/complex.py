@@ -75,6 +75,11 @@ def split_real_and_imaginary(inner: optax.GradientTransformation) -> optax.Gradi
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         check_state(state, SplitRealAndImaginaryState, "split_real_and_imaginary")
+        if not any(jnp.iscomplexobj(x) for x in jax.tree.leaves((updates, params))):
+            # nothing to split: the same trees go through (so a recording sees them, see
+            # rmsjax.stages)
+            out, inner_state = inner.update(updates, state.inner_state, params)
+            return out, SplitRealAndImaginaryState(inner_state)
         split_params = None if params is None else jax.tree.map(_split, params)
         out, inner_state = inner.update(
             jax.tree.map(_split, updates), state.inner_state, split_params

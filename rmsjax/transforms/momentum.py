@@ -71,6 +71,7 @@ def trace(
         state=TraceState,
         step_args=lambda _: dict(decay=decay, nesterov=nesterov),
         promote_half=promote_half,
+        stage="trace",
     )
 
 

@@ -179,6 +179,7 @@ def scale_by_rms(
         state=ScaleByRmsWithCountState if bias_correction else ScaleByRmsState,
         step_args=step_args,
         promote_half=promote_half,
+        stage="rms",
     )
 
 
@@ -251,6 +252,7 @@ def scale_by_centered_rms(
         state=ScaleByRStdDevWithCountState if bias_correction else ScaleByRStdDevState,
         step_args=step_args,
         promote_half=promote_half,
+        stage="centered_rms",
     )
 
 

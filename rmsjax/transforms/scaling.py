@@ -52,7 +52,11 @@ def scale(step_size: ArrayLike) -> optax.GradientTransformation:
     """
     check_in_range("step_size", step_size)
     return moment_transform(
-        "scale", _scale_rule, state=ScaleState, step_args=lambda _: dict(step_size=step_size)
+        "scale",
+        _scale_rule,
+        state=ScaleState,
+        step_args=lambda _: dict(step_size=step_size),
+        stage="scale",
     )
 
 
@@ -76,6 +80,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> optax.GradientTransformation:
         _scale_rule,
         state=ScaleByScheduleState,
         step_args=lambda count: dict(step_size=step_size_fn(count)),
+        stage="scale",
     )
 
 

@@ -95,6 +95,7 @@ def _params_rule_transform(
         state=state,
         step_args=lambda count: dict(coefficient=coefficient(count)),
         with_params=True,
+        stage=name,
     )
     return transform if mask is None else optax.masked(transform, mask)
 

@@ -54,7 +54,8 @@ def scale(step_size: ArrayLike) -> optax.GradientTransformation:
       step_size: any finite real number (traced values allowed; a schedule is a
         ``TypeError``: use :func:`scale_by_schedule`).
 
-    Same as ``optax.scale``, with the same state (``optax.ScaleState``).
+    Same as ``optax.scale``, with the same state (``optax.ScaleState``); as there, ``update``
+    ignores the state it is given and returns it unchanged.
     """
     check_in_range("step_size", step_size)
 
@@ -63,8 +64,7 @@ def scale(step_size: ArrayLike) -> optax.GradientTransformation:
         return optax.EmptyState()
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        check_state(state, optax.EmptyState, "scale")
+        del params  # stateless, as optax's: any state is accepted and returned unchanged
         out, _ = map_rule(lambda g: _scale_rule(g, step_size), updates)
         return out, state
 

@@ -69,8 +69,9 @@ def add_decayed_weights(
     Same numbers and states as ``optax.add_decayed_weights``: ``optax.EmptyState`` for a
     constant ``weight_decay``, optax's ``WeightDecaySchedule(count)`` (exported as
     ``rmsjax.WeightDecaySchedule``) for a schedule, wrapped in ``optax.MaskedState`` with a
-    ``mask``. ``update(None, state, params)`` returns ``(None, state)`` as in optax. Raises
-    ``ValueError`` when ``params`` is not given.
+    ``mask``. ``update(None, state, params)`` returns ``(None, state)`` as in optax; with a
+    constant ``weight_decay`` (and no ``mask``), ``update`` accepts any state and returns it
+    unchanged, as optax's does. Raises ``ValueError`` when ``params`` is not given.
     """
     check_nonneg("weight_decay", weight_decay, schedule=True)
     if callable(weight_decay):
@@ -93,8 +94,9 @@ def _params_rule_transform(
     """``u_t = rule(g_t, params, coefficient(count))`` (count 0, 1, 2, ...) with state
     ``state_cls(count)``, or ``optax.EmptyState`` and ``coefficient(None)`` when ``state_cls``
     is None; optionally masked. Shared by :func:`add_decayed_weights` and
-    :func:`rmsjax.decoupled_weight_decay`. ``name`` is the public name used in errors."""
-    expected = optax.EmptyState if state_cls is None else state_cls
+    :func:`rmsjax.decoupled_weight_decay`. ``name`` is the public name used in errors. Without
+    ``state_cls`` the transformation is stateless: as optax's, it accepts any state and returns
+    it unchanged."""
 
     def init_fn(params: Any) -> Any:
         del params
@@ -103,7 +105,8 @@ def _params_rule_transform(
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
             raise ValueError(f"{name} needs the parameters: call `update(grads, state, params)`.")
-        check_state(state, expected, name)
+        if state_cls is not None:
+            check_state(state, state_cls, name)
         c = coefficient(None if state_cls is None else state.count)
         out, _ = map_rule(lambda g, p: rule(g, p, c), updates, extras=(params,))
         return out, state if state_cls is None else state_cls(count=increment(state.count))

@@ -23,7 +23,7 @@ from rmsjax.schedules import (
     warmup_cosine_decay_schedule,
 )
 from rmsjax.sharding import state_sharding
-from rmsjax.stochastic import apply_updates_stochastic, stochastic_round
+from rmsjax.stochastic import stochastic_round
 from rmsjax.storage import (
     Quantized,
     StochasticRounding,
@@ -71,7 +71,7 @@ from rmsjax.transforms import (
     split_real_and_imaginary,
     trace,
 )
-from rmsjax.updates import apply_updates
+from rmsjax.updates import apply_updates, apply_updates_stochastic
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-r"""Stochastic rounding to bfloat16 / float16, and applying updates to low-precision params.
+r"""Stochastic rounding to bfloat16 / float16.
 
 Round-to-nearest loses every update smaller than half a unit in the last place (ulp) of the
 parameter: a bfloat16 weight of 1.0 has an ulp of :math:`2^{-7}`, so ``1.0 + 1e-3`` is 1.0
@@ -7,27 +7,22 @@ representable value :math:`x_\uparrow` with probability :math:`(x - x_\downarrow
 - x_\downarrow)` and down to :math:`x_\downarrow` otherwise, so :math:`E[\mathrm{round}(x)] = x`
 exactly: small updates accumulate in expectation (Gupta et al., Deep Learning with Limited
 Numerical Precision, 2015). The randomness comes from an explicit ``jax.random`` key; nothing is
-global.
+global. :func:`rmsjax.apply_updates_stochastic` (in :mod:`rmsjax.updates`) applies updates to
+bfloat16/float16 parameters with it.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from rmsjax import tree
-from rmsjax._types import (
-    HALF_FLOATS,
-)  # the module: rmsjax.tree imports this one (via rmsjax.storage)
+from rmsjax._types import HALF_FLOATS
 
-__all__ = ["apply_updates_stochastic", "stochastic_round"]
-
-_TARGETS = HALF_FLOATS  # bfloat16 first
+__all__ = ["stochastic_round"]
 
 
 def _round_bfloat16(x: jax.Array, key: jax.Array) -> jax.Array:
@@ -87,7 +82,7 @@ def stochastic_round(x: ArrayLike, key: jax.Array, dtype: DTypeLike = jnp.bfloat
     rounding.
     """
     dtype = jnp.dtype(dtype)
-    if dtype not in _TARGETS:
+    if dtype not in HALF_FLOATS:
         raise ValueError(f"`dtype` must be bfloat16 or float16, got {dtype}.")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -98,45 +93,6 @@ def stochastic_round(x: ArrayLike, key: jax.Array, dtype: DTypeLike = jnp.bfloat
 @functools.partial(jax.jit, static_argnums=2)
 def _stochastic_round(x: jax.Array, key: jax.Array, dtype: jnp.dtype) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    rounded = _round_bfloat16(x32, key) if dtype == _TARGETS[0] else _round_float16(x32, key)
+    rounded = _round_bfloat16(x32, key) if dtype == HALF_FLOATS[0] else _round_float16(x32, key)
     in_range = jnp.abs(x32) <= jnp.finfo(dtype).max  # False for NaN and inf
     return jnp.where(in_range, rounded, x32.astype(dtype))
-
-
-def apply_updates_stochastic(params: Any, updates: Any, key: jax.Array) -> Any:
-    r"""Return :math:`\theta + u` leaf by leaf, rounding bfloat16/float16 leaves stochastically.
-
-    Each bfloat16 or float16 parameter leaf is updated as
-    ``stochastic_round(float32(θ) + float32(u), key_leaf, θ.dtype)``: the sum is formed in
-    float32 and rounded up or down at random so that its expectation is the float32 sum. An
-    update below half an ulp of the parameter, which :func:`rmsjax.apply_updates` (round to
-    nearest) drops every step, is applied in expectation. Leaves of any other dtype get the
-    plain sum, as in :func:`rmsjax.apply_updates`. ``None`` leaves stay ``None``; the update
-    tree must have the params' structure.
-
-    Args:
-      params: the parameter tree :math:`\theta`.
-      updates: a tree with the params' structure (``None`` leaves allowed).
-      key: a ``jax.random`` key, split into one key per leaf. Pass a fresh key every step, e.g.
-        ``jax.random.fold_in(key, step)``: reusing a key repeats the same rounding decisions.
-
-    The name says what differs from ``apply_updates`` (the rounding), and a separate function
-    keeps ``apply_updates``' signature equal to optax's. Differences: optax has no stochastic
-    rounding; torchao's ``bf16_stochastic_round=True`` does the same inside its optimizers'
-    step (bfloat16 only, torch's global generator).
-    """
-    leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
-    keys = jax.tree_util.tree_unflatten(
-        treedef, list(jax.random.split(key, max(len(leaves), 1))[: len(leaves)])
-    )
-
-    def rule(u: jax.Array, p: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-        if jnp.dtype(p.dtype) in _TARGETS:
-            total = p.astype(jnp.float32) + u.astype(jnp.float32)
-            return u, stochastic_round(total, k, p.dtype)
-        return u, p + u
-
-    _, (new_params,) = tree.map_rule(
-        rule, updates, (params,), (keys,), what="params", extra_names=("keys",)
-    )
-    return new_params

@@ -1,4 +1,4 @@
-"""Applying updates to parameters."""
+"""Applying updates to parameters: rounded to nearest, or stochastically."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rmsjax.tree import describe_difference, structure_error
+from rmsjax._types import HALF_FLOATS
+from rmsjax.stochastic import stochastic_round
+from rmsjax.tree import describe_difference, map_rule, structure_error
 
-__all__ = ["apply_updates"]
+__all__ = ["apply_updates", "apply_updates_stochastic"]
 
 
 def _add(path: Any, p: Any, u: Any, params: Any, updates: Any) -> Any:
@@ -60,6 +62,45 @@ def apply_updates(params: Any, updates: Any) -> Any:
         for (path, p), u in zip(path_leaves, u_leaves, strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def apply_updates_stochastic(params: Any, updates: Any, key: jax.Array) -> Any:
+    r"""Return :math:`\theta + u` leaf by leaf, rounding bfloat16/float16 leaves stochastically.
+
+    Each bfloat16 or float16 parameter leaf is updated as
+    ``stochastic_round(float32(θ) + float32(u), key_leaf, θ.dtype)``: the sum is formed in
+    float32 and rounded up or down at random so that its expectation is the float32 sum. An
+    update below half an ulp of the parameter, which :func:`rmsjax.apply_updates` (round to
+    nearest) drops every step, is applied in expectation. Leaves of any other dtype get the
+    plain sum, as in :func:`rmsjax.apply_updates`. ``None`` leaves stay ``None``; the update
+    tree must have the params' structure.
+
+    Args:
+      params: the parameter tree :math:`\theta`.
+      updates: a tree with the params' structure (``None`` leaves allowed).
+      key: a ``jax.random`` key, split into one key per leaf. Pass a fresh key every step, e.g.
+        ``jax.random.fold_in(key, step)``: reusing a key repeats the same rounding decisions.
+
+    The name says what differs from ``apply_updates`` (the rounding), and a separate function
+    keeps ``apply_updates``' signature equal to optax's. Differences: optax has no stochastic
+    rounding; torchao's ``bf16_stochastic_round=True`` does the same inside its optimizers'
+    step (bfloat16 only, torch's global generator).
+    """
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+    keys = jax.tree_util.tree_unflatten(
+        treedef, list(jax.random.split(key, max(len(leaves), 1))[: len(leaves)])
+    )
+
+    def rule(u: jax.Array, p: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if jnp.dtype(p.dtype) in HALF_FLOATS:
+            total = p.astype(jnp.float32) + u.astype(jnp.float32)
+            return u, stochastic_round(total, k, p.dtype)
+        return u, p + u
+
+    _, (new_params,) = map_rule(
+        rule, updates, (params,), (keys,), what="params", extra_names=("keys",)
+    )
+    return new_params
 
 
 def _is_none(x: Any) -> bool:

@@ -28,9 +28,11 @@ import pytest
 
 import rmsjax
 import rmsjax as V
+import rmsjax.compat.bitsandbytes
 import rmsjax.compat.keras
 import rmsjax.compat.pytorch
 import rmsjax.compat.tf1
+import rmsjax.compat.torchao
 from tests.common import enable_x64
 
 REF = Path(__file__).parent / "reference"
@@ -574,6 +576,75 @@ def test_invalid_hyperparameters_raise_value_error(
 ) -> None:
     with pytest.raises(ValueError, match=names.replace("[", r"\[").replace("]", r"\]")):
         factory(**kwargs)
+
+
+# Every pair argument of every preset, with the form its documentation gives.
+B, A = rmsjax.compat.bitsandbytes, rmsjax.compat.torchao
+PAIRS = [
+    (P.adam, "betas", "(beta1, beta2)"),
+    (P.adamw, "betas", "(beta1, beta2)"),
+    (P.rprop, "etas", "(eta_minus, eta_plus)"),
+    (P.rprop, "step_sizes", "(min, max)"),
+    (B.adam8bit, "betas", "(beta1, beta2)"),
+    (B.adamw8bit, "betas", "(beta1, beta2)"),
+    (A.adamw8bit, "betas", "(beta1, beta2)"),
+    (A.adamw4bit, "betas", "(beta1, beta2)"),
+]
+PAIR_IDS = [f"{f.__module__.split('.')[2]}.{f.__name__}-{name}" for f, name, _ in PAIRS]
+
+
+def test_pairs_cover_every_pair_argument() -> None:
+    """Every preset argument whose default is a pair is in PAIRS, so a new one gets tested."""
+    found = set()
+    for module in (P, K, F, B, A):
+        for preset in presets_of(module):
+            factory = getattr(module, preset)
+            for p in inspect.signature(factory).parameters.values():
+                if isinstance(p.default, tuple):
+                    found.add((factory, p.name))
+    assert found == {(f, name) for f, name, _ in PAIRS}
+
+
+@pytest.mark.parametrize("value", [0.9, None, "ab", jnp.asarray(0.9)], ids=repr)
+@pytest.mark.parametrize(("preset", "name", "form"), PAIRS, ids=PAIR_IDS)
+def test_a_pair_argument_given_no_sequence_is_a_type_error(
+    preset: Callable[..., Any], name: str, form: str, value: Any
+) -> None:
+    with pytest.raises(TypeError) as info:
+        preset(**{name: value})
+    assert str(info.value).startswith(f"`{name}` must be a pair {form}, got {value!r} of type")
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [((0.5,), "(0.5,)"), ([0.5, 2.0, 3.0], "[0.5, 2.0, 3.0]"), (np.ones((2, 2)), "shape (2, 2)")],
+    ids=["one", "three", "matrix"],
+)
+@pytest.mark.parametrize(("preset", "name", "form"), PAIRS, ids=PAIR_IDS)
+def test_a_pair_argument_of_another_length_is_a_value_error(
+    preset: Callable[..., Any], name: str, form: str, value: Any, shown: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        preset(**{name: value})
+    message = str(info.value)
+    assert message.startswith(f"`{name}` must be a pair {form}, got ") and shown in message
+
+
+@pytest.mark.parametrize(("preset", "name", "form"), PAIRS, ids=PAIR_IDS)
+def test_a_pair_argument_may_be_a_list_or_an_array(
+    preset: Callable[..., Any], name: str, form: str
+) -> None:
+    default = inspect.signature(preset).parameters[name].default
+    params = {"w": jnp.linspace(-1.0, 1.0, 5)}
+    grads = {"w": jnp.cos(jnp.arange(5.0))}
+
+    def step(value: Any) -> Any:
+        opt = preset(**{name: value})
+        return opt.update(grads, opt.init(params), params)[0]["w"]
+
+    expected = step(default)
+    for value in (list(default), np.asarray(default)):
+        np.testing.assert_array_equal(step(value), expected)
 
 
 # A value outside the range of each numeric argument of the Keras and TF1 presets.

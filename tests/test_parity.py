@@ -137,6 +137,41 @@ def test_building_blocks_match_optax(make) -> None:
     _compare(make)
 
 
+# optax's stateless transformations (state optax.EmptyState) ignore the state they are given:
+# optax.scale(2.0).update(g, {}) and optax.add_decayed_weights(1e-4).update(g, 0, params) work,
+# and return that state unchanged. rmsjax's do the same.
+STATELESS = {
+    "scale": (lambda lib: lib.scale(2.0), {}),
+    "scale_by_learning_rate": (lambda lib: lib.scale_by_learning_rate(0.1), ()),
+    "add_decayed_weights": (lambda lib: lib.add_decayed_weights(1e-4), 0),
+}
+
+
+@pytest.mark.parametrize(("make", "state"), STATELESS.values(), ids=STATELESS.keys())
+def test_stateless_transformations_accept_any_state_as_optax(make, state) -> None:
+    params = mixed_tree()
+    grads = mixed_tree(seed=1)
+    expected, optax_state = make(optax).update(grads, state, params)
+    actual, rmsjax_state = make(rmsjax).update(grads, state, params)
+    assert_trees_close(actual, expected, rtol=0, atol=0)
+    assert optax_state is state and rmsjax_state is state
+
+
+# The same transformations with a schedule have a state (the count): they still check it.
+STATEFUL = {
+    "scale_by_learning_rate": lambda lib: lib.scale_by_learning_rate(SCHEDULE),
+    "add_decayed_weights": lambda lib: lib.add_decayed_weights(SCHEDULE),
+}
+
+
+@pytest.mark.parametrize("make", STATEFUL.values(), ids=STATEFUL.keys())
+def test_stateful_transformations_still_reject_another_state(make) -> None:
+    params = mixed_tree()
+    assert not isinstance(make(optax).init(params), optax.EmptyState)
+    with pytest.raises(TypeError, match=r"expected its state as \w+, got dict"):
+        make(rmsjax).update(params, {}, params)
+
+
 def test_scale_by_learning_rate_none_is_identity() -> None:
     params = mixed_tree()
     tx = rmsjax.scale_by_learning_rate(None)

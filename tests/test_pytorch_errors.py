@@ -9,7 +9,6 @@ documented range disagreed with the transformation it calls would fail.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -94,20 +93,6 @@ def test_table_covers_every_numeric_argument() -> None:
             if isinstance(param.default, bool):
                 continue  # flags (maximize, centered, nesterov, amsgrad)
             assert (name, param.name) in covered, (name, param.name)
-
-
-@pytest.mark.parametrize(
-    ("preset", "kwargs"),
-    [
-        (P.adam, {"betas": (0.9,)}),
-        (P.rprop, {"etas": (0.5, 1.2, 2.0)}),
-        (P.rprop, {"step_sizes": (1e-6,)}),
-    ],
-)
-def test_pairs_must_be_pairs(preset: Callable[..., Any], kwargs: dict[str, Any]) -> None:
-    (name,) = kwargs
-    with pytest.raises(ValueError, match=re.escape(f"`{name}` must be a pair")):
-        preset(**kwargs)
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,8 @@ from rmsjax.quantization import (
     quantize,
     torchao_codec,
 )
-from rmsjax.stochastic import apply_updates_stochastic, stochastic_round
+from rmsjax.stochastic import stochastic_round
+from rmsjax.updates import apply_updates_stochastic
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = np.load(ROOT / "tests" / "reference" / "lowbit.npz")

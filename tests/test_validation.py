@@ -255,6 +255,9 @@ class _Foreign(NamedTuple):
     other: Any
 
 
+# Every transformation with a state. The stateless ones (scale, scale_by_learning_rate and
+# add_decayed_weights with a number: optax.EmptyState) accept any state, as optax's do
+# (test_parity.py compares them with optax).
 TRANSFORMS = [
     rmsjax.scale_by_schedule(optax.constant_schedule(0.1)),
     rmsjax.scale_by_learning_rate(optax.constant_schedule(0.1)),
@@ -280,6 +283,7 @@ TRANSFORMS = [
 @pytest.mark.parametrize("tx", TRANSFORMS)
 def test_every_transformation_checks_its_state_type(tx) -> None:
     params = {"w": jnp.ones(3)}
+    assert not isinstance(tx.init(params), optax.EmptyState)
     tx.update(params, tx.init(params), params)  # its own state is fine
     with pytest.raises(TypeError, match=r"expected its state as .*got _Foreign.*`init`"):
         tx.update(params, _Foreign(other=params), params)

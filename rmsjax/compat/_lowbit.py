@@ -18,18 +18,10 @@ from rmsjax.validation import display_name
 
 __all__ = [
     "ParamRoundingState",
-    "betas_pair",
     "float32_updates",
     "library_storage",
     "round_bfloat16_params",
 ]
-
-
-def betas_pair(betas: Any) -> tuple[Any, Any]:
-    """``(beta1, beta2)`` from the libraries' ``betas``; ``ValueError`` unless it is a pair."""
-    if not isinstance(betas, tuple | list) or len(betas) != 2:
-        raise ValueError(f"`betas` must be a pair (beta1, beta2), got {betas!r}.")
-    return betas[0], betas[1]
 
 
 def library_storage(codec: BlockCodec, name: str, **changes: Any) -> Quantized:

@@ -29,9 +29,8 @@ from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.compat._common import descend, is_static_zero
+from rmsjax.compat._common import betas_pair, descend, is_static_zero
 from rmsjax.compat._lowbit import (
-    betas_pair,
     float32_updates,
     library_storage,
     round_bfloat16_params,

@@ -48,7 +48,8 @@ def scale(step_size: ArrayLike) -> optax.GradientTransformation:
       step_size: any finite real number (traced values allowed; a schedule is a
         ``TypeError``: use :func:`scale_by_schedule`).
 
-    Same as ``optax.scale``, with the same state (``optax.ScaleState``).
+    Same as ``optax.scale``, with the same state (``optax.ScaleState``); as there, ``update``
+    ignores the state it is given and returns it unchanged.
     """
     check_in_range("step_size", step_size)
     return moment_transform(

@@ -65,8 +65,9 @@ def add_decayed_weights(
     Same numbers and states as ``optax.add_decayed_weights``: ``optax.EmptyState`` for a
     constant ``weight_decay``, optax's ``WeightDecaySchedule(count)`` (exported as
     ``rmsjax.WeightDecaySchedule``) for a schedule, wrapped in ``optax.MaskedState`` with a
-    ``mask``. ``update(None, state, params)`` returns ``(None, state)`` as in optax. Raises
-    ``ValueError`` when ``params`` is not given.
+    ``mask``. ``update(None, state, params)`` returns ``(None, state)`` as in optax; with a
+    constant ``weight_decay`` (and no ``mask``), ``update`` accepts any state and returns it
+    unchanged, as optax's does. Raises ``ValueError`` when ``params`` is not given.
     """
     check_nonneg("weight_decay", weight_decay, schedule=True)
     if callable(weight_decay):

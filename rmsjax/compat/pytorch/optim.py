@@ -41,7 +41,7 @@ from jax.typing import ArrayLike
 
 from rmsjax import transforms as T
 from rmsjax._types import ScalarOrSchedule
-from rmsjax.compat._common import descend, is_static_zero, sign_flip
+from rmsjax.compat._common import betas_pair, descend, is_static_zero, pair, sign_flip
 from rmsjax.validation import (
     argument_names,
     check_learning_rate,
@@ -59,12 +59,6 @@ _LR = {"learning_rate": "lr"}
 def _coupled_decay(weight_decay: Any) -> list[optax.GradientTransformation]:
     # add_decayed_weights checks `weight_decay`; a static 0 (valid) leaves the term out.
     return [] if is_static_zero(weight_decay) else [T.add_decayed_weights(weight_decay)]
-
-
-def _pair(name: str, value: Any, what: str) -> tuple[Any, Any]:
-    if len(value) != 2:
-        raise ValueError(f"`{name}` must be a pair {what}, got {value!r}.")
-    return value[0], value[1]
 
 
 def rmsprop(
@@ -112,7 +106,7 @@ def rmsprop(
 
 
 def _adam_scaler(betas: Any, eps: Any, amsgrad: bool) -> optax.GradientTransformation:
-    b1, b2 = _pair("betas", betas, "(beta1, beta2)")
+    b1, b2 = betas_pair(betas)
     with argument_names({"b1": "betas[0]", "b2": "betas[1]"}):
         inner = T.scale_by_adam_exact_bias(b1=b1, b2=b2, eps=eps, amsgrad=amsgrad)
     return T.split_real_and_imaginary(inner)
@@ -345,8 +339,8 @@ def rprop(
     torch has no ``weight_decay`` for Rprop. Difference from torch: torch never checks
     ``step_sizes``; a zero ``min`` would let a step size reach 0 and stay there.
     """
-    eta_minus, eta_plus = _pair("etas", etas, "(eta_minus, eta_plus)")
-    smallest, largest = _pair("step_sizes", step_sizes, "(min, max)")
+    eta_minus, eta_plus = pair("etas", etas, "(eta_minus, eta_plus)")
+    smallest, largest = pair("step_sizes", step_sizes, "(min, max)")
     names = {
         **_LR,
         "eta_minus": "etas[0]",

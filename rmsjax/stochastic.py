@@ -22,7 +22,51 @@ from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax._types import HALF_FLOATS
 
-__all__ = ["stochastic_round"]
+__all__ = ["counter_bits", "mix32", "stochastic_round"]
+
+_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: consecutive indices land far apart before mixing
+
+
+def mix32(x: jax.Array) -> jax.Array:
+    """A bijective mix of ``uint32`` values (Wellons' "lowbias32": xor-shift, multiply,
+    xor-shift, multiply, xor-shift), whose output bits each depend on every input bit.
+
+    ``x ^= x >> 16; x *= 0x21F0AAAD; x ^= x >> 15; x *= 0x735A2D97; x ^= x >> 15``, in
+    ``uint32`` arithmetic (products modulo :math:`2^{32}`).
+    """
+    x = jnp.asarray(x, jnp.uint32)
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x735A2D97)
+    return x ^ (x >> 15)
+
+
+def counter_bits(shape: tuple[int, ...], seed: ArrayLike, counter: ArrayLike) -> jax.Array:
+    r"""32 random bits per entry of an array of ``shape``, from a hash of (index, seed, counter).
+
+    .. math::  b_i = \mathrm{mix32}(i \cdot \mathtt{0x9E3779B9} + k), \qquad
+               k = \mathrm{mix32}(\mathit{seed} \oplus \mathrm{mix32}(\mathit{counter}))
+
+    with :math:`i` the entry's C-order index modulo :math:`2^{32}` and all arithmetic in
+    ``uint32`` (:func:`mix32`). A counter-based generator: no state but ``seed`` and
+    ``counter`` (advance the counter once per use), the same bits on every backend and for
+    every sharding of the array (the index is the entry's global position), and a few integer
+    operations per entry (``jax.random.bits`` costs several times more). The bits are not of
+    cryptographic quality; they are for unbiased rounding decisions.
+
+    Args:
+      shape: the array's shape.
+      seed: a ``uint32`` scalar (e.g. derived from a moment's name and parameter path).
+      counter: a ``uint32`` scalar, advanced by the caller at every use.
+    """
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    key = mix32(jnp.asarray(seed, jnp.uint32) ^ mix32(jnp.asarray(counter, jnp.uint32)))
+    return mix32(index * jnp.uint32(_GOLDEN) + key)
 
 
 def _round_bfloat16(x: jax.Array, key: jax.Array) -> jax.Array:

@@ -26,8 +26,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from rmsjax import native
-from rmsjax._native import table
-from rmsjax.fused import codecs
+from rmsjax._native import codecs, table
 from rmsjax.fused.plans import Plan, Planner, StateLayoutError, find_state, replace_field
 from rmsjax.storage import KernelView, StoredArray, is_stored
 from rmsjax.updates import apply_updates
@@ -216,7 +215,7 @@ def _ffi(
     """The FFI call itself, operands already checked (see :func:`kernel_call`).
 
     With the flag ``q8`` each slot entry is a ``(codes, scales)`` pair and ``codec_operands``
-    holds one codec operand per present slot (:func:`rmsjax.fused.codecs.operand`); the new
+    holds one codec operand per present slot (:func:`rmsjax._native.codecs.operand`); the new
     slot entries are pairs too.
     """
     names = table.present_slots(kind, flags)

@@ -862,9 +862,10 @@ _STATUS_SCENARIOS = textwrap.dedent(
     import json, os, shutil, sys
     from pathlib import Path
     from rmsjax import native
+    from rmsjax._native import loader
 
     real, stale, newer, work = (Path(a) for a in sys.argv[1:5])
-    native.build = lambda **kw: real  # the first-use build: the library compiled by the test
+    loader.build = lambda **kw: real  # the first-use build: the library compiled by the test
     name = "_fused_step.so"  # as setup.py names it
     results = {}
     for scenario in sys.argv[5:]:

@@ -30,7 +30,7 @@ import pytest
 import rmsjax
 from rmsjax import fused, native
 from rmsjax._native import build as recipe
-from rmsjax._native import table
+from rmsjax._native import call, table
 from rmsjax.fused import engine, plans
 from tests.common import loss
 
@@ -183,7 +183,7 @@ def test_native_matches_pure_jax(name):
     ],
 )
 def test_tree_shapes(name, shape, monkeypatch):
-    monkeypatch.setattr(engine, "LEAVES_PER_CALL", 5)  # so that many_leaves needs three calls
+    monkeypatch.setattr(call, "LEAVES_PER_CALL", 5)  # so that many_leaves needs three calls
     rng = np.random.default_rng(2)
     f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
     params = {
@@ -466,9 +466,9 @@ def test_kernel_call_checks_operand_names_at_trace_time():
     flags = {"momentum": True, "nesterov": False}
     p, g, m = _sgd_operands()
     with pytest.raises(ValueError, match="takes the scalars"):
-        engine.kernel_call(sgd, flags, {"step_size": -0.1}, [p], [g], {"trace": [m]})
+        call.kernel_call(sgd, flags, {"step_size": -0.1}, [p], [g], {"trace": [m]})
     with pytest.raises(ValueError, match="takes the slots"):
-        engine.kernel_call(sgd, flags, {"step_size": -0.1, "momentum": 0.9}, [p], [g], {})
+        call.kernel_call(sgd, flags, {"step_size": -0.1, "momentum": 0.9}, [p], [g], {})
 
 
 @needs_native

@@ -1189,7 +1189,7 @@ ffi::Error Prepare(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args, ffi::
 // The handler is asynchronous: it checks the operands, hands the work to XLA's own intra-op
 // thread pool (the pool that runs XLA's CPU code) as a few tasks, and returns a future that
 // the last task completes. So the calls of one step (a large tree is updated by several
-// calls, see rmsjax.fused.engine.LEAVES_PER_CALL) do not wait for each other: XLA issues
+// calls, see rmsjax._native.call.LEAVES_PER_CALL) do not wait for each other: XLA issues
 // them all, and the pool's threads work through their pieces back to back, as if the tree
 // were one call; and the kernel never adds threads of its own to the pool's.
 ffi::Future FusedStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,

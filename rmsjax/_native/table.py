@@ -5,7 +5,7 @@ float32 scalars in operand order, its per-parameter state slots in operand order
 of the state field it reads and writes, and the flag that makes it present), and its static
 flags. Nothing else defines the boundary:
 
-* the Python side (:mod:`rmsjax.fused.engine`) builds the operands from it: the scalar vector in
+* the Python side (:mod:`rmsjax._native.call`) builds the operands from it: the scalar vector in
   the order of :attr:`Kind.scalars`, the slots of :func:`present_slots`, the flags as the bit
   mask of :func:`flag_bits`, and :data:`TABLE_HASH`;
 * the build recipe (:mod:`rmsjax._native.build`) writes :func:`cpp_header` next to the kernel

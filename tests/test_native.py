@@ -31,7 +31,7 @@ import rmsjax
 from rmsjax import fused, native
 from rmsjax._native import build as recipe
 from rmsjax._native import call, table
-from rmsjax.fused import engine, plans
+from rmsjax.fused import plans, primitive
 from tests.common import loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -618,7 +618,7 @@ def test_fallback_to_pure_jax_warns_once(scenario):
 def test_gpu_lowering_uses_pure_jax(monkeypatch):
     # In a process that also has an accelerator, the step is lowered per platform; emulate
     # that here and lower for CUDA (no GPU needed to lower).
-    monkeypatch.setattr(engine, "accelerator_present", lambda: True)
+    monkeypatch.setattr(primitive, "accelerator_present", lambda: True)
     params = mixed()
     opt = fused.rmsprop(0.01, centered=True, momentum=0.9, **SMALL)
     grads = jax.tree.map(jnp.ones_like, params)

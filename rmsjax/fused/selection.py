@@ -31,6 +31,7 @@ __all__ = [
     "kernel_view",
     "leaf_key",
     "leaf_paths",
+    "leaves_like",
     "single_device",
     "stored_issue",
 ]
@@ -48,6 +49,18 @@ def is_none(x: Any) -> bool:
 def leaf_paths(tree: Any) -> list[Any]:
     """The key path of every leaf of ``tree`` (``None`` leaves included), in flattening order."""
     return [path for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)[0]]
+
+
+def leaves_like(treedef: Any, tree: Any) -> list[Any] | None:
+    """``tree``'s subtrees at the leaves of ``treedef`` (the parameters' structure, ``None``
+    leaves included), or ``None`` when ``tree`` does not have that structure above them
+    (another container type, other keys, another length). Nothing but jax's
+    ``flatten_up_to`` runs inside the check, whose ``ValueError`` says exactly that."""
+    try:
+        leaves: list[Any] = treedef.flatten_up_to(tree)
+    except ValueError:
+        return None
+    return leaves
 
 
 def single_device(trees: Iterable[Any]) -> bool:

@@ -6,8 +6,11 @@ sends the eligible leaves (:mod:`rmsjax.fused.selection`) through the native ker
 primitive per group (:mod:`rmsjax.fused.rules`, :mod:`rmsjax.fused.primitive`), and everything
 else (counts, schedule states, other leaves) through ``tx.update`` + :func:`rmsjax.apply_updates`.
 
-``backend="native"`` raises instead of falling back to the pure-JAX chain where the kernel is
-unavailable or cannot update a leaf's state.
+A step runs the pure-JAX chain for all its leaves (the *fallback*) for exactly the reasons of
+:func:`route` (each a :data:`Fallback` string, logged at DEBUG level on the ``rmsjax.fused``
+logger when the step is traced); anything else that goes wrong in the engine raises.
+``backend="native"`` raises instead of falling back where the kernel is unavailable or cannot
+update a leaf's state.
 
 Test hooks (documented): ``accelerator_present`` in :mod:`rmsjax.fused.primitive`,
 ``LEAVES_PER_CALL`` and ``RESULTS_PER_CALL`` in :mod:`rmsjax._native.call`.
@@ -15,6 +18,7 @@ Test hooks (documented): ``accelerator_present`` in :mod:`rmsjax.fused.primitive
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -26,10 +30,21 @@ import optax
 from rmsjax import native
 from rmsjax._native import table
 from rmsjax.fused import primitive, selection
-from rmsjax.fused.plans import Planner, StateLayoutError, find_state, replace_field
+from rmsjax.fused.plans import Plan, Planner, StateLayoutError, find_state, replace_field
 from rmsjax.fused.rules import group_step, pure_step
 
-__all__ = ["BACKENDS", "MIN_NATIVE_SIZE", "FusedOptimizer", "NativeFallbackWarning", "build"]
+__all__ = [
+    "BACKENDS",
+    "MIN_NATIVE_SIZE",
+    "Fallback",
+    "FusedOptimizer",
+    "NativeFallbackWarning",
+    "Route",
+    "build",
+    "route",
+]
+
+logger = logging.getLogger("rmsjax.fused")
 
 BACKENDS = ("auto", "native", "jax")
 # Leaves smaller than this many elements are left to the XLA-compiled pure-JAX rule: for them a
@@ -77,8 +92,96 @@ def _warn_fallback() -> None:
         "to see why; pass backend='jax' (or set RMSJAX_NATIVE=0) to choose the pure-JAX path "
         "on purpose.",
         NativeFallbackWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
+
+
+# Why a step runs the pure-JAX chain for all its leaves: one of these strings (the last one
+# followed by ": " and rmsjax.native.status()).
+Fallback = str
+JAX_BACKEND: Fallback = "backend='jax'"
+NO_PLAN: Fallback = "the kernel has no plan for this configuration"
+SEVERAL_DEVICES: Fallback = "more than one device, or an input sharded over several"
+GRADIENT_TREE: Fallback = "the gradients' tree is not the parameters'"
+NOT_THIS_STATE: Fallback = "the state is not this optimizer's"
+SLOT_TREE: Fallback = "a state slot's tree is not the parameters'"
+NO_LEAF: Fallback = "no leaf the kernel takes"
+UNAVAILABLE: Fallback = "the native kernel is unavailable"
+
+
+class Route(NamedTuple):
+    """How a step that uses the kernel runs: its trees flattened like the parameters and the
+    groups of leaves the kernel updates (:func:`rmsjax.fused.selection.group_leaves`)."""
+
+    treedef: Any  # the parameters' structure, None leaves included
+    p_leaves: list[Any]
+    g_leaves: list[Any]
+    s_leaves: dict[str, list[Any]]  # per present slot of the plan
+    groups: dict[Any, list[int]]
+
+
+def route(
+    plan: Plan | None,
+    backend: str,
+    min_native_size: int,
+    params: Any,
+    grads: Any,
+    state: Any,
+) -> Route | Fallback:
+    """The :class:`Route` of one step, or why it runs the pure-JAX chain for every leaf.
+
+    The reasons, checked in this order: :data:`JAX_BACKEND`, :data:`NO_PLAN` (a configuration
+    the kernel does not cover, such as AdamW with a ``mask``), :data:`SEVERAL_DEVICES`,
+    :data:`GRADIENT_TREE` and :data:`NOT_THIS_STATE` (the pure-JAX chain then reports the
+    mistake as without the fused step), :data:`SLOT_TREE` (e.g. 8-bit moments of Flax NNX
+    ``Param`` variables, which hold no variable), :data:`NO_LEAF` (see
+    :mod:`rmsjax.fused.selection`) and :data:`UNAVAILABLE`.
+
+    Raises:
+      RuntimeError: ``backend="native"`` and the kernel is unavailable.
+      ValueError: ``backend="native"`` and the kernel cannot update a leaf's state.
+    """
+    if backend == "jax":
+        return JAX_BACKEND
+    if plan is None:
+        return NO_PLAN
+    if backend == "native" and not native.available():
+        raise RuntimeError(
+            f"backend='native' was requested but the native kernel is unavailable "
+            f"({native.status()}). Use backend='auto' to fall back to pure JAX."
+        )
+    if not selection.single_device((params, grads)):
+        return SEVERAL_DEVICES
+    p_leaves, treedef = jax.tree.flatten(params, is_leaf=selection.is_none)
+    g_leaves = selection.leaves_like(treedef, grads)
+    if g_leaves is None:
+        return GRADIENT_TREE
+    names = table.present_slots(plan.kind, plan.flags)
+    s_leaves: dict[str, list[Any]] = {}
+    for s in names:
+        try:
+            sub = find_state(state, plan.slots[s], s)
+        except StateLayoutError:
+            return NOT_THIS_STATE
+        leaves = selection.leaves_like(treedef, getattr(sub, s))
+        if leaves is None:
+            return SLOT_TREE
+        s_leaves[s] = leaves
+    grouping = selection.group_leaves(p_leaves, g_leaves, s_leaves, min_native_size)
+    if grouping.refused and backend == "native":
+        i, why = grouping.refused[0]
+        path = jax.tree_util.keystr(selection.leaf_paths(params)[i]) or "the root"
+        raise ValueError(
+            f"backend='native': the native kernel cannot update the parameter at "
+            f"{path}: {why}. Use backend='auto' to run such leaves with the "
+            "pure-JAX chain (the other leaves still use the kernel)."
+        )
+    if not grouping.groups:
+        return NO_LEAF
+    if not native.available():
+        _warn_fallback()
+        return f"{UNAVAILABLE}: {native.status()}"
+    return Route(treedef, p_leaves, g_leaves, s_leaves, grouping.groups)
 
 
 def _is_dynamic(value: Any) -> bool:
@@ -118,41 +221,19 @@ def build(
     hp_dyn = {k: v for k, v in hp.items() if _is_dynamic(v)}
 
     def step(params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
-        if plan is None or backend == "jax":
+        way = route(plan, backend, min_native_size, params, grads, state)
+        if not isinstance(way, Route):
+            logger.debug("rmsjax.fused: the step runs the pure-JAX chain: %s", way)
             return pure_step(tx, params, grads, state)
-        if backend == "native" and not native.available():
-            raise RuntimeError(
-                f"backend='native' was requested but the native kernel is unavailable "
-                f"({native.status()}). Use backend='auto' to fall back to pure JAX."
-            )
-        if not selection.single_device((params, grads)):
-            return pure_step(tx, params, grads, state)
+        assert plan is not None  # route() falls back without a plan
         names = table.present_slots(plan.kind, plan.flags)
-        try:
-            p_leaves, tdef = jax.tree.flatten(params, is_leaf=selection.is_none)
-            treedef: Any = tdef  # jax's PyTreeDef stub lacks flatten_up_to
-            g_leaves = treedef.flatten_up_to(grads)
-            s_leaves = {
-                s: treedef.flatten_up_to(getattr(find_state(state, plan.slots[s], s), s))
-                for s in names
-            }
-        except (StateLayoutError, ValueError, TypeError, AttributeError, IndexError):
-            return pure_step(tx, params, grads, state)  # let the reference path report it
-        grouping = selection.group_leaves(p_leaves, g_leaves, s_leaves, min_native_size)
-        if grouping.refused and backend == "native":
-            i, why = grouping.refused[0]
-            path = jax.tree_util.keystr(selection.leaf_paths(params)[i]) or "the root"
-            raise ValueError(
-                f"backend='native': the native kernel cannot update the parameter at "
-                f"{path}: {why}. Use backend='auto' to run such leaves with the "
-                "pure-JAX chain (the other leaves still use the kernel)."
-            )
-        if not grouping.groups:
-            return pure_step(tx, params, grads, state)
-        if not native.available():
-            _warn_fallback()
-            return pure_step(tx, params, grads, state)
-        chosen = {i for idx in grouping.groups.values() for i in idx}
+        treedef, p_leaves, g_leaves, s_leaves = (
+            way.treedef,
+            way.p_leaves,
+            way.g_leaves,
+            way.s_leaves,
+        )
+        chosen = {i for idx in way.groups.values() for i in idx}
         # Counts, schedule states and the other leaves: the pure chain, with the kernel's
         # leaves masked out by None gradients (they pass through untouched).
         rest = treedef.unflatten([None if i in chosen else g for i, g in enumerate(g_leaves)])
@@ -163,7 +244,7 @@ def build(
             for s in names
         }
         core = group_step(factory, planner, hp_static)
-        for idx in grouping.groups.values():  # one kernel configuration per group
+        for idx in way.groups.values():  # one kernel configuration per group
             sub_state = state
             for s in names:
                 leaves = [s_leaves[s][i] for i in idx]

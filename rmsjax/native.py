@@ -45,7 +45,10 @@ from another table is treated like one built from another source (not loaded).
 
 Check which path is active (and build it if needed) with ``python -m rmsjax.native``.
 
-This module is the kernel's public face; the look-up itself is :mod:`rmsjax._native.loader`.
+This module is the kernel's public face; the kernel's whole interface lives in
+:mod:`rmsjax._native`: the operand table (``table``), the codec operands (``codecs``), the FFI
+call (``call``), this look-up (``loader``), the compile recipe (``build``) and the contract
+table (``contracts``).
 """
 
 from __future__ import annotations

@@ -4,13 +4,9 @@
 calls as :data:`RESULTS_PER_CALL` and :data:`LEAVES_PER_CALL` require (both documented test
 hooks: monkeypatch them here to make a small tree take several calls).
 
-Operands of one call, in order: the float32 scalar vector (:func:`scalar_vector`, the kind's
-scalars in table order), with 8-bit state (flag ``q8``) one codec operand per present slot
-(:func:`rmsjax._native.codecs.operand`), then per leaf the parameters, the gradients and each
-present slot's state (an array, or with ``q8`` the codes and the scales). The results are the
-new parameters and state, each aliased to its operand (updated in place when the caller
-donates them). Attributes: the kind's id, the flag bits, the number of leaves and the table's
-hash, which the kernel checks against the table it was built from.
+The operands of one call, their order and which result each is updated into: :func:`ffi`
+(the kernel's side: the comment at the top of ``fused_step.cc``); their names, counts and the
+attributes the kernel checks: :mod:`rmsjax._native.table`.
 """
 
 from __future__ import annotations

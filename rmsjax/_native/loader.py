@@ -26,9 +26,7 @@ __all__ = [
     "available",
     "build",
     "enabled",
-    "installed_library",
     "library_path",
-    "register",
     "reset",
     "status",
 ]
@@ -97,7 +95,7 @@ def build(*, force: bool = False, verbose: bool = False) -> Path:
     return recipe.compile_kernel(out, include_dir=Path(jax.ffi.include_dir()), verbose=verbose)
 
 
-def installed_library(folder: Path) -> Path | None:
+def _installed_library(folder: Path) -> Path | None:
     """The library ``pip install`` put into ``folder``, if any (this interpreter's extension
     suffix first, then any other ``_fused_step*`` library: it has no Python ABI)."""
     suffixes = (".so", ".pyd", ".dll", ".dylib")
@@ -110,7 +108,7 @@ def installed_library(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def register(path: Path) -> ctypes.CDLL:
+def _register(path: Path) -> ctypes.CDLL:
     """Load the library at ``path``, check it was built from this ``fused_step.cc`` and operand
     table, and register its handler with XLA as :data:`TARGET`.
 
@@ -159,10 +157,10 @@ def _load() -> None:
         _state.update(ok=False, why="disabled by RMSJAX_NATIVE=0")
         return
     note = ""
-    installed = installed_library(_installed_dir)
+    installed = _installed_library(_installed_dir)
     if installed is not None:
         try:
-            lib = register(installed)
+            lib = _register(installed)
         except Exception as err:  # a broken or stale installed library: try the first-use build
             note = f"; the installed {installed} was not used: {type(err).__name__}: {err}"
         else:
@@ -170,7 +168,7 @@ def _load() -> None:
             return
     try:
         path = build()
-        lib = register(path)
+        lib = _register(path)
     except Exception as err:  # any failure means: stay on the pure-JAX path, and say why
         _state.update(ok=False, why=f"{type(err).__name__}: {err}{note}")
         return

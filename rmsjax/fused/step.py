@@ -8,7 +8,8 @@ else (counts, schedule states, other leaves) through ``tx.update`` + :func:`rmsj
 
 A step runs the pure-JAX chain for all its leaves (the *fallback*) for exactly the reasons of
 :func:`route` (each a :data:`Fallback` string, logged at DEBUG level on the ``rmsjax.fused``
-logger when the step is traced); anything else that goes wrong in the engine raises.
+logger each time the step's Python runs: once per trace under ``jit``); anything else that
+goes wrong in the engine raises.
 ``backend="native"`` raises instead of falling back where the kernel is unavailable or cannot
 update a leaf's state.
 

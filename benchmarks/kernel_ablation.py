@@ -44,16 +44,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.machine import describe  # noqa: E402
-from rmsjax._native import build  # noqa: E402  (the one compile recipe of the kernel)
-from rmsjax.fused import codecs  # noqa: E402
+from rmsjax._native import build, codecs  # noqa: E402  (the kernel's recipe and operands)
 from rmsjax.quantization import moment_codec  # noqa: E402
 
-# The driver: reads the two codec operands (as the FFI handler's ParseCodec would), builds one
-# leaf of rows x 4096 entries, and times the AVX-512 loop of the AdamW rule with 8-bit moments.
+# The driver: reads the two codec operands with the kernel's own reader (ReadCodec, which the
+# FFI handler's ParseCodec calls), builds one leaf of rows x 4096 entries, and times the
+# AVX-512 loop of the AdamW rule with 8-bit moments.
 DRIVER = r"""
 #include SOURCE
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <random>
 
@@ -61,18 +62,10 @@ static Codec Load(const char* path) {
   std::ifstream f(path, std::ios::binary);
   std::vector<uint8_t> b((std::istreambuf_iterator<char>(f)), {});
   Codec c;
-  namespace C = tbl::codec;
-  int32_t head[C::field::kCount];
-  std::memcpy(head, b.data(), sizeof head);
-  const size_t tables = sizeof(float) * 2 * kMapSize;
-  c.block = head[C::field::kBlockSize];
-  c.lo_bits = static_cast<uint32_t>(head[C::field::kLoBits]);
-  c.shift = head[C::field::kShift];
-  c.half = head[C::field::kHalf];
-  std::memcpy(c.qmap, b.data() + sizeof head, sizeof c.qmap);
-  std::memcpy(c.points, b.data() + sizeof head + sizeof c.qmap, sizeof c.points);
-  c.cells.assign(b.data() + sizeof head + tables, b.data() + b.size());
-  FillLevels(c);
+  if (const char* why = ReadCodec(b.data(), b.size(), c)) {
+    std::fprintf(stderr, "%s: malformed codec operand: %s\n", path, why);
+    std::exit(2);
+  }
   return c;
 }
 

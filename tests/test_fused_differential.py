@@ -51,6 +51,7 @@ from hypothesis import strategies as st
 
 import rmsjax
 from rmsjax import fused, native
+from rmsjax._native import call
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"native kernel off: {native.status()}"
@@ -496,10 +497,10 @@ def test_every_configuration_runs_the_kernel():
         assert str(jaxpr).count("ffi_call") == 1, (name, items)
 
 
-# More leaves than one kernel call takes (engine.LEAVES_PER_CALL), some above the size from which
-# a call is split into tasks on XLA's thread pool (64K elements) with odd sizes, so that blocks
-# of 32K elements straddle leaf boundaries: the calls of a step run concurrently, each in several
-# asynchronous tasks; the numbers must not change.
+# More leaves than one kernel call takes (rmsjax._native.call.LEAVES_PER_CALL), some above the
+# size from which a call is split into tasks on XLA's thread pool (64K elements) with odd sizes,
+# so that blocks of 32K elements straddle leaf boundaries: the calls of a step run concurrently,
+# each in several asynchronous tasks; the numbers must not change.
 MANY_SHAPES = {f"w{i:02d}": (3 + 5 * i,) for i in range(40)} | {
     "big": (70_001,),
     "odd": (3, 33_335),
@@ -527,6 +528,6 @@ MANY_SHAPES = {f"w{i:02d}": (3 + 5 * i,) for i in range(40)} | {
 )
 def test_kernel_matches_pure_jax_across_calls_and_threads(config):
     name, static_items = config
-    assert len(MANY_SHAPES) > fused.engine.LEAVES_PER_CALL
+    assert len(MANY_SHAPES) > call.LEAVES_PER_CALL
     stats = check_example(name, static_items, 7, 11, 0.05, MANY_SHAPES)
     assert stats["compared"] > 150_000

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import rmsjax
 from rmsjax import fused, native
-from rmsjax.fused import codecs
+from rmsjax._native import codecs
 from rmsjax.quantization import moment_codec
 from rmsjax.quantization.rounding import lookup
 
@@ -203,12 +203,8 @@ def test_codec_operand_lookup_equals_the_codecs_lookup():
     # codes on every breakpoint, its neighbours and random values.
     for signed in (True, False):
         codec = moment_codec(8, signed=signed)
-        blob = codecs.operand(codec)
-        head = blob[:24].view("<i4")
-        fields = dict(zip(rmsjax._native.table.CODEC_FIELDS, head, strict=True))
-        qmap_end = 24 + 4 * 256
-        points = blob[qmap_end : qmap_end + 4 * 256].view("<f4")
-        cells = blob[qmap_end + 4 * 256 : -3]
+        fields, sections = codecs.parse(codecs.operand(codec))
+        points, cells = sections["points"], sections["cells"]
         finite = points[np.isfinite(points)]
         v = np.concatenate(
             [

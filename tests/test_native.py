@@ -30,8 +30,8 @@ import pytest
 import rmsjax
 from rmsjax import fused, native
 from rmsjax._native import build as recipe
-from rmsjax._native import table
-from rmsjax.fused import engine, plans
+from rmsjax._native import call, table
+from rmsjax.fused import plans, primitive
 from tests.common import loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_native_matches_pure_jax(name):
     ],
 )
 def test_tree_shapes(name, shape, monkeypatch):
-    monkeypatch.setattr(engine, "LEAVES_PER_CALL", 5)  # so that many_leaves needs three calls
+    monkeypatch.setattr(call, "LEAVES_PER_CALL", 5)  # so that many_leaves needs three calls
     rng = np.random.default_rng(2)
     f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
     params = {
@@ -466,9 +466,9 @@ def test_kernel_call_checks_operand_names_at_trace_time():
     flags = {"momentum": True, "nesterov": False}
     p, g, m = _sgd_operands()
     with pytest.raises(ValueError, match="takes the scalars"):
-        engine.kernel_call(sgd, flags, {"step_size": -0.1}, [p], [g], {"trace": [m]})
+        call.kernel_call(sgd, flags, {"step_size": -0.1}, [p], [g], {"trace": [m]})
     with pytest.raises(ValueError, match="takes the slots"):
-        engine.kernel_call(sgd, flags, {"step_size": -0.1, "momentum": 0.9}, [p], [g], {})
+        call.kernel_call(sgd, flags, {"step_size": -0.1, "momentum": 0.9}, [p], [g], {})
 
 
 @needs_native
@@ -618,7 +618,7 @@ def test_fallback_to_pure_jax_warns_once(scenario):
 def test_gpu_lowering_uses_pure_jax(monkeypatch):
     # In a process that also has an accelerator, the step is lowered per platform; emulate
     # that here and lower for CUDA (no GPU needed to lower).
-    monkeypatch.setattr(engine, "accelerator_present", lambda: True)
+    monkeypatch.setattr(primitive, "accelerator_present", lambda: True)
     params = mixed()
     opt = fused.rmsprop(0.01, centered=True, momentum=0.9, **SMALL)
     grads = jax.tree.map(jnp.ones_like, params)
@@ -862,9 +862,10 @@ _STATUS_SCENARIOS = textwrap.dedent(
     import json, os, shutil, sys
     from pathlib import Path
     from rmsjax import native
+    from rmsjax._native import loader
 
     real, stale, newer, work = (Path(a) for a in sys.argv[1:5])
-    native.build = lambda **kw: real  # the first-use build: the library compiled by the test
+    loader.build = lambda **kw: real  # the first-use build: the library compiled by the test
     name = "_fused_step.so"  # as setup.py names it
     results = {}
     for scenario in sys.argv[5:]:

@@ -102,9 +102,9 @@ struct Leaf {
   float* sc_out[tbl::kMaxSlots] = {};
 };
 
-// An 8-bit codec (rmsjax.fused.codecs builds its operand from rmsjax.quantization): the map,
-// the float32 breakpoints where the nearest code changes (the last padded with +inf), and the
-// cell table that finds the count of breakpoints <= v with one comparison (see Lookup).
+// An 8-bit codec, read from its operand by ReadCodec (rmsjax._native.codecs builds the operand
+// from rmsjax.quantization; its fields and sections are defined in rmsjax/_native/table.py),
+// plus the tables the AVX-512 loops derive from it.
 struct Codec {
   int block = 0;
   uint32_t lo_bits = 0;
@@ -112,7 +112,7 @@ struct Codec {
   int half = 0;
   alignas(32) float qmap[kMapSize];
   alignas(32) float points[kMapSize];
-  std::vector<uint8_t> cells;  // 2 * half entries, then 3 bytes of padding
+  std::vector<uint8_t> cells;  // the cell table, with the operand's padding
   // The breakpoints by level of a branch-free binary search (AVX-512 encode, see Search512):
   // level l (l = 0..7, step s = 128 >> l) holds points[j * 2s + s - 1] for j < 2**l at
   // position Reverse(j, l) (its l bits in reverse order), padded to 16 entries; the last three
@@ -352,10 +352,9 @@ struct SgdRule {
 // ---- 8-bit blocks: decode, encode -------------------------------------------------------------
 
 // The code of a normalised value v (|v| <= 1, not NaN): #(breakpoints <= v), as the JAX codec's
-// lookup counts it (rmsjax.quantization.rounding). The float32 numbers of [-1, 1] are cut into
-// cells of 2**shift consecutive magnitudes above lo_bits (everything below lo_bits in the first
-// cell of each sign), each holding at most one breakpoint (checked when the operand is built);
-// the cell table gives the count below the cell, one comparison adds the breakpoint inside it.
+// lookup counts it (rmsjax.quantization.rounding), found with the cell table (what its cells
+// are: the codec operand's fields in rmsjax/_native/table.py; restated in NumPy by
+// rmsjax._native.codecs.lookup_model).
 [[gnu::always_inline]] inline int Lookup(const Codec& c, float v) {
   const uint32_t b = Bits(v);
   uint32_t a = b & 0x7fffffffu;
@@ -990,37 +989,55 @@ ffi::Error Invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("rmsjax_fused_step: " + what);
 }
 
-// Reads an 8-bit codec operand (layout: rmsjax/_native/table.py, CODEC_FIELDS).
-ffi::Error ParseCodec(ffi::AnyBuffer buf, Codec& c) {
+// Reads the 8-bit codec operand ``bytes[0..size)`` into ``c`` (its layout: CODEC_SECTIONS in
+// rmsjax/_native/table.py, the offsets from the generated header); nullptr, or what is wrong.
+const char* ReadCodec(const uint8_t* bytes, size_t size, Codec& c) {
   namespace C = tbl::codec;
-  constexpr size_t kHead = sizeof(int32_t) * C::field::kCount;
-  constexpr size_t kTables = sizeof(float) * 2 * kMapSize;
-  if (buf.element_type() != ffi::U8 || buf.element_count() < kHead + kTables) {
-    return Invalid("a codec operand must be a uint8 array (see rmsjax.fused.codecs)");
-  }
-  const auto* bytes = static_cast<const uint8_t*>(buf.untyped_data());
+  static_assert(C::kFieldsCount == C::field::kCount, "the header holds every field");
+  static_assert(sizeof c.qmap == sizeof(float) * C::kQmapCount &&
+                    sizeof c.points == sizeof(float) * C::kPointsCount,
+                "the map and the breakpoints fill the Codec's arrays");
+  if (size < C::kCellsOffset) return "shorter than its fixed sections";
   int32_t head[C::field::kCount];
-  std::memcpy(head, bytes, kHead);
+  std::memcpy(head, bytes + C::kFieldsOffset, sizeof head);
   const int64_t cells = head[C::field::kCells];
-  if (head[C::field::kMagic] != C::kMagic || head[C::field::kBlockSize] < 1 ||
-      head[C::field::kBlockSize] > kMaxBlock || head[C::field::kShift] < 0 ||
-      head[C::field::kShift] > 23 || head[C::field::kHalf] < 1 ||
-      cells != 2 * int64_t{head[C::field::kHalf]} ||
-      buf.element_count() != kHead + kTables + static_cast<size_t>(cells) + 3) {
-    return Invalid("malformed codec operand (rebuild it with rmsjax.fused.codecs)");
+  if (head[C::field::kMagic] != C::kMagic) return "wrong magic number";
+  if (head[C::field::kBlockSize] < 1 || head[C::field::kBlockSize] > kMaxBlock) {
+    return "block size out of range";
+  }
+  if (head[C::field::kShift] < 0 || head[C::field::kShift] > 23 || head[C::field::kHalf] < 1 ||
+      cells != 2 * int64_t{head[C::field::kHalf]}) {
+    return "cell counts out of range";
+  }
+  if (size != C::kCellsOffset + static_cast<size_t>(cells) + C::kPaddingCount) {
+    return "its size does not match its cell count";
   }
   c.block = head[C::field::kBlockSize];
   c.lo_bits = static_cast<uint32_t>(head[C::field::kLoBits]);
   c.shift = head[C::field::kShift];
   c.half = head[C::field::kHalf];
-  std::memcpy(c.qmap, bytes + kHead, sizeof c.qmap);
-  std::memcpy(c.points, bytes + kHead + sizeof c.qmap, sizeof c.points);
-  c.cells.assign(bytes + kHead + kTables, bytes + kHead + kTables + cells + 3);
+  std::memcpy(c.qmap, bytes + C::kQmapOffset, sizeof c.qmap);
+  std::memcpy(c.points, bytes + C::kPointsOffset, sizeof c.points);
+  c.cells.assign(bytes + C::kCellsOffset, bytes + size);  // the cells and the padding
   FillLevels(c);
   // The lookup reads points[cells[...]] and points[255] is +inf: every code stays < 256.
   if (c.lo_bits == 0 || c.lo_bits > 0x3f800000u ||
       ((0x3f800000u - c.lo_bits) >> c.shift) + 1 != static_cast<uint32_t>(c.half)) {
-    return Invalid("codec operand: the cell layout does not cover [-1, 1]");
+    return "the cell layout does not cover [-1, 1]";
+  }
+  return nullptr;
+}
+
+// Reads an 8-bit codec operand of a call (see ReadCodec).
+ffi::Error ParseCodec(ffi::AnyBuffer buf, Codec& c) {
+  if (buf.element_type() != ffi::U8) {
+    return Invalid("a codec operand must be a uint8 array (see rmsjax._native.codecs)");
+  }
+  const char* why =
+      ReadCodec(static_cast<const uint8_t*>(buf.untyped_data()), buf.element_count(), c);
+  if (why != nullptr) {
+    return Invalid(std::string("malformed codec operand: ") + why +
+                   " (build it with rmsjax._native.codecs.operand)");
   }
   return ffi::Error::Success();
 }
@@ -1172,7 +1189,7 @@ ffi::Error Prepare(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args, ffi::
 // The handler is asynchronous: it checks the operands, hands the work to XLA's own intra-op
 // thread pool (the pool that runs XLA's CPU code) as a few tasks, and returns a future that
 // the last task completes. So the calls of one step (a large tree is updated by several
-// calls, see rmsjax.fused.engine.LEAVES_PER_CALL) do not wait for each other: XLA issues
+// calls, see rmsjax._native.call.LEAVES_PER_CALL) do not wait for each other: XLA issues
 // them all, and the pool's threads work through their pieces back to back, as if the tree
 // were one call; and the kernel never adds threads of its own to the pool's.
 ffi::Future FusedStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,

@@ -5,7 +5,7 @@ float32 scalars in operand order, its per-parameter state slots in operand order
 of the state field it reads and writes, and the flag that makes it present), and its static
 flags. Nothing else defines the boundary:
 
-* the Python side (:mod:`rmsjax.fused.engine`) builds the operands from it: the scalar vector in
+* the Python side (:mod:`rmsjax._native.call`) builds the operands from it: the scalar vector in
   the order of :attr:`Kind.scalars`, the slots of :func:`present_slots`, the flags as the bit
   mask of :func:`flag_bits`, and :data:`TABLE_HASH`;
 * the build recipe (:mod:`rmsjax._native.build`) writes :func:`cpp_header` next to the kernel
@@ -28,15 +28,18 @@ from typing import NamedTuple
 __all__ = [
     "CODEC_FIELDS",
     "CODEC_MAGIC",
+    "CODEC_SECTIONS",
     "KINDS",
     "MAP_SIZE",
     "MAX_BLOCK",
     "STORAGE_FLAGS",
     "TABLE_HASH",
     "VERSION",
+    "CodecSection",
     "Kind",
     "Slot",
     "OPTIONAL_FLAGS",
+    "codec_spans",
     "complete_flags",
     "cpp_header",
     "flag_bits",
@@ -52,20 +55,63 @@ VERSION = 2
 # rounded where the pure-JAX chain rounds. ``q8``: every state slot is 8-bit block-quantized
 # (``rmsjax.quantized(bits=8)`` with rmsjax's own codec): per leaf and slot two operands, the
 # uint8 codes (the parameter's shape) and the float32 scales (one per block along the last
-# axis), and per call one codec operand per present slot (see ``CODEC_FIELDS``).
+# axis), and per call one codec operand per present slot (see ``CODEC_SECTIONS``).
 STORAGE_FLAGS: tuple[str, ...] = ("bf16", "q8")
 
-# An 8-bit codec operand (uint8 bytes, built by rmsjax.fused.codecs): ``CODEC_FIELDS`` as int32,
-# then the map (``MAP_SIZE`` float32 values), the float32 breakpoints where the nearest code
-# changes (``MAP_SIZE`` values, the last +inf), then ``cells`` uint8 entries and 3 bytes of
-# padding. The code of a normalised value v is ``#(breakpoints <= v)``, found as
-# ``base = cell_table[cell(v)]`` plus ``breakpoints[base] <= v``, where ``cell(v)`` cuts the
-# float32 numbers of [-1, 1] into ranges of 2**shift consecutive magnitudes above ``lo_bits``
-# (the bits of a power of two below the smallest breakpoint), ``half`` per sign, each holding
-# at most one breakpoint.
+# An 8-bit codec operand: one flat uint8 array per present slot and call, built by
+# ``rmsjax._native.codecs.operand`` and read back by ``codecs.parse`` and by ``ParseCodec`` in
+# fused_step.cc. Its layout is CODEC_SECTIONS below (byte offsets: ``codec_spans``); nothing else
+# describes it. The header fields:
+#   magic       CODEC_MAGIC
+#   block_size  entries per scale (1 .. MAX_BLOCK)
+#   lo_bits     the float32 bits of a power of two at or below the smallest breakpoint magnitude
+#   shift       0 .. 23: each cell holds 2**shift consecutive float32 magnitudes
+#   half        the cells per sign: ((bits of 1.0 - lo_bits) >> shift) + 1
+#   cells       the cell table's entries: 2 * half
+# The code of a normalised value v (|v| <= 1) is #(breakpoints <= v). The cell table finds it
+# with one read and one comparison: the float32 magnitudes of [0, 1] are cut, by their bit
+# patterns, into cells of 2**shift consecutive magnitudes from ``lo_bits`` up (smaller magnitudes
+# join the first cell), each holding at most one breakpoint; cell ``half + k`` holds the
+# positive magnitudes of range k, cell ``half - 1 - k`` the negative ones; the table holds, per
+# cell, the number of breakpoints below it, and ``points[base] <= v`` adds the one inside.
 CODEC_MAGIC = 0x38435152  # "RQC8"
 CODEC_FIELDS: tuple[str, ...] = ("magic", "block_size", "lo_bits", "shift", "half", "cells")
 MAP_SIZE = 256
+
+
+class CodecSection(NamedTuple):
+    """One section of a codec operand: its name, its element type (little-endian) and its
+    number of entries (a number, or the name of the header field that holds it)."""
+
+    name: str
+    dtype: str  # "int32", "float32" or "uint8"
+    entries: int | str
+
+
+CODEC_SECTIONS: tuple[CodecSection, ...] = (
+    CodecSection("fields", "int32", len(CODEC_FIELDS)),  # CODEC_FIELDS, in order
+    CodecSection("qmap", "float32", MAP_SIZE),  # the codec's map, code -> value
+    CodecSection("points", "float32", MAP_SIZE),  # the breakpoints, ascending, +inf padded
+    CodecSection("cells", "uint8", "cells"),  # the cell table
+    CodecSection("padding", "uint8", 3),  # zeros: the kernel may read 4 bytes at the last cell
+)
+_ITEMSIZE = {"int32": 4, "float32": 4, "uint8": 1}
+
+
+def codec_spans(fields: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """The byte range ``(start, stop)`` of each section of :data:`CODEC_SECTIONS` in a codec
+    operand whose header holds ``fields`` (by name); the last stop is the operand's size."""
+    spans: dict[str, tuple[int, int]] = {}
+    at = 0
+    for section in CODEC_SECTIONS:
+        count = section.entries
+        if isinstance(count, str):
+            count = int(fields[count])
+        spans[section.name] = (at, at + count * _ITEMSIZE[section.dtype])
+        at = spans[section.name][1]
+    return spans
+
+
 # The largest block (entries per scale) the kernel takes: a block's new moments are kept on
 # the stack between the update and the requantisation.
 MAX_BLOCK = 4096
@@ -131,7 +177,7 @@ KINDS: tuple[Kind, ...] = (
 
 
 def _digest() -> str:
-    layout = (STORAGE_FLAGS, CODEC_MAGIC, CODEC_FIELDS, MAP_SIZE, MAX_BLOCK)
+    layout = (STORAGE_FLAGS, CODEC_MAGIC, CODEC_FIELDS, CODEC_SECTIONS, MAP_SIZE, MAX_BLOCK)
     return hashlib.sha256(repr((VERSION, KINDS, layout)).encode()).hexdigest()
 
 
@@ -183,6 +229,24 @@ def _camel(name: str) -> str:
     return "k" + "".join(part.capitalize() for part in name.split("_"))
 
 
+def _codec_section_lines() -> list[str]:
+    """Per section of :data:`CODEC_SECTIONS`: its byte offset while that is fixed (no section
+    of a variable count before it) and its number of entries where that is fixed."""
+    lines: list[str] = []
+    at: int | None = 0
+    for section in CODEC_SECTIONS:
+        name = _camel(section.name)
+        if at is not None:
+            lines.append(f"constexpr size_t {name}Offset = {at};")
+        if isinstance(section.entries, int):
+            lines.append(f"constexpr size_t {name}Count = {section.entries};")
+            at = None if at is None else at + section.entries * _ITEMSIZE[section.dtype]
+        else:
+            lines.append(f"// {name}Count: the header field {section.entries!r}")
+            at = None
+    return lines
+
+
 def cpp_header() -> str:
     """The C++ header ``rmsjax_kernel_table.h`` that the kernel source includes.
 
@@ -192,7 +256,7 @@ def cpp_header() -> str:
     ``kSlotNeeds`` (the flag bit each slot needs, 0 = always present). Then ``kKinds`` (a
     ``KindInfo`` per kind id), ``kMaxSlots``, ``kNumKinds`` and ``kTableHash``, and in
     ``namespace codec`` the codec operand's layout (``kMagic``, ``field::kBlockSize, ...``,
-    ``kMapSize``, ``kMaxBlock``).
+    ``kMapSize``, ``kMaxBlock``, and per section ``kQmapOffset``, ``kQmapCount``, ...).
     """
     ids = [row.id for row in KINDS]
     if ids != list(range(len(KINDS))):
@@ -200,6 +264,7 @@ def cpp_header() -> str:
     lines = [
         "// Generated by rmsjax/_native/build.py from rmsjax/_native/table.py: do not edit.",
         "#pragma once",
+        "#include <cstddef>",
         "#include <cstdint>",
         "",
         "namespace rmsjax_table {",
@@ -208,7 +273,7 @@ def cpp_header() -> str:
         f"constexpr int kMaxSlots = {max(len(row.slots) for row in KINDS)};",
         f"constexpr int kNumKinds = {len(KINDS)};",
         "",
-        "// 8-bit codec operands (see table.py)",
+        "// 8-bit codec operands (CODEC_SECTIONS in table.py)",
         "namespace codec {",
         f"constexpr int32_t kMagic = 0x{CODEC_MAGIC:08x};",
         f"namespace field {{ enum : int {{ "
@@ -216,6 +281,7 @@ def cpp_header() -> str:
         f"kCount = {len(CODEC_FIELDS)} }}; }}",
         f"constexpr int kMapSize = {MAP_SIZE};",
         f"constexpr int kMaxBlock = {MAX_BLOCK};",
+        *_codec_section_lines(),
         "}  // namespace codec",
         "",
     ]

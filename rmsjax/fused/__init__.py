@@ -62,8 +62,12 @@ Flax NNX: ``nnx.Optimizer.update`` calls ``update`` + ``apply_updates``, never `
 step (``rmsjax.fused.nnx`` imports flax when first accessed; ``rmsjax.fused`` itself does not).
 
 Modules: :mod:`rmsjax.fused.plans` (which kernel operands each protocol optimizer maps to),
-:mod:`rmsjax.fused.engine` (the step), :mod:`rmsjax.fused.nnx` (Flax NNX),
-:mod:`rmsjax._native.table` (the operands themselves, shared with the C++ kernel).
+:mod:`rmsjax.fused.selection` (which leaves the kernel takes, in which groups),
+:mod:`rmsjax.fused.rules` (a group's kernel and pure-JAX rules),
+:mod:`rmsjax.fused.primitive` (the ``rmsjax_ffi_call`` primitive that picks between them),
+:mod:`rmsjax.fused.step` (the step and its fallbacks), :mod:`rmsjax.fused.nnx` (Flax NNX);
+the kernel's interface (operand table, codec operands, FFI call, loader) is
+:mod:`rmsjax._native`.
 """
 
 from __future__ import annotations
@@ -78,13 +82,13 @@ import optax
 from jax.typing import DTypeLike
 
 from rmsjax import optimizers as O
-from rmsjax.fused.engine import (
+from rmsjax.fused.plans import planner_for
+from rmsjax.fused.step import (
     MIN_NATIVE_SIZE,
     FusedOptimizer,
     NativeFallbackWarning,
     build,
 )
-from rmsjax.fused.plans import planner_for
 
 __all__ = [
     "MIN_NATIVE_SIZE",

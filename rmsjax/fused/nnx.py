@@ -43,7 +43,7 @@ from typing import Any
 
 from flax import nnx
 
-from rmsjax.fused.engine import FusedOptimizer
+from rmsjax.fused.step import FusedOptimizer
 
 __all__ = ["Optimizer"]
 

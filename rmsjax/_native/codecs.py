@@ -1,4 +1,4 @@
-"""The native kernel's 8-bit codec operands, built from :mod:`rmsjax.quantization`.
+"""The native kernel's 8-bit codec operands: built from :mod:`rmsjax.quantization`, and read back.
 
 The kernel requantises each block of 8-bit state itself, so it needs the codec's map and its
 rounding. Both come from here, computed from the codec's own definition (the map of the
@@ -13,21 +13,19 @@ largest magnitude) with any map and any block size up to
 one (4-bit codes, the bitsandbytes or torchao conventions, the flat layout), whose state then
 stays on the pure-JAX path.
 
-The operand (layout in :mod:`rmsjax._native.table`): the header fields, the map, the
-breakpoints padded with +inf to 256, and a *cell table*. The code of a normalised value
-:math:`v` is the number of breakpoints :math:`\\le v`. The cell table finds that number with
-one table read and one comparison: the float32 numbers of :math:`[-1, 1]` are cut, by their bit
-patterns, into ranges of :math:`2^{\\text{shift}}` consecutive magnitudes above ``lo`` (a power of
-two below the smallest breakpoint magnitude; smaller magnitudes join the first range of their
-sign), each range holding at most one breakpoint; the table holds, per range, the number of
-breakpoints below it. :func:`operand` builds the table, checks that every range holds at most
-one breakpoint, and checks the lookup against a plain count on every breakpoint, its float32
-neighbours, every range boundary and random values before returning it.
+The operand's fields and sections, and how its cell table finds a code, are defined in
+:mod:`rmsjax._native.table` (``CODEC_FIELDS``, ``CODEC_SECTIONS``, ``codec_spans``);
+:func:`operand` writes them, :func:`parse` reads them back (as the kernel's ``ParseCodec``
+does), and :func:`lookup_model` restates the kernel's lookup in NumPy. :func:`operand` checks
+that every cell holds at most one breakpoint, and checks the lookup against a plain count on
+every breakpoint, its float32 neighbours, every cell boundary and random values, before
+returning the operand.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,10 +33,16 @@ from rmsjax._native import table
 from rmsjax.quantization import BlockCodec
 from rmsjax.quantization.rounding import breakpoints
 
-__all__ = ["lookup_model", "operand", "unsupported"]
+__all__ = ["ParsedOperand", "lookup_model", "operand", "parse", "unsupported"]
 
 _ONE_BITS = 0x3F800000  # the bits of 1.0f
 _F32 = np.float32
+# The NumPy type of each section type of the table (little-endian, as the kernel reads them).
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "int32": np.dtype("<i4"),
+    "float32": np.dtype("<f4"),
+    "uint8": np.dtype(np.uint8),
+}
 
 
 def unsupported(codec: BlockCodec) -> str | None:
@@ -77,9 +81,14 @@ def lookup_model(
     return base + (points[base] <= np.asarray(v, _F32))
 
 
+def _half(lo_bits: int, shift: int) -> int:
+    """The cells per sign of a cell table from ``lo_bits`` up to 1.0 in steps of ``2**shift``."""
+    return ((_ONE_BITS - lo_bits) >> shift) + 1
+
+
 def _cells(points: np.ndarray, lo_bits: int, shift: int) -> np.ndarray | None:
     """The cell table for ``shift``, or ``None`` when a cell would hold two breakpoints."""
-    half = ((_ONE_BITS - lo_bits) >> shift) + 1
+    half = _half(lo_bits, shift)
     k = np.arange(half, dtype=np.int64)
     mag_lo = _floats(lo_bits + (k << shift))
     mag_lo[0] = 0.0  # the first cell of each sign takes every smaller magnitude
@@ -142,7 +151,8 @@ def _check(lo_bits: int, shift: int, cells: np.ndarray, padded: np.ndarray) -> N
 
 @functools.lru_cache(maxsize=32)
 def operand(codec: BlockCodec) -> np.ndarray:
-    """The kernel's uint8 operand for ``codec`` (see the module docstring).
+    """The kernel's uint8 operand for ``codec``: the sections of
+    :data:`rmsjax._native.table.CODEC_SECTIONS`, read-only.
 
     Raises:
       ValueError: the kernel cannot run this codec (:func:`unsupported` says why).
@@ -163,16 +173,75 @@ def operand(codec: BlockCodec) -> np.ndarray:
         "half": half,
         "cells": cells.size,
     }
-    head = np.array([fields[name] for name in table.CODEC_FIELDS], "<i4")
-    qmap = np.asarray(codec.qmap, "<f4")
-    blob = np.concatenate(
-        [
-            head.view(np.uint8),
-            qmap.view(np.uint8),
-            padded.astype("<f4").view(np.uint8),
-            cells,
-            np.zeros(3, np.uint8),  # the kernel may read a 4-byte word at the last cell
-        ]
-    )
+    values = {
+        "fields": [fields[name] for name in table.CODEC_FIELDS],
+        "qmap": codec.qmap,
+        "points": padded,
+        "cells": cells,
+        "padding": np.zeros(3, np.uint8),
+    }
+    spans = table.codec_spans(fields)
+    blob = np.zeros(max(stop for _, stop in spans.values()), np.uint8)
+    for section in table.CODEC_SECTIONS:
+        start, stop = spans[section.name]
+        data = np.asarray(values[section.name], _DTYPES[section.dtype]).view(np.uint8)
+        assert data.size == stop - start, section.name
+        blob[start:stop] = data
     blob.setflags(write=False)
     return blob
+
+
+class ParsedOperand(NamedTuple):
+    """A codec operand read back by :func:`parse`."""
+
+    fields: dict[str, int]  # the header, by the names of table.CODEC_FIELDS
+    sections: dict[str, np.ndarray]  # every other section of table.CODEC_SECTIONS, typed
+
+
+def parse(blob: np.ndarray) -> ParsedOperand:
+    """The fields and sections of a codec operand, checked as the kernel's ``ParseCodec``
+    checks them.
+
+    Raises:
+      ValueError: ``blob`` is not a 1-D uint8 array, or is not a codec operand: a wrong magic
+        number, a block size outside 1 .. ``MAX_BLOCK``, a shift outside 0 .. 23, a cell count
+        that is not ``2 * half`` or whose cells do not cover [-1, 1], or a size that does not
+        match the cell count. The message says which.
+    """
+    blob = np.asarray(blob)
+    if blob.dtype != np.uint8 or blob.ndim != 1:
+        raise ValueError(f"a codec operand is a 1-D uint8 array, got {blob.dtype}{blob.shape}")
+    empty = table.codec_spans(dict.fromkeys(table.CODEC_FIELDS, 0))  # the fixed offsets
+    head_start, head_stop = empty["fields"]
+    fixed = empty["cells"][0]
+    if blob.size < fixed:
+        raise ValueError(f"a codec operand has at least {fixed} bytes, got {blob.size}")
+    head = blob[head_start:head_stop].view(_DTYPES["int32"])
+    fields = {name: int(v) for name, v in zip(table.CODEC_FIELDS, head, strict=True)}
+    problems = [
+        (fields["magic"] != table.CODEC_MAGIC, f"magic number {fields['magic']:#x}"),
+        (not 1 <= fields["block_size"] <= table.MAX_BLOCK, f"block size {fields['block_size']}"),
+        (not 0 <= fields["shift"] <= 23, f"shift {fields['shift']}"),
+        (
+            fields["half"] < 1 or fields["cells"] != 2 * fields["half"],
+            f"{fields['cells']} cells for half = {fields['half']}",
+        ),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise ValueError(f"not a codec operand of this kernel: {what}")
+    spans = table.codec_spans(fields)
+    size = max(stop for _, stop in spans.values())
+    if blob.size != size:
+        raise ValueError(
+            f"a codec operand with {fields['cells']} cells has {size} bytes, got {blob.size}"
+        )
+    lo_bits = fields["lo_bits"] & 0xFFFFFFFF
+    if not 0 < lo_bits <= _ONE_BITS or _half(lo_bits, fields["shift"]) != fields["half"]:
+        raise ValueError("not a codec operand of this kernel: its cells do not cover [-1, 1]")
+    sections = {
+        s.name: blob[slice(*spans[s.name])].view(_DTYPES[s.dtype])
+        for s in table.CODEC_SECTIONS
+        if s.name != "fields"
+    }
+    return ParsedOperand(fields, sections)

@@ -82,6 +82,10 @@ class StochasticRounding(Storage[RoundedArray]):
         del data
         return jnp.dtype(jnp.float32)
 
+    def kernel_view(self, data: RoundedArray) -> str:
+        del data
+        return f"stochastically rounded {self.dtype} state (the kernel has no such storage)"
+
     def shardings(
         self, data: RoundedArray, sharding: Sharding | None, replicated: Sharding
     ) -> RoundedArray:

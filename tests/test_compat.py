@@ -33,6 +33,7 @@ import rmsjax.compat.keras
 import rmsjax.compat.pytorch
 import rmsjax.compat.tf1
 import rmsjax.compat.torchao
+from rmsjax import fused, native
 from tests.common import enable_x64
 
 REF = Path(__file__).parent / "reference"
@@ -111,9 +112,13 @@ def replay(
     starts: list[Any],
     grads: list[Any],
     readout: Callable[[Any, Any], Any] | None = None,
+    *,
+    fused_step: bool = False,
 ) -> tuple[list[Any], list[Any]]:
     """Feed each optimizer its stored gradients; return the parameters after each step, and
-    ``readout(params, state)`` after each step (None without a readout).
+    ``readout(params, state)`` after each step (None without a readout). ``fused_step``: step
+    with ``opt.step`` (a :class:`rmsjax.fused.FusedOptimizer`) instead of ``update`` +
+    ``apply_updates``.
 
     All optimizers run side by side in ONE jitted scan (one compilation per framework and
     precision instead of one per case keeps this file fast).
@@ -122,6 +127,9 @@ def replay(
     def step(carry: list[Any], gs: list[Any]) -> tuple[list[Any], Any]:
         new = []
         for opt, (p, s), g in zip(opts, carry, gs, strict=True):
+            if fused_step:
+                new.append(opt.step(p, g, s))
+                continue
             u, s = opt.update(g, s, p)
             new.append((rmsjax.apply_updates(p, u), s))
         read = [readout(p, s) for p, s in new] if readout else None
@@ -180,6 +188,8 @@ def scaled_errors(
     mode: str,
     items: list[tuple[dict[str, Any], Any]],
     readout: Callable[[Any, Any], Any] | None = None,
+    *,
+    fused_step: bool = False,
 ) -> list[dict[str, float]]:
     """For each (case, optimizer): max |rmsjax - reference| / max |reference| per run.
 
@@ -208,7 +218,7 @@ def scaled_errors(
                     for d, ks in unit.items()
                 }
             )
-    got, read = replay(opts, starts, grads, readout)
+    got, read = replay(opts, starts, grads, readout, fused_step=fused_step)
     out: list[dict[str, float]] = [{} for _ in items]
     for (i, case, unit), traj, extra in zip(units, got, read, strict=True):
         for d, keys in unit.items():
@@ -257,6 +267,52 @@ def test_preset_matches_framework(framework: str, case: dict[str, Any], mode: st
     errors = preset_errors(framework, mode)[case["name"]]
     bad = {k: v for k, v in errors.items() if not v <= TOL[mode]}
     assert not bad, f"beyond {TOL[mode]:g} of the parameter scale: {bad}"
+
+
+# Presets whose chains the native kernel runs (their rules, in the kernel's order), by framework:
+# each has stored cases that fuse (tests below); other configurations (momentum in torch's
+# order, weight decay, Keras' Adam, SGD momentum) run the pure chain inside the fused step.
+FUSING = {
+    "torch": {"rmsprop", "adam", "sgd"},
+    "keras": {"rmsprop", "sgd"},
+    "tf1": {"rmsprop"},
+}
+
+
+@cache
+def fused_preset_errors(framework: str) -> tuple[dict[str, dict[str, float]], set[str]]:
+    """Errors of every float32 preset case run through ``rmsjax.fused.fused(preset).step``,
+    and the cases whose step runs the kernel."""
+    mode = "x32"
+    cases = [c for c in load(framework)[0] if runs_of(c, mode)]
+    items, kernel = [], set()
+    for case in cases:
+        factory = getattr(MODULES[framework], case["preset"])
+        opt = fused.fused(
+            factory(**preset_kwargs(framework, case["preset"], case["kwargs"], mode)),
+            min_native_size=0,
+        )
+        items.append((case, opt))
+        params = split_leaves(case, jnp.zeros((2, 6), jnp.float32))
+        jaxpr = jax.make_jaxpr(opt.step)(params, params, opt.init(params))
+        if "ffi_call" in str(jaxpr):
+            kernel.add(case["name"])
+    if not native.available():
+        kernel = set()
+    errors = scaled_errors(framework, mode, items, fused_step=True)
+    return {c["name"]: e for c, e in zip(cases, errors, strict=True)}, kernel
+
+
+@pytest.mark.parametrize("framework", sorted(FUSING))
+def test_fused_presets_match_the_framework_like_the_pure_ones(framework: str) -> None:
+    errors, kernel = fused_preset_errors(framework)
+    for name, e in errors.items():
+        bad = {k: v for k, v in e.items() if not v <= TOL["x32"]}
+        assert not bad, f"{name}: beyond {TOL['x32']:g} of the parameter scale: {bad}"
+    if not native.available():
+        pytest.skip(f"native kernel off ({native.status()}): the fused steps ran pure JAX")
+    cases = {c["name"]: c["preset"] for c in load(framework)[0]}
+    assert {cases[n] for n in kernel} == FUSING[framework], sorted(kernel)
 
 
 def test_references_cover_the_issue() -> None:

@@ -166,14 +166,13 @@ CONTRACTS: tuple[Contract, ...] = (
     ),
     Contract(
         name="bias correction",
-        computes="c = 1 - d^t at the int32-saturating count t, computed by JAX and passed as "
-        "scalars",
+        computes="c = 1 - d^t at the int32-saturating count t, computed by JAX (the rule's own "
+        "step arguments, recorded as stages) and passed as scalars",
         kernel=("rms", "adam"),
         jax=(
             "rmsjax._numerics.debias",
             "rmsjax._numerics.increment",
-            "rmsjax.fused.plans.rmsprop_plan",
-            "rmsjax.fused.plans.adam_plan",
+            "rmsjax.fused.plans.plan",
         ),
         cpp=("kCorrection", "kC1", "kC2", "kC1Next"),
         model=("tests.test_fused_differential.debias",),

@@ -23,6 +23,16 @@ Each fused optimizer is DERIVED from the optax-protocol optimizer of the same na
 ``min_native_size``), its validation and its ``init``/``update``, which are exactly the
 protocol optimizer's, so the state is the same and the two entry points can be mixed.
 
+Fusion goes by what a chain does, not by its name: :func:`fuse` takes ANY optimizer factory or
+transformation, and its ``step`` runs the kernel wherever the chain's rules are the kernel's.
+At each step's trace, the transformations the kernel can run record their rule and arguments
+instead of computing (:mod:`rmsjax.stages`), and the recorded sequence is matched to a kernel
+kind (:mod:`rmsjax.fused.plans`): ``optax.chain(rmsjax.scale_by_rms(), rmsjax.scale(-1e-3))``,
+``rmsjax.compat.pytorch.rmsprop(lr=1e-3)`` or ``rmsjax.compat.keras.rmsprop(momentum=0.9)``
+fuse like ``rmsjax.rmsprop``; a chain with a transformation that changes the updates between
+the kernel's rules (``optax.clip``, a ``mask``, a rule the kernel does not have) runs the
+pure-JAX chain, with the same numbers.
+
 Numbers: the kernel performs the operations of the pure-JAX rules in the same order, on every
 input: NaN and Inf land where ``update`` + ``apply_updates`` puts them (a NaN gradient makes
 the parameter NaN, it is never hidden), zero divisors give 0 as in the pure rules, and finite
@@ -50,8 +60,9 @@ When the pure-JAX path runs instead (same numbers, the XLA-compiled chain):
   stochastic rounding; 8-bit state is taken in rmsjax's own codec), leaves whose gradient is
   ``None``, leaves of fewer than ``min_native_size``
   elements (default :data:`MIN_NATIVE_SIZE` = 16384: for biases and norms the compiled chain is
-  faster), and AdamW with a weight-decay ``mask``. Such leaves go through the pure-JAX chain
-  while the other leaves still use the kernel.
+  faster). Such leaves go through the pure-JAX chain while the other leaves still use the
+  kernel;
+* for every leaf when the chain's rules are not a kernel kind's (see above).
 
 ``backend="native"`` raises ``RuntimeError`` at the first step when the kernel is unavailable
 instead of falling back. To see which path a step takes, look for ``ffi_call`` (the primitive
@@ -61,7 +72,7 @@ Flax NNX: ``nnx.Optimizer.update`` calls ``update`` + ``apply_updates``, never `
 :class:`rmsjax.fused.nnx.Optimizer` is an ``nnx.Optimizer`` whose ``update`` runs the fused
 step (``rmsjax.fused.nnx`` imports flax when first accessed; ``rmsjax.fused`` itself does not).
 
-Modules: :mod:`rmsjax.fused.plans` (which kernel operands each protocol optimizer maps to),
+Modules: :mod:`rmsjax.fused.plans` (which kernel call runs a recorded chain),
 :mod:`rmsjax.fused.selection` (which leaves the kernel takes, in which groups),
 :mod:`rmsjax.fused.rules` (a group's kernel and pure-JAX rules),
 :mod:`rmsjax.fused.primitive` (the ``rmsjax_ffi_call`` primitive that picks between them),
@@ -82,7 +93,6 @@ import optax
 from jax.typing import DTypeLike
 
 from rmsjax import optimizers as O
-from rmsjax.fused.plans import planner_for
 from rmsjax.fused.step import (
     MIN_NATIVE_SIZE,
     FusedOptimizer,
@@ -97,6 +107,7 @@ __all__ = [
     "adam",
     "adamw",
     "fuse",
+    "fused",
     "inject_hyperparams",
     "rmsprop",
     "sgd",
@@ -106,11 +117,11 @@ __all__ = [
 _FUSE_KEYWORDS = ("backend", "min_native_size")
 
 _FUSED_DOC = """\
-:func:`rmsjax.{name}` with a fused ``step``; same arguments, validation, state and numbers.
+:func:`{name}` with a fused ``step``; same arguments, validation, state and numbers.
 
-``init`` and ``update`` are those of ``rmsjax.{name}(...)``; ``step(params, grads, state)``
+``init`` and ``update`` are those of ``{name}(...)``; ``step(params, grads, state)``
 equals ``update`` followed by :func:`rmsjax.apply_updates` and runs the native CPU kernel where
-it can (see :mod:`rmsjax.fused`). Made by ``rmsjax.fused.fuse(rmsjax.{name})``.
+it can (see :mod:`rmsjax.fused`). Made by ``rmsjax.fused.fuse({name})``.
 
 Additional keyword-only arguments:
   backend: ``"auto"`` (default: the native kernel on CPU when available, else pure JAX, with a
@@ -120,9 +131,9 @@ Additional keyword-only arguments:
   min_native_size: leaves with fewer elements take the compiled pure-JAX rule (default
     16384, ``rmsjax.fused.MIN_NATIVE_SIZE``); 0 sends every float32 leaf to the kernel.
 
-Differences from optax: those of :func:`rmsjax.{name}`; optax has no fused step.
+Differences from optax: those of :func:`{name}`; optax has no fused step.
 
-The protocol optimizer :func:`rmsjax.{name}`:
+The protocol optimizer :func:`{name}`:
 
 {doc}
 """
@@ -136,17 +147,24 @@ def fuse(
     ``fuse(rmsjax.rmsprop)`` takes ``rmsjax.rmsprop``'s arguments (same names, defaults,
     validation) plus the keyword-only ``backend`` and ``min_native_size``, and returns a
     :class:`FusedOptimizer` whose ``init`` and ``update`` are exactly
-    ``rmsjax.rmsprop(...)``'s and whose ``step`` runs the native kernel. The kernel's operands
-    for each configuration come from the factory's plan (:mod:`rmsjax.fused.plans`).
+    ``rmsjax.rmsprop(...)``'s and whose ``step`` runs the native kernel where the chain's rules
+    are the kernel's (see the module docstring). For one transformation rather than a factory,
+    use :func:`fused`.
 
     Args:
-      factory: one of ``rmsjax.rmsprop``, ``rmsjax.adam``, ``rmsjax.adamw``, ``rmsjax.sgd``
-        (the optimizers the kernel implements).
+      factory: any callable returning an optax ``GradientTransformation`` (``rmsjax.adamw``,
+        ``rmsjax.compat.pytorch.adam``, a function of your own that returns an
+        ``optax.chain``).
 
     Raises:
-      TypeError: ``factory`` is not one of those.
+      TypeError: ``factory`` is not callable, or already has arguments named ``backend`` or
+        ``min_native_size``.
     """
-    planner = planner_for(factory)
+    if not callable(factory) or isinstance(factory, optax.GradientTransformation):
+        raise TypeError(
+            f"`factory` must be a callable returning an optax GradientTransformation (for a "
+            f"transformation itself use rmsjax.fused.fused), got {type(factory).__name__}."
+        )
     signature = inspect.signature(factory)
     clash = set(_FUSE_KEYWORDS) & set(signature.parameters)
     if clash:
@@ -157,16 +175,7 @@ def fuse(
         *args: Any, backend: str = "auto", min_native_size: int = MIN_NATIVE_SIZE, **kwargs: Any
     ) -> FusedOptimizer:
         tx = factory(*args, **kwargs)  # the protocol optimizer validates its own arguments
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return build(
-            factory,
-            dict(bound.arguments),
-            tx,
-            planner,
-            backend=backend,
-            min_native_size=min_native_size,
-        )
+        return build(tx, backend=backend, min_native_size=min_native_size)
 
     params = list(signature.parameters.values())
     extra = [
@@ -186,11 +195,39 @@ def fuse(
     fused_factory.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[*params[:at], *extra, *params[at:]], return_annotation=FusedOptimizer
     )
+    name = getattr(factory, "__name__", "optimizer")
+    module = getattr(factory, "__module__", "") or ""
+    public = f"rmsjax.{name}" if module == O.__name__ else f"{module}.{name}"
     doc = inspect.cleandoc(factory.__doc__ or "")
-    fused_factory.__doc__ = _FUSED_DOC.format(name=factory.__name__, doc=doc)
+    fused_factory.__doc__ = _FUSED_DOC.format(name=public, doc=doc)
     fused_factory.__module__ = __name__
-    fused_factory.__qualname__ = factory.__name__
+    fused_factory.__qualname__ = name
     return fused_factory
+
+
+def fused(
+    tx: optax.GradientTransformation,
+    *,
+    backend: str = "auto",
+    min_native_size: int = MIN_NATIVE_SIZE,
+) -> FusedOptimizer:
+    """``tx`` with a fused ``step``: a :class:`FusedOptimizer` whose ``init`` and ``update``
+    are ``tx``'s and whose ``step(params, grads, state)`` equals ``update`` +
+    :func:`rmsjax.apply_updates`, running the native kernel where ``tx``'s rules are the
+    kernel's (see the module docstring).
+
+    Args:
+      tx: any optax ``GradientTransformation`` (an ``optax.chain`` of rmsjax
+        transformations, a ``rmsjax.compat`` preset, ``optax.inject_hyperparams(...)``).
+      backend: ``"auto"``, ``"native"`` or ``"jax"``, as for the fused factories.
+      min_native_size: leaves with fewer elements take the compiled pure-JAX rule.
+
+    Example::
+
+      opt = rmsjax.fused.fused(optax.chain(rmsjax.scale_by_rms(), rmsjax.scale(-1e-3)))
+      params, state = opt.step(params, grads, opt.init(params))
+    """
+    return build(tx, backend=backend, min_native_size=min_native_size)
 
 
 rmsprop = fuse(O.rmsprop)

@@ -1,76 +1,65 @@
-"""How each optax-protocol optimizer runs on the native kernel: kind, flags, slots, scalars.
+"""Which kernel call runs a recorded update: the stages of a chain matched to a kernel kind.
 
-A *planner* takes the hyperparameters of one call of a protocol optimizer factory (its bound
-arguments, defaults applied, e.g. those of ``rmsjax.rmsprop(1e-3, centered=True)``) and returns
-a :class:`Plan`: the kernel kind and flags (names from :mod:`rmsjax._native.table`), the state
-types each state slot is a field of, and how to compute the kernel's scalars, by name, from the
-optimizer's state before the step. It returns ``None`` for a configuration the kernel does not
-cover (AdamW with a weight-decay ``mask``), which then always runs the pure-JAX chain.
+:func:`plan` takes the :class:`~rmsjax.stages.Stage` list that an optimizer's ``update``
+recorded (see :mod:`rmsjax.stages`: any composition of rmsjax transformations records the rules
+it applies, in order) and returns the :class:`Plan` of the kernel kind that applies the same
+rules in the same order, or the reason why no kind does. Nothing here knows how the chain was
+built: ``rmsjax.rmsprop``, ``optax.chain(rmsjax.scale_by_rms(), rmsjax.scale(-0.1))`` and
+``rmsjax.compat.keras.rmsprop()`` record the same stages and get the same plan.
 
-The scalars are computed with the same functions the transformations use: the moving-average
-weights of :func:`rmsjax._numerics.ema`, the bias corrections of :func:`~rmsjax._numerics.debias`
-at the count :func:`~rmsjax._numerics.increment` gives, and the step size (and weight decay)
-by applying the chain's own ``scale_by_learning_rate`` (``add_decayed_weights``) to a unit
-value; so the kernel and the pure-JAX path see the same float32 constants.
+The kinds and the stage sequences they run (``[x]``: optional):
 
-State arrays and counts are found in the optimizer's state by state TYPE and FIELD name (the
-unique sub-state of one of the given rmsjax or optax state types that has that field), never by
-position in the chain.
+* ``rms``: ``rms | centered_rms, scale, [trace]`` (the learning rate inside the momentum
+  buffer: optax's, Keras' and TF1's RMSProp);
+* ``adam``: ``adam, [add_decayed_weights], scale`` (optax's Adam and AdamW; PyTorch's Adam);
+* ``sgd``: ``[trace], scale``.
+
+The kernel's scalars come from the stages' own arguments (the values their rules take at this
+step), converted as the pure chain converts them for parameters of a given dtype; so the kernel
+and the pure path see the same float32 constants.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from rmsjax import optimizers as O
-from rmsjax import transforms as T
 from rmsjax._native import table
-from rmsjax._numerics import debias, ema, increment
+from rmsjax._numerics import cast_to, ema
+from rmsjax.stages import Stage
 
-__all__ = [
-    "PLANS",
-    "Plan",
-    "Planner",
-    "StateLayoutError",
-    "find_state",
-    "planner_for",
-    "replace_field",
-    "state_types",
-]
+__all__ = ["Plan", "StateLayoutError", "find_state", "plan", "replace_field"]
+
+Args = Sequence[Mapping[str, Any]]
+
+
+class Plan(NamedTuple):
+    """The kernel call that applies a list of stages.
+
+    Attributes:
+      kind: the kernel kind (a row of :mod:`rmsjax._native.table`).
+      flags: its flags that do not depend on the leaves (the storage flags ``bf16`` and
+        ``q8`` are set per group of leaves by the engine).
+      slots: for each state slot of ``kind`` present with ``flags``, the index of the stage
+        whose moment of that name it is.
+      scalars: ``(args, dtype) -> {scalar name: value}``: every scalar of ``kind`` from the
+        stages' arguments (``args[i]`` those of stage ``i``, possibly traced) for parameters of
+        ``dtype``.
+      dtype_flags: ``(args, dtype) -> flags`` that depend on the parameters' dtype.
+    """
+
+    kind: table.Kind
+    flags: dict[str, bool]
+    slots: dict[str, int]
+    scalars: Callable[[Args, Any], dict[str, Any]]
+    dtype_flags: Callable[[Args, Any], dict[str, bool]]
 
 
 class StateLayoutError(ValueError):
     """The optimizer state does not hold exactly one sub-state with the field looked for."""
-
-
-def state_types(*names: str) -> tuple[type, ...]:
-    """The classes called ``names`` in :mod:`rmsjax.transforms` and in optax (either may lack
-    some: rmsjax adopts optax's state types where it shares optax's transformations)."""
-    found: list[type] = []
-    for module in (T, optax):
-        for name in names:
-            cls = getattr(module, name, None)
-            if isinstance(cls, type) and cls not in found:
-                found.append(cls)
-    return tuple(found)
-
-
-RMS_STATES = state_types(
-    "ScaleByRmsState",
-    "ScaleByRmsWithCountState",
-    "ScaleByCenteredRmsState",
-    "ScaleByRStdDevState",
-    "ScaleByRStdDevWithCountState",
-)
-ADAM_STATES = state_types("ScaleByAdamState")
-TRACE_STATES = state_types("TraceState")
-SCHEDULE_STATES = state_types("ScaleByScheduleState")
-DECAY_STATES = state_types("AddDecayedWeightsState", "WeightDecaySchedule")
 
 
 def _matcher(types: tuple[type, ...], field: str) -> Callable[[Any], bool]:
@@ -108,174 +97,125 @@ def replace_field(state: Any, types: tuple[type, ...], field: str, value: Any) -
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _no_flags(state: Any, dtype: Any) -> dict[str, bool]:
-    del state, dtype
-    return {}
-
-
-class Plan(NamedTuple):
-    """What the kernel needs to run one configuration of a protocol optimizer."""
-
-    kind: table.Kind
-    # the flags of ``kind`` that do not depend on the leaves (the storage flags ``bf16`` and
-    # ``q8`` are set per group of leaves by the engine)
-    flags: dict[str, bool]
-    # state types holding each slot of ``kind`` (the slot's name is the field's name)
-    slots: dict[str, tuple[type, ...]]
-    # (the optimizer's state BEFORE the step, the parameters' dtype) -> every scalar of
-    # ``kind``, by name, as the pure chain uses it for parameters of that dtype
-    scalars: Callable[[Any, Any], dict[str, Any]]
-    # (state, parameter dtype) -> flags that depend on the dtype of the parameters
-    dtype_flags: Callable[[Any, Any], dict[str, bool]] = _no_flags
-
-
-Planner = Callable[[Mapping[str, Any]], "Plan | None"]
-
-
 def _ema_weights(decay: Any) -> tuple[Any, Any]:
     """The weights :func:`rmsjax._numerics.ema` gives the new sample and the old average."""
     one, zero = jnp.ones([], jnp.float32), jnp.zeros([], jnp.float32)
     return ema(one, zero, decay), ema(zero, one, decay)
 
 
-def _step_size(learning_rate: Any, state: Any, dtype: Any) -> Any:
-    """What ``scale_by_learning_rate(learning_rate)`` multiplies an update of ``dtype`` by at
-    this step (for bfloat16 updates, the step size rounded to bfloat16, as the chain casts it)."""
-    tx = T.scale_by_learning_rate(learning_rate)
-    sub = find_state(state, SCHEDULE_STATES, "count") if callable(learning_rate) else tx.init(None)
-    step_size, _ = tx.update(jnp.ones([], dtype), sub)
-    return step_size
+def _step_size(args: Mapping[str, Any], dtype: Any) -> Any:
+    """What the ``scale`` stage multiplies an update of ``dtype`` by (its rule casts the step
+    size to the update's dtype: for bfloat16 updates, rounded to bfloat16)."""
+    step_size = args["step_size"]
+    if jnp.iscomplexobj(step_size):
+        step_size = jnp.real(step_size)
+    return jnp.asarray(step_size, dtype=dtype)
 
 
-def _decay_coefficient(weight_decay: Any, state: Any) -> Any:
-    """The coefficient ``add_decayed_weights(weight_decay)`` uses at this step, as its rule
-    receives it (a Python number stays weakly typed)."""
-    if callable(weight_decay):
-        return weight_decay(find_state(state, DECAY_STATES, "count").count)
-    return weight_decay
+def _decay_dtype(args: Mapping[str, Any], dtype: Any) -> Any:
+    """The dtype of ``coefficient * p`` in the ``add_decayed_weights`` rule for parameters of
+    ``dtype`` (a Python-number coefficient is weakly typed: bfloat16 for bfloat16 params)."""
+    return jnp.result_type(args["coefficient"], dtype)
 
 
-def _decay_in(dtype: Any, weight_decay: Any, state: Any) -> Any:
-    """The dtype of the product ``weight_decay * p`` for parameters of ``dtype``."""
-    return jnp.result_type(_decay_coefficient(weight_decay, state), dtype)
+def _no_flags(args: Args, dtype: Any) -> dict[str, bool]:
+    del args, dtype
+    return {}
 
 
-def _weight_decay(weight_decay: Any, state: Any, dtype: Any) -> Any:
-    """What ``add_decayed_weights(weight_decay)`` multiplies the parameters by at this step,
-    in the dtype of that product for parameters of ``dtype``."""
-    tx = T.add_decayed_weights(weight_decay)
-    sub = find_state(state, DECAY_STATES, "count") if callable(weight_decay) else tx.init(None)
-    unit = _decay_in(dtype, weight_decay, state)
-    coefficient, _ = tx.update(jnp.zeros([], unit), sub, jnp.ones([], unit))
-    return coefficient
-
-
-def rmsprop_plan(hp: Mapping[str, Any]) -> Plan:
-    """:func:`rmsjax.rmsprop`: kind ``rms``."""
-    has_momentum = hp["momentum"] is not None
+def _rms(stages: Sequence[Stage]) -> Plan:
+    centered = stages[0].name == "centered_rms"
+    momentum = len(stages) == 3
     flags = {
-        "centered": bool(hp["centered"]),
-        "eps_in_sqrt": bool(hp["eps_in_sqrt"]),
-        "momentum": has_momentum,
-        "nesterov": bool(hp["nesterov"]) and has_momentum,
+        "centered": centered,
+        "eps_in_sqrt": bool(stages[0].args["eps_in_sqrt"]),
+        "momentum": momentum,
+        "nesterov": momentum and bool(stages[2].args["nesterov"]),
     }
 
-    def scalars(state: Any, dtype: Any) -> dict[str, Any]:
-        decay = hp["decay"]
-        new, old = _ema_weights(decay)
-        correction: Any = 1.0  # unbias(nu, None) is nu itself, as is nu / 1
-        if hp["bias_correction"]:
-            correction = debias(decay, increment(find_state(state, RMS_STATES, "count").count))
+    def scalars(args: Args, dtype: Any) -> dict[str, Any]:
+        rms, scale = args[0], args[1]
+        new, old = _ema_weights(rms["decay"])
+        correction = rms["correction"]
         return {
             "one_minus_decay": new,
             "decay": old,
-            "eps": hp["eps"],
-            "correction": correction,
-            "step_size": _step_size(hp["learning_rate"], state, dtype),
-            "momentum": hp["momentum"] if has_momentum else 0.0,
+            "eps": rms["eps"],
+            "correction": 1.0 if correction is None else correction,  # nu / 1 is nu
+            "step_size": _step_size(scale, dtype),
+            "momentum": args[2]["decay"] if momentum else 0.0,
         }
 
-    slots = {"mu": RMS_STATES, "nu": RMS_STATES, "trace": TRACE_STATES}
-    return Plan(table.kind("rms"), flags, slots, scalars)
+    slots = {"nu": 0, **({"mu": 0} if centered else {}), **({"trace": 2} if momentum else {})}
+    return Plan(table.kind("rms"), flags, slots, scalars, _no_flags)
 
 
-def _adam_plan(hp: Mapping[str, Any], *, weight_decay: bool) -> Plan:
-    flags = {"nesterov": bool(hp["nesterov"]), "weight_decay": weight_decay}
+def _adam(stages: Sequence[Stage]) -> Plan:
+    decay = len(stages) == 3
+    flags = {"nesterov": bool(stages[0].args.get("nesterov", False)), "weight_decay": decay}
 
-    def scalars(state: Any, dtype: Any) -> dict[str, Any]:
-        b1, b2 = hp["b1"], hp["b2"]
-        count = increment(find_state(state, ADAM_STATES, "count").count)
-        new1, old1 = _ema_weights(b1)
-        new2, old2 = _ema_weights(b2)
+    def scalars(args: Args, dtype: Any) -> dict[str, Any]:
+        adam, scale = args[0], args[-1]
+        new1, old1 = _ema_weights(adam["b1"])
+        new2, old2 = _ema_weights(adam["b2"])
+        weight_decay: Any = 0.0
+        if decay:
+            weight_decay = cast_to(args[1]["coefficient"], _decay_dtype(args[1], dtype))
         return {
             "one_minus_b1": new1,
             "b1": old1,
             "one_minus_b2": new2,
             "b2": old2,
-            "eps": hp["eps"],
-            "eps_root": hp["eps_root"],
-            "c1": debias(b1, count),
-            "c2": debias(b2, count),
-            "c1_next": debias(b1, increment(count)),
-            "step_size": _step_size(hp["learning_rate"], state, dtype),
-            "weight_decay": (
-                _weight_decay(hp["weight_decay"], state, dtype) if weight_decay else 0.0
-            ),
+            "eps": adam["eps"],
+            "eps_root": adam["eps_root"],
+            "c1": adam["c1"],
+            "c2": adam["c2"],
+            "c1_next": adam.get("c1_next", 1.0),  # only read with nesterov
+            "step_size": _step_size(scale, dtype),
+            "weight_decay": weight_decay,
         }
 
-    def dtype_flags(state: Any, dtype: Any) -> dict[str, bool]:
-        # bfloat16 parameters: with a Python-number weight decay, add_decayed_weights computes
-        # in bfloat16 (two roundings); with a float32 array or schedule value, in float32.
-        low = weight_decay and _decay_in(dtype, hp["weight_decay"], state) == jnp.bfloat16
-        return {"decay_bf16": bool(low)}
+    def dtype_flags(args: Args, dtype: Any) -> dict[str, bool]:
+        # bfloat16 parameters: with a Python-number weight decay the product is a bfloat16
+        # multiplication (two roundings); with a float32 array or schedule value, float32.
+        return {"decay_bf16": decay and _decay_dtype(args[1], dtype) == jnp.bfloat16}
 
-    slots = {"mu": ADAM_STATES, "nu": ADAM_STATES}
-    return Plan(table.kind("adam"), flags, slots, scalars, dtype_flags)
+    return Plan(table.kind("adam"), flags, {"mu": 0, "nu": 0}, scalars, dtype_flags)
 
 
-def adam_plan(hp: Mapping[str, Any]) -> Plan:
-    """:func:`rmsjax.adam`: kind ``adam`` without weight decay."""
-    return _adam_plan(hp, weight_decay=False)
+def _sgd(stages: Sequence[Stage]) -> Plan:
+    momentum = len(stages) == 2
+    flags = {"momentum": momentum, "nesterov": momentum and bool(stages[0].args["nesterov"])}
 
-
-def adamw_plan(hp: Mapping[str, Any]) -> Plan | None:
-    """:func:`rmsjax.adamw`: kind ``adam`` with weight decay; none with a ``mask`` (the decay is
-    then per leaf, in an ``optax.masked`` state)."""
-    if hp["mask"] is not None:
-        return None
-    return _adam_plan(hp, weight_decay=True)
-
-
-def sgd_plan(hp: Mapping[str, Any]) -> Plan:
-    """:func:`rmsjax.sgd`: kind ``sgd``."""
-    has_momentum = hp["momentum"] is not None
-    flags = {"momentum": has_momentum, "nesterov": bool(hp["nesterov"]) and has_momentum}
-
-    def scalars(state: Any, dtype: Any) -> dict[str, Any]:
+    def scalars(args: Args, dtype: Any) -> dict[str, Any]:
         return {
-            "step_size": _step_size(hp["learning_rate"], state, dtype),
-            "momentum": hp["momentum"] if has_momentum else 0.0,
+            "step_size": _step_size(args[-1], dtype),
+            "momentum": args[0]["decay"] if momentum else 0.0,
         }
 
-    return Plan(table.kind("sgd"), flags, {"trace": TRACE_STATES}, scalars)
+    return Plan(table.kind("sgd"), flags, {"trace": 0} if momentum else {}, scalars, _no_flags)
 
 
-# The protocol optimizers the kernel runs, and their planners.
-PLANS: dict[Callable[..., Any], Planner] = {
-    O.rmsprop: rmsprop_plan,
-    O.adam: adam_plan,
-    O.adamw: adamw_plan,
-    O.sgd: sgd_plan,
-}
+# Each kernel kind: the stage sequences it runs (stage names, in order), and its planner.
+_PATTERNS: tuple[tuple[tuple[str, ...], Callable[[Sequence[Stage]], Plan]], ...] = (
+    (("rms", "scale"), _rms),
+    (("rms", "scale", "trace"), _rms),
+    (("centered_rms", "scale"), _rms),
+    (("centered_rms", "scale", "trace"), _rms),
+    (("adam", "scale"), _adam),
+    (("adam", "add_decayed_weights", "scale"), _adam),
+    (("scale",), _sgd),
+    (("trace", "scale"), _sgd),
+)
 
 
-def planner_for(factory: Callable[..., Any]) -> Planner:
-    """The planner of a protocol optimizer factory; ``TypeError`` naming the supported ones."""
-    try:
-        return PLANS[factory]
-    except (KeyError, TypeError):
-        known = ", ".join(f"rmsjax.{f.__name__}" for f in PLANS)
-        raise TypeError(
-            f"the native kernel has no plan for {getattr(factory, '__qualname__', factory)!r}; "
-            f"rmsjax.fused.fuse takes one of {known}."
-        ) from None
+def plan(stages: Sequence[Stage]) -> Plan | str:
+    """The kernel call that applies ``stages`` in order, or why there is none."""
+    names = tuple(s.name for s in stages)
+    for pattern, planner in _PATTERNS:
+        if names == pattern:
+            return planner(stages)
+    return (
+        f"the chain applies the rules {list(names)}, which no kernel kind runs in that order "
+        f"(the kernel runs {[list(p) for p, _ in _PATTERNS]})"
+    )

@@ -1,33 +1,38 @@
-"""The two rules of one group of leaves, from a :class:`~rmsjax.fused.plans.Plan`.
+"""The two rules of one group of leaves: the kernel's and the pure-JAX chain's.
 
-:func:`group_step` returns ``core(hp_dyn, sub_state, p_list, g_list) -> (p_list, slot_lists)``
-for the leaves of one group (:mod:`rmsjax.fused.selection`): ``sub_state`` is the optimizer
-state whose slot fields are lists of those leaves. ``core`` binds one
+:func:`group_step` returns ``core(dynamic, slot_lists, p_list, g_list) -> (p_list, slot_lists)``
+for the leaves of one group (:mod:`rmsjax.fused.selection`) of a step whose recorded stages
+(:mod:`rmsjax.stages`) the :class:`~rmsjax.fused.plans.Plan` runs: ``slot_lists`` holds, per
+slot of the plan, that moment's leaves of the group, and ``dynamic`` the stages' array-valued
+arguments (traced hyperparameters, bias corrections). ``core`` binds one
 :func:`rmsjax.fused.primitive.bind` of
 
-* the *kernel* rule: the plan's flags (with the group's storage flags), its scalars as the
-  kernel's scalar operand, the codec operands of 8-bit state, and the kernel calls of
-  :func:`rmsjax._native.call.run`;
-* the *pure* rule: the protocol optimizer rebuilt from the (possibly traced) hyperparameters,
-  ``update`` + ``apply_updates`` over the same leaves (:func:`pure_step`).
+* the *kernel* rule: the plan's flags (with the group's storage flags), its scalars from the
+  stages' arguments as the kernel's scalar operand, the codec operands of 8-bit state, and the
+  kernel calls of :func:`rmsjax._native.call.run`;
+* the *pure* rule: each stage's own rule applied in turn (:attr:`rmsjax.stages.Stage.apply`,
+  what its ``update`` applies), then ``apply_updates``: the optimizer's step over those leaves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rmsjax._native import call, codecs, table
 from rmsjax.fused import primitive
-from rmsjax.fused.plans import Plan, Planner, find_state
+from rmsjax.fused.plans import Plan
 from rmsjax.fused.selection import kernel_view
+from rmsjax.stages import Stage
 from rmsjax.storage import is_stored
 from rmsjax.updates import apply_updates
 
-__all__ = ["group_step", "pure_step"]
+__all__ = ["group_step", "is_dynamic", "pure_step", "split_args"]
 
 
 def pure_step(
@@ -38,49 +43,57 @@ def pure_step(
     return apply_updates(params, updates), state
 
 
+def is_dynamic(value: Any) -> bool:
+    """Whether a stage argument is an array (an operand of the step's primitive) rather than a
+    Python value (a constant of its rules)."""
+    return isinstance(value, jax.Array | np.ndarray | np.generic) and not isinstance(value, bool)
+
+
+def split_args(stages: Sequence[Stage]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The stages' arguments split into Python values and arrays, per stage."""
+    static = [{k: v for k, v in s.args.items() if not is_dynamic(v)} for s in stages]
+    dynamic = [{k: v for k, v in s.args.items() if is_dynamic(v)} for s in stages]
+    return static, dynamic
+
+
 def group_step(
-    factory: Callable[..., optax.GradientTransformation],
-    planner: Planner,
-    hp_static: dict[str, Any],
+    plan: Plan, stages: Sequence[Stage], static: Sequence[dict[str, Any]]
 ) -> Callable[..., Any]:
-    """``core(hp_dyn, sub_state, p_list, g_list) -> (p_list, slot_lists)`` for the leaves of
-    one group (see the module docstring); ``hp_static`` and ``hp_dyn`` are the factory's
-    hyperparameters, concrete and dynamic."""
+    """``core(dynamic, slot_lists, p_list, g_list) -> (p_list, slot_lists)`` for the leaves of
+    one group (see the module docstring); ``static`` holds the stages' Python-valued
+    arguments (:func:`split_args`)."""
+    names = table.present_slots(plan.kind, plan.flags)
+    appliers = [(s.moments, s.apply) for s in stages]
 
-    def plan_of(hp_dyn: Any) -> Plan:
-        plan = planner({**hp_static, **hp_dyn})
-        assert plan is not None  # a configuration with no plan never reaches the core
-        return plan
+    def args_of(dynamic: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**s, **d} for s, d in zip(static, dynamic, strict=True)]
 
-    def pure(hp_dyn: Any, sub_state: Any, p_list: Any, g_list: Any) -> Any:
-        plan = plan_of(hp_dyn)
-        tx = factory(**hp_static, **hp_dyn)
-        p_new, s_new = pure_step(tx, p_list, g_list, sub_state)
-        names = table.present_slots(plan.kind, plan.flags)
-        return p_new, [getattr(find_state(s_new, plan.slots[s], s), s) for s in names]
+    def pure(dynamic: Any, slot_lists: Any, p_list: Any, g_list: Any) -> Any:
+        moments = dict(zip(names, slot_lists, strict=True))
+        updates = list(g_list)
+        for (fields, apply), args in zip(appliers, args_of(dynamic), strict=True):
+            updates, new = apply(updates, tuple(moments[f] for f in fields), p_list, args)
+            moments.update(zip(fields, new, strict=True))
+        return apply_updates(list(p_list), updates), [moments[s] for s in names]
 
-    def kernel(hp_dyn: Any, sub_state: Any, p_list: Any, g_list: Any) -> Any:
-        plan = plan_of(hp_dyn)
-        names = table.present_slots(plan.kind, plan.flags)
-        slot_lists = {s: getattr(find_state(sub_state, plan.slots[s], s), s) for s in names}
+    def kernel(dynamic: Any, slot_lists: Any, p_list: Any, g_list: Any) -> Any:
+        args = args_of(dynamic)
+        slots = dict(zip(names, slot_lists, strict=True))
         dtype = jnp.dtype(p_list[0].dtype)
-        q8 = bool(names) and is_stored(slot_lists[names[0]][0])
+        q8 = bool(names) and is_stored(slots[names[0]][0])
         flags = {
             **plan.flags,
-            **plan.dtype_flags(sub_state, dtype),
+            **plan.dtype_flags(args, dtype),
             "bf16": dtype == jnp.bfloat16,
             "q8": q8,
         }
-        vector = call.visible_work(call.scalar_vector(plan.kind, plan.scalars(sub_state, dtype)))
+        vector = call.visible_work(call.scalar_vector(plan.kind, plan.scalars(args, dtype)))
         codec_operands: list[Any] = []
-        operands = slot_lists
+        operands = slots
         if q8:
             # every leaf of the group has the same codecs (the group's key, see leaf_key)
             views = {
-                s: [
-                    kernel_view(x, tuple(p.shape))
-                    for x, p in zip(slot_lists[s], p_list, strict=True)
-                ]
+                s: [kernel_view(x, tuple(p.shape)) for x, p in zip(slots[s], p_list, strict=True)]
                 for s in names
             }
             codec_operands = [jnp.asarray(codecs.operand(views[s][0].codec)) for s in names]
@@ -88,20 +101,14 @@ def group_step(
         p_new, s_new = call.run(plan.kind, flags, vector, p_list, g_list, operands, codec_operands)
         if q8:  # the stored moments, holding the kernel's new arrays
             return p_new, [
-                [
-                    old.with_arrays(tuple(new))
-                    for old, new in zip(slot_lists[s], s_new[s], strict=True)
-                ]
+                [old.with_arrays(tuple(new)) for old, new in zip(slots[s], s_new[s], strict=True)]
                 for s in names
             ]
         return p_new, [s_new[s] for s in names]
 
-    def core(hp_dyn: Any, sub_state: Any, p_list: Any, g_list: Any) -> Any:
-        plan = plan_of(hp_dyn)
-        names = table.present_slots(plan.kind, plan.flags)
+    def core(dynamic: Any, slot_lists: Any, p_list: Any, g_list: Any) -> Any:
         # the results are the new parameters and slots: the same arrays as those operands
-        slots = [getattr(find_state(sub_state, plan.slots[s], s), s) for s in names]
-        args = (hp_dyn, sub_state, p_list, g_list)
-        return primitive.bind(kernel, pure, args, (p_list, slots), f"{len(p_list)} leaves")
+        args = (dynamic, slot_lists, p_list, g_list)
+        return primitive.bind(kernel, pure, args, (p_list, slot_lists), f"{len(p_list)} leaves")
 
     return core

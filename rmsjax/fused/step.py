@@ -1,8 +1,10 @@
 """The fused step: which path each step takes, and the optimizer that holds it.
 
-:func:`build` turns a protocol optimizer (``tx``, from a factory call with hyperparameters
-``hp``) and its :class:`~rmsjax.fused.plans.Plan` into a :class:`FusedOptimizer`. Its ``step``
-sends the eligible leaves (:mod:`rmsjax.fused.selection`) through the native kernel, one
+:func:`build` turns any optax-protocol transformation ``tx`` into a :class:`FusedOptimizer`.
+Its ``step`` first records the rules ``tx.update`` applies (:mod:`rmsjax.stages`: the
+transformations the kernel can run record themselves instead of computing) and plans the
+kernel call that applies the same rules in the same order (:func:`rmsjax.fused.plans.plan`).
+It then sends the eligible leaves (:mod:`rmsjax.fused.selection`) through the native kernel, one
 primitive per group (:mod:`rmsjax.fused.rules`, :mod:`rmsjax.fused.primitive`), and everything
 else (counts, schedule states, other leaves) through ``tx.update`` + :func:`rmsjax.apply_updates`.
 
@@ -21,18 +23,18 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 import optax
 
 from rmsjax import native
 from rmsjax._native import table
 from rmsjax.fused import primitive, selection
-from rmsjax.fused.plans import Plan, Planner, StateLayoutError, find_state, replace_field
-from rmsjax.fused.rules import group_step, pure_step
+from rmsjax.fused.plans import Plan, StateLayoutError, find_state, plan, replace_field
+from rmsjax.fused.rules import group_step, pure_step, split_args
+from rmsjax.stages import Stage, recording
 
 __all__ = [
     "BACKENDS",
@@ -42,6 +44,7 @@ __all__ = [
     "NativeFallbackWarning",
     "Route",
     "build",
+    "record",
     "route",
 ]
 
@@ -101,7 +104,11 @@ def _warn_fallback() -> None:
 # followed by ": " and rmsjax.native.status()).
 Fallback = str
 JAX_BACKEND: Fallback = "backend='jax'"
-NO_PLAN: Fallback = "the kernel has no plan for this configuration"
+NOT_STRAIGHT: Fallback = (
+    "a transformation that is not one of the kernel's rules changes the updates between them "
+    "(or after them)"
+)
+NO_PLAN: Fallback = "no kernel kind applies the chain's rules"
 SEVERAL_DEVICES: Fallback = "more than one device, or an input sharded over several"
 GRADIENT_TREE: Fallback = "the gradients' tree is not the parameters'"
 NOT_THIS_STATE: Fallback = "the state is not this optimizer's"
@@ -111,9 +118,12 @@ UNAVAILABLE: Fallback = "the native kernel is unavailable"
 
 
 class Route(NamedTuple):
-    """How a step that uses the kernel runs: its trees flattened like the parameters and the
-    groups of leaves the kernel updates (:func:`rmsjax.fused.selection.group_leaves`)."""
+    """How a step that uses the kernel runs: the recorded stages and their plan, the trees
+    flattened like the parameters, and the groups of leaves the kernel updates
+    (:func:`rmsjax.fused.selection.group_leaves`)."""
 
+    stages: list[Stage]
+    plan: Plan
     treedef: Any  # the parameters' structure, None leaves included
     p_leaves: list[Any]
     g_leaves: list[Any]
@@ -121,8 +131,24 @@ class Route(NamedTuple):
     groups: dict[Any, list[int]]
 
 
+def record(tx: optax.GradientTransformation, params: Any, grads: Any, state: Any) -> Any:
+    """The :class:`~rmsjax.stages.Stage` list of ``tx.update(grads, state, params)``, or
+    :data:`NOT_STRAIGHT` when a transformation that is not a stage changes the updates (then
+    the stages would not see the gradients, nor the chain return what they return)."""
+    with recording() as rec:
+        out, _ = tx.update(grads, state, params)
+    if out is not grads or any(s.updates is not grads for s in rec.stages):
+        return NOT_STRAIGHT
+    return rec.stages
+
+
+def slot_state(stages: Sequence[Stage], kernel_plan: Plan, slot: str) -> Any:
+    """The state (before the step) of the stage that holds ``slot``."""
+    return stages[kernel_plan.slots[slot]].state
+
+
 def route(
-    plan: Plan | None,
+    tx: optax.GradientTransformation,
     backend: str,
     min_native_size: int,
     params: Any,
@@ -131,12 +157,16 @@ def route(
 ) -> Route | Fallback:
     """The :class:`Route` of one step, or why it runs the pure-JAX chain for every leaf.
 
-    The reasons, checked in this order: :data:`JAX_BACKEND`, :data:`NO_PLAN` (a configuration
-    the kernel does not cover, such as AdamW with a ``mask``), :data:`SEVERAL_DEVICES`,
+    The reasons, checked in this order (after ``backend="native"`` with an unavailable kernel,
+    which raises): :data:`JAX_BACKEND`, :data:`NOT_STRAIGHT` and
+    :data:`NO_PLAN` (followed by the rules the chain applies: a chain the kernel does not
+    run, such as AdamW with a ``mask``, or AdaGrad), :data:`SEVERAL_DEVICES`,
     :data:`GRADIENT_TREE` and :data:`NOT_THIS_STATE` (the pure-JAX chain then reports the
     mistake as without the fused step), :data:`SLOT_TREE` (e.g. 8-bit moments of Flax NNX
     ``Param`` variables, which hold no variable), :data:`NO_LEAF` (see
-    :mod:`rmsjax.fused.selection`) and :data:`UNAVAILABLE`.
+    :mod:`rmsjax.fused.selection`) and :data:`UNAVAILABLE`. Recording the chain's rules runs
+    each transformation's state check, so a state of another optimizer raises its
+    ``TypeError`` here, as ``update`` would.
 
     Raises:
       RuntimeError: ``backend="native"`` and the kernel is unavailable.
@@ -144,25 +174,32 @@ def route(
     """
     if backend == "jax":
         return JAX_BACKEND
-    if plan is None:
-        return NO_PLAN
     if backend == "native" and not native.available():
         raise RuntimeError(
             f"backend='native' was requested but the native kernel is unavailable "
             f"({native.status()}). Use backend='auto' to fall back to pure JAX."
         )
+    stages = record(tx, params, grads, state)
+    if isinstance(stages, str):
+        return stages
+    kernel_plan = plan(stages)
+    if isinstance(kernel_plan, str):
+        return f"{NO_PLAN}: {kernel_plan}"
     if not selection.single_device((params, grads)):
         return SEVERAL_DEVICES
     p_leaves, treedef = jax.tree.flatten(params, is_leaf=selection.is_none)
     g_leaves = selection.leaves_like(treedef, grads)
     if g_leaves is None:
         return GRADIENT_TREE
-    names = table.present_slots(plan.kind, plan.flags)
+    names = table.present_slots(kernel_plan.kind, kernel_plan.flags)
     s_leaves: dict[str, list[Any]] = {}
     for s in names:
-        try:
-            sub = find_state(state, plan.slots[s], s)
+        sub = slot_state(stages, kernel_plan, s)
+        try:  # the step finds the slot again in the new state by the stage state's type
+            found = find_state(state, (type(sub),), s)
         except StateLayoutError:
+            return NOT_THIS_STATE
+        if found is not sub:
             return NOT_THIS_STATE
         leaves = selection.leaves_like(treedef, getattr(sub, s))
         if leaves is None:
@@ -182,30 +219,17 @@ def route(
     if not native.available():
         _warn_fallback()
         return f"{UNAVAILABLE}: {native.status()}"
-    return Route(treedef, p_leaves, g_leaves, s_leaves, grouping.groups)
-
-
-def _is_dynamic(value: Any) -> bool:
-    return isinstance(value, (jax.Array, np.ndarray, np.generic)) and not isinstance(value, bool)
+    return Route(stages, kernel_plan, treedef, p_leaves, g_leaves, s_leaves, grouping.groups)
 
 
 def build(
-    factory: Callable[..., optax.GradientTransformation],
-    hp: Mapping[str, Any],
-    tx: optax.GradientTransformation,
-    planner: Planner,
-    *,
-    backend: str,
-    min_native_size: int,
+    tx: optax.GradientTransformation, *, backend: str, min_native_size: int
 ) -> FusedOptimizer:
-    """The fused optimizer for ``tx = factory(**hp)``: ``init``/``update`` are ``tx``'s.
+    """The fused optimizer of ``tx``: ``init``/``update`` are ``tx``'s, ``step`` fuses.
 
     Args:
-      factory: the protocol optimizer factory (called again inside the step with traced
-        hyperparameters, for the pure-JAX branch).
-      hp: ``factory``'s arguments, by name, defaults applied.
-      tx: ``factory(**hp)``.
-      planner: the factory's planner (:mod:`rmsjax.fused.plans`).
+      tx: any optax-protocol transformation; its stages (:mod:`rmsjax.stages`) decide,
+        at each step's trace, whether and how the kernel runs it.
       backend: ``"auto"``, ``"native"`` or ``"jax"``.
       min_native_size: leaves with fewer elements take the pure-JAX path.
     """
@@ -217,17 +241,14 @@ def build(
         raise ValueError(
             f"`min_native_size` must be an int >= 0 (elements), got {min_native_size!r}."
         )
-    plan = planner(hp)
-    hp_static = {k: v for k, v in hp.items() if not _is_dynamic(v)}
-    hp_dyn = {k: v for k, v in hp.items() if _is_dynamic(v)}
 
     def step(params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
-        way = route(plan, backend, min_native_size, params, grads, state)
+        way = route(tx, backend, min_native_size, params, grads, state)
         if not isinstance(way, Route):
             logger.debug("rmsjax.fused: the step runs the pure-JAX chain: %s", way)
             return pure_step(tx, params, grads, state)
-        assert plan is not None  # route() falls back without a plan
-        names = table.present_slots(plan.kind, plan.flags)
+        names = table.present_slots(way.plan.kind, way.plan.flags)
+        types = {s: (type(slot_state(way.stages, way.plan, s)),) for s in names}
         treedef, p_leaves, g_leaves, s_leaves = (
             way.treedef,
             way.p_leaves,
@@ -241,24 +262,21 @@ def build(
         new_params, new_state = pure_step(tx, params, rest, state)
         out_p = treedef.flatten_up_to(new_params)
         out_s = {
-            s: treedef.flatten_up_to(getattr(find_state(new_state, plan.slots[s], s), s))
-            for s in names
+            s: treedef.flatten_up_to(getattr(find_state(new_state, types[s], s), s)) for s in names
         }
-        core = group_step(factory, planner, hp_static)
+        static, dynamic = split_args(way.stages)
+        core = group_step(way.plan, way.stages, static)
         for idx in way.groups.values():  # one kernel configuration per group
-            sub_state = state
-            for s in names:
-                leaves = [s_leaves[s][i] for i in idx]
-                sub_state = replace_field(sub_state, plan.slots[s], s, leaves)
+            slot_lists = [[s_leaves[s][i] for i in idx] for s in names]
             p_sub, s_sub = core(
-                hp_dyn, sub_state, [p_leaves[i] for i in idx], [g_leaves[i] for i in idx]
+                dynamic, slot_lists, [p_leaves[i] for i in idx], [g_leaves[i] for i in idx]
             )
             for j, i in enumerate(idx):
                 out_p[i] = p_sub[j]
                 for k, s in enumerate(names):
                     out_s[s][i] = s_sub[k][j]
         for s in names:
-            new_state = replace_field(new_state, plan.slots[s], s, treedef.unflatten(out_s[s]))
+            new_state = replace_field(new_state, types[s], s, treedef.unflatten(out_s[s]))
         return treedef.unflatten(out_p), new_state
 
     return FusedOptimizer(tx.init, tx.update, step)

@@ -1,5 +1,5 @@
 """Fusion by capability: what a chain records (rmsjax.stages) and which kernel call it plans
-(rmsjax.fused.stage_plans), whatever way the chain was built."""
+(rmsjax.fused.plans), whatever way the chain was built."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import rmsjax
 import rmsjax.compat.keras as keras_optim
 import rmsjax.compat.pytorch as torch_optim
 import rmsjax.compat.tf1 as tf1
-from rmsjax.fused.stage_plans import plan
+from rmsjax.fused.plans import plan
 from rmsjax.stages import Stage, recording
 
 PARAMS = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}

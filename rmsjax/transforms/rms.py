@@ -7,6 +7,7 @@ Notation as in :mod:`rmsjax.transforms`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -110,6 +111,18 @@ def _centered_rms_rule(
     return rms_scale(g, variance, eps, eps_in_sqrt=eps_in_sqrt), mu, nu
 
 
+def _rms_step_args(
+    decay: Any, eps: Any, eps_in_sqrt: bool, bias_correction: bool
+) -> Callable[[Any], dict[str, Any]]:
+    """The arguments of the two RMS rules at the step after ``count`` updates."""
+
+    def step_args(count: Any) -> dict[str, Any]:
+        correction = debias(decay, increment(count)) if bias_correction else None
+        return dict(decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt)
+
+    return step_args
+
+
 def _check_rms_args(decay: Any, eps: Any, initial_scale: Any) -> None:
     check_decay("decay", decay)
     check_nonneg("eps", eps)
@@ -167,11 +180,7 @@ def scale_by_rms(
     :math:`\pm\infty`) give NaN, as in optax.
     """
     _check_rms_args(decay, eps, initial_scale)
-
-    def step_args(count: Any) -> dict[str, Any]:
-        correction = debias(decay, increment(count)) if bias_correction else None
-        return dict(decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt)
-
+    step_args = _rms_step_args(decay, eps, eps_in_sqrt, bias_correction)
     return moment_transform(
         "scale_by_rms",
         _rms_rule,
@@ -240,11 +249,7 @@ def scale_by_centered_rms(
     storage (tested over hundreds of steps at 8 and 4 bits).
     """
     _check_rms_args(decay, eps, initial_scale)
-
-    def step_args(count: Any) -> dict[str, Any]:
-        correction = debias(decay, increment(count)) if bias_correction else None
-        return dict(decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt)
-
+    step_args = _rms_step_args(decay, eps, eps_in_sqrt, bias_correction)
     return moment_transform(
         "scale_by_centered_rms",
         _centered_rms_rule,

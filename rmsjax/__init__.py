@@ -27,6 +27,7 @@ from rmsjax.stochastic import stochastic_round
 from rmsjax.storage import (
     Quantized,
     StochasticRounding,
+    Storage,
     StoredArray,
     quantized,
     stochastic_rounding,
@@ -107,6 +108,7 @@ __all__ = [
     "ScaleState",
     "SplitRealAndImaginaryState",
     "StochasticRounding",
+    "Storage",
     "StoredArray",
     "TraceState",
     "WeightDecaySchedule",

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import rmsjax
 from rmsjax.quantization import moment_codec
+from rmsjax.stochastic import counter_bits
 from rmsjax.storage import StoredArray, decode, is_stored
 
 SPECS = {
@@ -120,7 +121,9 @@ def expected_storage(new_plain: Any, old: StoredArray) -> np.ndarray:
         out = rmsjax.stochastic_round(new_plain, use, value.dtype)
         return np.asarray(out.astype(jnp.float32))
     q = old.data
-    return np.asarray(q.codec.decode(*q.codec.encode(new_plain), q.shape))
+    # a stochastically rounding codec draws the bits of the old (seed, counter)
+    noise = None if q.key is None else counter_bits(q.shape, q.key[0], q.key[1])
+    return np.asarray(q.codec.decode(*q.codec.encode(new_plain, noise), q.shape))
 
 
 @pytest.mark.parametrize("spec", sorted(SPECS))
@@ -167,6 +170,10 @@ def test_every_rule_decodes_steps_and_encodes(rule: str, spec: str) -> None:
             if isinstance(old.storage, rmsjax.StochasticRounding):
                 _, key = old.data
                 assert np.array_equal(np.asarray(got.data[1]), np.asarray(jax.random.split(key)[1]))
+            if isinstance(old.storage, rmsjax.Quantized) and old.data.key is not None:
+                # the counter advances by one per encoding, the seed stays
+                want_key = np.asarray(old.data.key) + np.uint32([0, 1])
+                assert np.array_equal(np.asarray(got.data.key), want_key)
         state = new
 
 

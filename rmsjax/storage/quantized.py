@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from rmsjax.quantization import BlockCodec, QuantizedArray, check_bits, moment_codec
-from rmsjax.storage.base import KernelView, Storage, StoredArray
+from rmsjax.stochastic import counter_bits, mix32
+from rmsjax.storage.base import KernelView, Storage, StoredArray, salt_of
 from rmsjax.validation import is_int
 
 __all__ = ["Quantized", "quantized"]
@@ -34,9 +35,12 @@ class Quantized(Storage[QuantizedArray]):
     block_size: int | None = None
     min_size: int = 4096
     codec: BlockCodec | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        if not is_int(self.seed):
+            raise TypeError(f"`seed` must be an int, got {self.seed!r}.")
         if self.block_size is not None and not (is_int(self.block_size) and self.block_size >= 1):
             raise ValueError(
                 f"`block_size` must be None (256 for 8 bits, 128 for 4) or an integer >= 1, "
@@ -69,13 +73,18 @@ class Quantized(Storage[QuantizedArray]):
         return self.codec if self.codec is not None else _moment_codec(self, signed)
 
     def store(self, array: jax.Array, *, signed: bool, salt: str) -> Any:
-        del salt
         if not jnp.issubdtype(array.dtype, jnp.floating):
             return array  # complex moments stay unquantized
         codec = self.codec_for(signed)
         if not codec.applies_to(array.shape):
             return array
-        codes, scales = codec.encode(_finite(array))
+        key = None
+        bits = None
+        if codec.rounding == "stochastic":
+            key = seed_key(self.seed, salt)
+            bits = counter_bits(array.shape, key[0], key[1])
+            key = key.at[1].add(jnp.uint32(1))
+        codes, scales = codec.encode(_finite(array), bits)
         # An all-zero moment starts as zero codes and zero scales, as the libraries create
         # their state: it decodes to exactly 0 under every convention (torchao's encoder would
         # give a zero block the scale 1e-12, and its zero-free 4-bit map would decode it to
@@ -83,15 +92,21 @@ class Quantized(Storage[QuantizedArray]):
         empty = jnp.all(array == 0)
         codes = jnp.where(empty, jnp.zeros_like(codes), codes)
         scales = jnp.where(empty, jnp.zeros_like(scales), scales)
-        data = QuantizedArray(codes, scales, codec, tuple(array.shape), array.dtype)
+        data = QuantizedArray(codes, scales, codec, tuple(array.shape), array.dtype, key)
         return StoredArray(data, self)
 
     def decode(self, data: QuantizedArray) -> jax.Array:
         return data.codec.decode(data.codes, data.scales, data.shape, data.dtype)
 
     def encode(self, x: jax.Array, data: QuantizedArray) -> QuantizedArray:
-        codes, scales = data.codec.encode(_finite(jnp.real(x)))
-        return dataclasses.replace(data, codes=codes, scales=scales)
+        key = data.key
+        if key is None:
+            codes, scales = data.codec.encode(_finite(jnp.real(x)))
+        else:
+            bits = counter_bits(tuple(data.shape), key[0], key[1])
+            codes, scales = data.codec.encode(_finite(jnp.real(x)), bits)
+            key = key.at[1].add(jnp.uint32(1))
+        return dataclasses.replace(data, codes=codes, scales=scales, key=key)
 
     def shape(self, data: QuantizedArray) -> tuple[int, ...]:
         return tuple(data.shape)
@@ -107,14 +122,26 @@ class Quantized(Storage[QuantizedArray]):
             if sharding is None
             else _codes_and_scales(data.codec, tuple(data.shape), sharding, replicated)
         )
-        return dataclasses.replace(data, codes=codes, scales=scales)
+        key = None if data.key is None else replicated
+        return dataclasses.replace(data, codes=codes, scales=scales, key=key)
 
-    def kernel_view(self, data: QuantizedArray) -> KernelView:
+    def kernel_view(self, data: QuantizedArray) -> KernelView | str:
+        if data.key is not None:
+            return "stochastically rounded codes (the native kernel rounds to the nearest code)"
         return KernelView((data.codes, data.scales), data.codec)
 
     def with_arrays(self, data: QuantizedArray, arrays: tuple[Any, ...]) -> QuantizedArray:
         codes, scales = arrays
         return dataclasses.replace(data, codes=codes, scales=scales)
+
+
+def seed_key(seed: int, salt: str) -> jax.Array:
+    r"""The initial ``(seed, counter)`` of a stochastically rounded moment: ``uint32[2]``
+    :math:`(\mathrm{mix32}(\mathrm{crc32}(salt) \oplus \mathrm{mix32}(seed \bmod 2^{32})), 0)`,
+    with :func:`rmsjax.stochastic.mix32` and ``crc32`` of the moment's salt (its name and its
+    parameter's key path, :meth:`Storage.store`) as :func:`rmsjax.storage.base.salt_of`."""
+    word = mix32(jnp.uint32(salt_of(salt)) ^ mix32(jnp.uint32(seed % 2**32)))
+    return jnp.stack([word, jnp.uint32(0)])
 
 
 @functools.lru_cache(maxsize=64)

@@ -25,9 +25,11 @@ from rmsjax.schedules import (
 from rmsjax.sharding import state_sharding
 from rmsjax.stochastic import stochastic_round
 from rmsjax.storage import (
+    Factored,
     Quantized,
     StochasticRounding,
     StoredArray,
+    factored,
     quantized,
     stochastic_rounding,
 )
@@ -88,6 +90,7 @@ __all__ = [
     "AddDecayedWeightsState",
     "DampenedTraceState",
     "DecoupledWeightDecayState",
+    "Factored",
     "GradientTransformation",
     "GradientTransformationExtraArgs",
     "Quantized",
@@ -124,6 +127,7 @@ __all__ = [
     "dampened_trace",
     "decoupled_weight_decay",
     "exponential_decay",
+    "factored",
     "fused",
     "inverse_time_decay",
     "join_schedules",

@@ -44,10 +44,13 @@ from rmsjax.storage.base import (
     is_stored,
     plain_dtype,
 )
+from rmsjax.storage.factored import Factored, FactoredArray, factored
 from rmsjax.storage.quantized import Quantized, quantized
 from rmsjax.storage.rounded import RoundedArray, StochasticRounding, stochastic_rounding
 
 __all__ = [
+    "Factored",
+    "FactoredArray",
     "KernelView",
     "Quantized",
     "RoundedArray",
@@ -57,6 +60,7 @@ __all__ = [
     "check_storage",
     "decode",
     "encode",
+    "factored",
     "is_stored",
     "plain_dtype",
     "quantized",

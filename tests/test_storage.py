@@ -548,3 +548,59 @@ def test_every_storage_argument_is_documented_by_the_template() -> None:
         entry = re.search(rf"^\s+{argument}: storage of (.*?): ", doc, re.MULTILINE)
         assert entry is not None, (name, argument)
         assert STORAGE_CHOICES in " ".join(doc[entry.end() :].split()), (name, argument)
+
+
+def test_factored_second_moment_is_adafactors_row_and_column_averages() -> None:
+    """Adam with ``nu_dtype=factored()`` against a NumPy statement of Adafactor's factored
+    second moment (rows and columns of g^2 averaged with beta2, decoded as r c / mean(r))."""
+    b1, b2, eps = 0.9, 0.99, 1e-8
+    opt = rmsjax.scale_by_adam(b1=b1, b2=b2, eps=eps, nu_dtype=rmsjax.factored(min_size=64))
+    params, grads = params_and_grads(4, seed=3)
+    state = opt.init(params)
+    assert isinstance(state.nu["w"].data, rmsjax.storage.FactoredArray)
+    assert state.nu["b"].dtype == jnp.float32  # 7 entries, below min_size and one axis
+    rows, cols = np.zeros(16), np.zeros(300)
+    m = np.zeros((16, 300))
+    update = jax.jit(opt.update)
+    for t, g in enumerate(grads, start=1):
+        u, state = update(g, state, params)
+        g64 = np.asarray(g["w"], np.float64)
+        # the step uses the decoded (factored) old nu and this step's g^2 entry by entry
+        old = np.outer(rows, cols) / rows.mean() if t > 1 else 0.0
+        v = b2 * old + (1 - b2) * g64**2
+        rows = b2 * rows + (1 - b2) * (g64**2).mean(axis=1)
+        cols = b2 * cols + (1 - b2) * (g64**2).mean(axis=0)
+        m = b1 * m + (1 - b1) * g64
+        want = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        # float32 rounding, relative to the update's scale (m cancels to small values)
+        np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=2e-5, atol=1e-6 * abs(want).max())
+    np.testing.assert_allclose(np.asarray(state.nu["w"].data.rows), rows, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.nu["w"].data.cols), cols, rtol=1e-5)
+    # 4 (n + m) bytes instead of 4 n m
+    assert state.nu["w"].nbytes == 4 * (16 + 300)
+
+
+def test_factored_fallback_signed_moments_and_arguments() -> None:
+    params = {"w": jnp.ones((64, 128)), "v": jnp.ones(8192), "s": jnp.ones((4, 4))}
+    state = rmsjax.adamw(1e-3, mu_dtype=rmsjax.quantized(4), nu_dtype=rmsjax.factored()).init(
+        params
+    )
+    nu = state[0].nu
+    assert isinstance(nu["w"].storage, rmsjax.Factored)
+    assert isinstance(nu["v"].storage, rmsjax.Quantized)  # one axis: the 4-bit fallback
+    assert isinstance(nu["s"], jax.Array)  # below every minimum size: float32
+    plain = rmsjax.adam(1e-3, nu_dtype=rmsjax.factored(fallback=None)).init(params)
+    assert isinstance(plain[0].nu["v"], jax.Array)
+    with pytest.raises(ValueError, match=r"second moments.*mu\['s'\]"):
+        rmsjax.adam(1e-3, mu_dtype=rmsjax.factored()).init(params)
+    with pytest.raises(ValueError, match="`min_size` must be an integer >= 0"):
+        rmsjax.factored(min_size=-1)
+    with pytest.raises(TypeError, match="`fallback` must be None"):
+        rmsjax.factored(fallback=jnp.bfloat16)  # type: ignore[arg-type]
+    # jit and vmap
+    opt = rmsjax.adam(1e-3, nu_dtype=rmsjax.factored(min_size=16))
+    stack = {"w": jnp.stack([jnp.ones((8, 8)), 2 * jnp.ones((8, 8)) + jnp.eye(8)])}
+    u, _ = jax.jit(jax.vmap(opt.update))(stack, jax.vmap(opt.init)(stack), stack)
+    one = {"w": stack["w"][1]}
+    u1, _ = opt.update(one, opt.init(one), one)
+    np.testing.assert_allclose(u["w"][1], u1["w"], rtol=1e-6)

@@ -108,11 +108,14 @@ def factored(*, min_size: int = 4096, fallback: Storage[Any] | None = _FOUR_BITS
         \hat\nu_{ij} = \frac{r_i\, c_j}{\frac{1}{n}\sum_k r_k}
 
     (per matrix of the leading axes), float32, :math:`4(n + m)` bytes instead of :math:`4nm`.
-    The rule sees :math:`\hat\nu`; since :math:`\hat\nu` has the row and column averages
-    :math:`r` and :math:`c`, the stored averages of :math:`\beta\hat\nu + (1-\beta)g^2` are
-    exactly :math:`\beta r + (1-\beta)\,\overline{g^2}` by rows and by columns: Adafactor's
-    factored update (Shazeer and Stern, 2018). :math:`\hat\nu` is a rank-1 estimate, so the
-    step of each entry is normalised by its row's and column's scale rather than its own.
+    The rule decodes :math:`\hat\nu` and computes its new moment
+    :math:`\nu' = \beta\hat\nu + (1-\beta)g^2` entry by entry, which makes this step's
+    update (so the current gradient enters each entry's denominator exactly); then
+    :math:`\nu'` is stored as its row and column averages. Since :math:`\hat\nu` has the row
+    and column averages :math:`r` and :math:`c`, those are exactly
+    :math:`\beta r + (1-\beta)\,\overline{g^2}` by rows and by columns: the state follows
+    Adafactor's factored second moment (Shazeer and Stern, 2018). The past is remembered as a
+    rank-1 estimate, so an entry's history is its row's and column's, not its own.
 
     Args:
       min_size: matrices with fewer entries, and arrays of fewer than two axes, are stored as
@@ -126,8 +129,10 @@ def factored(*, min_size: int = 4096, fallback: Storage[Any] | None = _FOUR_BITS
       ``ValueError`` when it is given a moment that can be negative (a first moment).
 
     Differences: optax's ``adafactor`` is its own optimizer (update clipping, relative step
-    sizes, no first moment by default); here factoring is a storage of the second moment of
-    any rmsjax transformation (``adam``, ``adamw``, ``rmsprop``), the rule unchanged.
+    sizes, no first moment by default) and divides by the factored estimate of the NEW second
+    moment; here factoring is a storage of the second moment of any rmsjax transformation
+    (``adam``, ``adamw``, ``rmsprop``), the rule unchanged, and this step's :math:`g^2` enters
+    its own update unfactored (as the quantized storages use the unrounded new moment).
     Adafactor and lpmm add :math:`\epsilon_1 = 10^{-30}` to :math:`g^2` before averaging; here
     an all-zero matrix decodes to 0 (the rule's own :math:`\epsilon` guards the division).
     bitsandbytes and torchao have no factored state.

@@ -27,7 +27,8 @@ class Quantized(Storage[QuantizedArray]):
     given, is used for every moment it is applied to; otherwise the codec is
     :func:`rmsjax.quantization.moment_codec` ``(bits, signed=..., block_size=...)`` with
     ``min_size``, signed or not according to the moment. The data of a stored moment is a
-    :class:`rmsjax.quantization.QuantizedArray` (uint8 codes, float32 scales; its codec, shape
+    :class:`rmsjax.quantization.QuantizedArray` (uint8 codes, float32 scales, and for a
+    stochastically rounding codec a ``uint32[2]`` ``(seed, counter)`` key; its codec, shape
     and dtype as metadata).
     """
 
@@ -190,29 +191,42 @@ def quantized(
     block_size: int | None = None,
     min_size: int = 4096,
     codec: BlockCodec | None = None,
+    seed: int = 0,
 ) -> Quantized:
     r"""Store a moment block-wise in ``bits`` = 8 or 4 bits, with one float32 scale per block.
 
     Pass it where a transformation takes a moment's dtype:
-    ``rmsjax.adamw(1e-3, mu_dtype=rmsjax.quantized(8), nu_dtype=rmsjax.quantized(8))``.
+    ``rmsjax.adamw(1e-3, mu_dtype=rmsjax.quantized(4), nu_dtype=rmsjax.quantized(4))``.
     Each array of at least ``min_size`` entries is split along its LAST axis into blocks of
     ``block_size`` entries (a short last block per row is allowed) and stored as
 
     .. math::
 
-        s_b = \max_{i \in b} |x_i|, \qquad c_i = \arg\min_k |Q_k - x_i / s_b|, \qquad
-        \hat x_i = Q_{c_i}\, s_b,
+        \hat x_i = Q_{c_i}\, s_b, \qquad v_i = x_i / s_b \in [-1, 1],
 
-    uint8 codes :math:`c` and float32 scales :math:`s`. The map :math:`Q` depends on the
-    moment: a moment that can be negative (``mu``, ``trace``) uses the signed dynamic map
-    (8 bits: 256 values from :math:`-1` to 1, about two significant digits from
-    :math:`5.5 \cdot 10^{-7}` up; 4 bits: 16 values); a second moment (``nu``,
-    ``sum_of_squares``, AdaDelta's averages, ``nu_max``), which is :math:`\ge 0`, uses the
-    unsigned dynamic map at 8 bits and the zero-free linear map :math:`k/16,\ k = 1..16` at 4
-    bits, so a positive entry is never stored as 0 (no :math:`g/\sqrt{0}` blow-up). The error of
-    an entry is at most half the gap between the two map values around :math:`x_i/s_b`, times
-    :math:`s_b` (:func:`rmsjax.quantization.moment_codec`). Each step decodes, updates in
-    float32 and re-encodes, so the rounding error does not accumulate beyond one step's.
+    uint8 codes :math:`c` (two per byte at 4 bits) and float32 scales :math:`s`, with the map
+    :math:`Q`, the scale and the rounding of :func:`rmsjax.quantization.moment_codec`:
+
+    * 8 bits (blocks of 256): :math:`s_b = \max_{i \in b} |x_i|`, the dynamic maps (256
+      values, about two significant digits from :math:`5.5 \cdot 10^{-7}` to 1, signed for
+      moments that can be negative: ``mu``, ``trace``), the nearest code.
+    * 4 bits (blocks of 128): :math:`s_b` the smallest power of two
+      :math:`\ge \max_{i \in b} |x_i|` and maps of powers of two. A second moment (``nu``,
+      ``sum_of_squares``, AdaDelta's averages, ``nu_max``; :math:`\ge 0`) takes the nearest
+      of :math:`2^{-15}, \dots, 1` (no zero, so a positive entry is never stored as 0: no
+      :math:`g/\sqrt{0}`). A first moment takes one of :math:`0, \pm 2^{-6}, \dots, \pm 1,
+      2^{-7}`, chosen at random between the two values around :math:`v_i` with the
+      probabilities that make it exact in expectation (stochastic rounding): a moving
+      average whose update :math:`(1-\beta)g` is less than half a code step keeps moving
+      instead of freezing (with the nearest code, AdamW's 4-bit first moment ended at +100% of
+      float32's final loss; see the memory guide). The random bits are
+      :func:`rmsjax.stochastic.counter_bits` of the entry's index and a ``(seed, counter)``
+      key kept in the state (``uint32[2]``, 8 bytes per array), derived from ``seed``, the
+      moment's name and its parameter's key path, the counter advanced at every update: runs
+      are reproducible from ``seed`` and every sharding gives the same bits.
+
+    Each step decodes, updates in float32 (the update uses the new, unrounded moment) and
+    re-encodes, so the rounding error does not accumulate beyond one step's.
 
     Smaller arrays (biases, norms), complex moments and moments of non-float parameters stay
     unquantized in their default dtype (float32 for float32 and half-precision parameters):
@@ -222,8 +236,7 @@ def quantized(
     block decodes to NaN).
 
     Args:
-      bits: 8 (blocks of 256, 1.016 bytes per entry) or 4 (blocks of 128, two codes per byte,
-        0.531 bytes per entry).
+      bits: 8 (1.016 bytes per entry) or 4 (0.531 bytes per entry).
       block_size: entries per scale along the last axis, an integer >= 1; ``None`` for 256
         (8 bits) or 128 (4 bits).
       min_size: arrays with fewer entries stay unquantized; an integer >= 0 (default 4096,
@@ -231,6 +244,8 @@ def quantized(
       codec: a :class:`rmsjax.quantization.BlockCodec` to use as is for every moment this is
         applied to (the library presets pass ``bitsandbytes_codec`` / ``torchao_codec``); then
         ``block_size`` and ``min_size`` must keep their defaults and ``bits`` is the codec's.
+      seed: an int; the random bits of stochastically rounded codes derive from it (4-bit
+        first moments, or a ``codec`` with ``rounding="stochastic"``); unused otherwise.
 
     Returns:
       A :class:`Quantized` value (frozen, hashable, validated here).
@@ -239,10 +254,14 @@ def quantized(
     (``AdamW8bit``, ``AdamW4bit``) block the FLATTENED tensor, so a block can straddle rows and
     shards; rmsjax's blocks never leave a row, so the state of a parameter sharded along a
     leading axis is sharded with it and needs no communication (see
-    :func:`rmsjax.state_sharding`). rmsjax rounds to the nearest code and stores a block's
-    largest entry exactly whatever its sign (the libraries' signed maps end at -0.99297 / -0.8875);
-    bitsandbytes' CPU kernel never stores an exact 0. torchao keeps a tensor in float32 unless
-    its size is a multiple of the block size; rmsjax only needs ``min_size``. To reproduce the
-    libraries exactly use :mod:`rmsjax.compat.bitsandbytes` and :mod:`rmsjax.compat.torchao`.
+    :func:`rmsjax.state_sharding`). At 8 bits rmsjax rounds to the nearest code and stores a
+    block's largest entry exactly whatever its sign (the libraries' signed maps end at
+    -0.99297); bitsandbytes' CPU kernel never stores an exact 0. At 4 bits torchao (and rmsjax
+    before this release) use a 16-value dynamic map for the first moment and :math:`k/16` for
+    the second, both rounded to nearest, float32 maxima as scales: +60% to +190% of float32's
+    final loss on the quality benchmark where this scheme ends within 2% or lower (the memory
+    guide's table). torchao keeps a tensor in float32 unless its size is a multiple of the
+    block size; rmsjax only needs ``min_size``. To reproduce the libraries exactly use
+    :mod:`rmsjax.compat.bitsandbytes` and :mod:`rmsjax.compat.torchao`.
     """
-    return Quantized(bits=bits, block_size=block_size, min_size=min_size, codec=codec)
+    return Quantized(bits=bits, block_size=block_size, min_size=min_size, codec=codec, seed=seed)

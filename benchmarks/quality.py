@@ -709,19 +709,27 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         + ", ".join(f"{t} {s}" for t, s in meta["steps"].items())
         + ".",
         "* Storage of every moment: float32 (default), bfloat16 (round to nearest), "
-        "`rmsjax.quantized(8)`, `rmsjax.quantized(4)`; arrays below 4096 entries stay float32.",
+        "`bfloat16 + SR` (`rmsjax.stochastic_rounding()`), `rmsjax.quantized(8)`, "
+        "`rmsjax.quantized(4)`; `4-bit + factored ν`: the first moments `quantized(4)`, the "  # noqa: RUF001
+        "second moment `rmsjax.factored()`. Arrays below 4096 entries stay float32.",
     ]
     if any(name in ABLATIONS for name in storages):
         lines.append(
-            "* Ablations of 4 bits: `4-bit first moments`: the signed moments (AdamW's m, "
-            "centered RMSProp's mean and momentum) in 4 bits, nu in float32; `4-bit second "
-            "moment`: nu in 4 bits, the others float32; `4-bit, blocks of 32`: every moment "
-            "`rmsjax.quantized(4, block_size=32)`."
+            "* Ablations of 4 bits (see `ABLATIONS` in `benchmarks/quality.py`): `m: ...`: only "
+            "the signed moments (AdamW's m, centered RMSProp's mean and momentum) in 4 bits, the "
+            "rest float32; `v: ...`: only the second moment nu in 4 bits; otherwise both. Maps: "
+            "`dynamic` (torchao's 16-value map, -1 for its lowest value), `powers of 2 and 0` "
+            "(0, ±2^-6..±1 and 2^-7), `powers of 2` (±2^-7..±1 signed, no zero; 2^-15..1 for "
+            "nu), `linear` (-1..1 in 15 steps; k/16 for nu), `geometric 1e-4` (16 values from "
+            "1e-4 to 1), `sqrt-linear` ((k/16)^2), `rank-1 linear` (k/16, the scale of an entry "
+            "the smaller of its row's and column's maxima, Li et al.); `nearest` / `SR`: round "
+            "to the nearest code / stochastically between the two neighbouring codes; scales "
+            "the block's maximum unless `power-of-2 scale`; blocks of 128 unless stated."
         )
     lines += [
         "* Relative difference: (mean final loss - float32's) / float32's; paired: the same per "
         "seed (same weights and batches), mean ± standard deviation over seeds; float32 spread: "
-        "float32's own standard deviation over seeds / mean. Goal (issue 11): at most +1% at "
+        "float32's own standard deviation over seeds / mean. Goal (issue 19): at most +1% at "
         "8 bits, +2% at 4 bits (a lower loss meets it).",
         "* Step time: pure-JAX path (`jax.jit` of loss, gradient, `update`, `apply_updates`), "
         f"{meta['timing']['rounds']} rounds, each running every storage's step "

@@ -199,6 +199,8 @@ ABLATIONS: dict[str, Any] = {
         "second": _codec(_POW2_POSITIVE, scale="power_of_two"),
     },
     "4-bit, torchao's scheme": {"first": _codec(_DYNAMIC), "second": _codec(_LINEAR_POSITIVE)},
+    "FP8: E4M3, sqrt(v) in E4M3": rmsjax.float8(),
+    "FP8: E4M3, v in E5M2": rmsjax.float8(second_moment="e5m2"),
     "m dynamic SR + v geometric": {
         "first": _codec(_DYNAMIC, rounding="stochastic"),
         "second": _codec(_GEOMETRIC),

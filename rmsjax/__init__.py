@@ -26,10 +26,12 @@ from rmsjax.sharding import state_sharding
 from rmsjax.stochastic import stochastic_round
 from rmsjax.storage import (
     Factored,
+    Float8,
     Quantized,
     StochasticRounding,
     StoredArray,
     factored,
+    float8,
     quantized,
     stochastic_rounding,
 )
@@ -91,6 +93,7 @@ __all__ = [
     "DampenedTraceState",
     "DecoupledWeightDecayState",
     "Factored",
+    "Float8",
     "GradientTransformation",
     "GradientTransformationExtraArgs",
     "Quantized",
@@ -128,6 +131,7 @@ __all__ = [
     "decoupled_weight_decay",
     "exponential_decay",
     "factored",
+    "float8",
     "fused",
     "inverse_time_decay",
     "join_schedules",

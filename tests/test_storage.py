@@ -604,3 +604,45 @@ def test_factored_fallback_signed_moments_and_arguments() -> None:
     one = {"w": stack["w"][1]}
     u1, _ = opt.update(one, opt.init(one), one)
     np.testing.assert_allclose(u["w"][1], u1["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("second", ["e4m3_sqrt", "e5m2"])
+def test_float8_is_a_block_scaled_cast(second: str) -> None:
+    """Adam with FP8 moments: the stored values equal a NumPy statement of the scheme (block
+    maximum / the format's largest value as the scale, ml_dtypes' float8 cast), and the state
+    shards, jits and vmaps like the others."""
+    import ml_dtypes
+
+    spec = rmsjax.float8(second_moment=second)  # type: ignore[arg-type]
+    opt = rmsjax.scale_by_adam(mu_dtype=spec, nu_dtype=spec)
+    params, grads = params_and_grads(2, seed=4)
+    state = opt.init(params)
+    u, state = jax.jit(opt.update)(grads[0], state, params)
+    g = np.asarray(grads[0]["w"], np.float32)
+
+    def restate(y: np.ndarray, dtype: Any, largest: float) -> np.ndarray:
+        blocks = np.pad(y, [(0, 0), (0, 512 - 300)]).reshape(16, 2, 256)
+        scale = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(largest)).astype(
+            np.float32
+        )
+        values = (blocks / np.where(scale == 0, 1, scale)).astype(dtype).astype(np.float32)
+        return (values * scale).reshape(16, 512)[:, :300]
+
+    mu = (np.float32(0.1) * g).astype(np.float32)
+    nu = (np.float32(0.001) * g * g).astype(np.float32)
+    np.testing.assert_allclose(
+        decode(state.mu["w"]), restate(mu, ml_dtypes.float8_e4m3fn, 448), rtol=1e-6
+    )
+    if second == "e5m2":
+        want = restate(nu, ml_dtypes.float8_e5m2, 57344)
+        assert state.nu["w"].data.values.dtype == jnp.float8_e5m2
+    else:
+        want = restate(np.sqrt(nu), ml_dtypes.float8_e4m3fn, 448) ** 2
+        assert state.nu["w"].data.root
+    np.testing.assert_allclose(decode(state.nu["w"]), want, rtol=1e-5)
+    assert state.mu["w"].nbytes == 16 * 300 + 4 * 16 * 2  # 1 byte per entry + the scales
+    assert state.nu["b"].dtype == jnp.float32  # below min_size
+    with pytest.raises(ValueError, match="`second_moment` must be one of"):
+        rmsjax.float8(second_moment="e4m3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`block_size` must be an integer >= 1"):
+        rmsjax.float8(block_size=0)

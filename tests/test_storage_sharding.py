@@ -1,6 +1,6 @@
 """Stored moments of sharded parameters (8 simulated CPU devices, in subprocesses).
 
-tests/storage_sharded_worker.py runs centered RMSProp with momentum, every moment quantized
+tests/storage_sharded_worker.py runs centered RMSProp with momentum, every moment quantized (or FP8)
 (8 or 4 bits) or stochastically rounded, on parameters sharded along a leading axis, along the
 last axis (one block per shard) and replicated (a small one, float32 state). The device count
 is fixed when JAX starts, so the worker runs with
@@ -22,7 +22,7 @@ from tests.common import run_on_8_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "storage_sharded_worker.py"
-STORAGES = ("q8", "q4", "sr")
+STORAGES = ("q8", "q4", "sr", "f8")
 
 
 def _run(phase: str, out: Path) -> None:
@@ -57,7 +57,7 @@ def test_stored_moments_on_eight_devices(results: dict[str, Any]) -> None:
                 assert specs[f"{moment}['cols'].data[0]"] == "P(None, 'x')"
                 assert specs[f"{moment}['rows'].data[1]"] == "P()"  # the PRNG key
             else:
-                for part in ("codes", "scales"):
+                for part in ("values", "scales") if storage == "f8" else ("codes", "scales"):
                     assert specs[f"{moment}['rows'].data.{part}"] == "P('x',)"
                     assert specs[f"{moment}['cols'].data.{part}"] == "P(None, 'x')"
                 # 4-bit first moments round stochastically: their (seed, counter) key is

@@ -13,7 +13,9 @@ expose as a keyword (``mu_dtype``, ``nu_dtype``, ``accumulator_dtype``, ...). A 
 * :func:`quantized` ``(bits=8)`` or ``(bits=4)``: the moment is stored block-wise in 8 or 4
   bits with one float32 scale per block (:mod:`rmsjax.quantization`);
 * :func:`factored` ``()``: a second moment of a matrix is stored as its row and column means
-  (Adafactor); other arrays as ``quantized(4)``.
+  (Adafactor); other arrays as ``quantized(4)``;
+* :func:`float8` ``()``: FP8 values (E4M3; a second moment's square root in E4M3, or E5M2)
+  with one float32 scale per block.
 
 The update rules never see the storage: ``map_rule`` decodes each stored moment to a plain
 array before calling the rule and encodes the rule's new value afterwards. A stored moment is a
@@ -32,6 +34,7 @@ stochastic rounding                    per array)
 ``quantized(bits=8)``                  1 + 4/256 = 1.016 (codes + one scale per 256)
 ``quantized(bits=4)``                  0.5 + 4/128 = 0.531 (two codes per byte; a
                                        first moment adds one 8-byte key per array)
+``float8()``                           1 + 4/256 = 1.016
 ``factored()``, an n x m matrix        4 (n + m) / (n m): 0.008 for 1024 x 1024
 =====================================  ===========================================
 
@@ -50,12 +53,15 @@ from rmsjax.storage.base import (
     plain_dtype,
 )
 from rmsjax.storage.factored import Factored, FactoredArray, factored
+from rmsjax.storage.float8 import Float8, Float8Array, float8
 from rmsjax.storage.quantized import Quantized, quantized
 from rmsjax.storage.rounded import RoundedArray, StochasticRounding, stochastic_rounding
 
 __all__ = [
     "Factored",
     "FactoredArray",
+    "Float8",
+    "Float8Array",
     "KernelView",
     "Quantized",
     "RoundedArray",
@@ -66,6 +72,7 @@ __all__ = [
     "decode",
     "encode",
     "factored",
+    "float8",
     "is_stored",
     "plain_dtype",
     "quantized",

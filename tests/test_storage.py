@@ -617,7 +617,7 @@ def test_float8_is_a_block_scaled_cast(second: str) -> None:
     opt = rmsjax.scale_by_adam(mu_dtype=spec, nu_dtype=spec)
     params, grads = params_and_grads(2, seed=4)
     state = opt.init(params)
-    u, state = jax.jit(opt.update)(grads[0], state, params)
+    _, state = jax.jit(opt.update)(grads[0], state, params)
     g = np.asarray(grads[0]["w"], np.float32)
 
     def restate(y: np.ndarray, dtype: Any, largest: float) -> np.ndarray:

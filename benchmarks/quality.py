@@ -198,6 +198,10 @@ ABLATIONS: dict[str, Any] = {
         "first": _codec(_POW2_SIGNED_ZERO, rounding="stochastic", scale="power_of_two"),
         "second": _codec(_POW2_POSITIVE, scale="power_of_two"),
     },
+    "4-bit, both moments SR": {
+        "first": _codec(_POW2_SIGNED_ZERO, rounding="stochastic", scale="power_of_two"),
+        "second": _codec(_POW2_POSITIVE, rounding="stochastic", scale="power_of_two"),
+    },
     "4-bit, torchao's scheme": {"first": _codec(_DYNAMIC), "second": _codec(_LINEAR_POSITIVE)},
     "FP8: E4M3, sqrt(v) in E4M3": rmsjax.float8(),
     "FP8: E4M3, v in E5M2": rmsjax.float8(second_moment="e5m2"),

@@ -320,6 +320,70 @@ def test_stochastic_rounding_keys() -> None:
     assert np.array_equal(new.mu["a"].data[1], jax.random.split(state.mu["a"].data[1])[1])
 
 
+def _mix32(x: int) -> int:
+    """Wellons' lowbias32, restated in Python integers."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def test_quantized_stochastic_rounding_keys() -> None:
+    """A 4-bit first moment holds (seed, counter): the seed word is the documented hash of the
+    user's seed and the moment's salt, the counter counts encodings (1 after init), a None
+    gradient keeps it, and the codes are reproducible from the seed."""
+    import zlib
+
+    params = {"a": jnp.ones((4, 1024)), "b": jnp.ones((4, 1024))}
+    q4 = rmsjax.quantized(4, seed=7)
+    opt = rmsjax.scale_by_adam(mu_dtype=q4, nu_dtype=rmsjax.quantized(4))
+    state = opt.init(params)
+    for name in ("a", "b"):
+        salt = f"mu['{name}']"
+        word = _mix32((zlib.crc32(salt.encode()) & 0x7FFFFFFF) ^ _mix32(7))
+        assert np.asarray(state.mu[name].data.key).tolist() == [word, 1]
+    g = {"a": jnp.full((4, 1024), 0.3), "b": None}
+    _, new = opt.update(g, state)
+    assert np.asarray(new.mu["a"].data.key)[1] == 2
+    assert np.array_equal(new.mu["b"].data.key, state.mu["b"].data.key)
+    _, again = opt.update(g, opt.init(params))
+    assert np.array_equal(again.mu["a"].data.codes, new.mu["a"].data.codes)
+    other = rmsjax.scale_by_adam(mu_dtype=rmsjax.quantized(4, seed=8)).init(params)
+    assert np.asarray(other.mu["a"].data.key)[0] != np.asarray(state.mu["a"].data.key)[0]
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        rmsjax.quantized(4, seed=1.5)  # type: ignore[arg-type]
+
+
+def test_old_4bit_checkpoints_restore_with_the_old_codecs_only(tmp_path: Any) -> None:
+    """A checkpoint of the old default 4-bit state (torchao's maps, rounded to nearest, float32
+    maxima) restores through the codecs the CHANGELOG gives, and not into the new default."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    from rmsjax.quantization import BlockCodec, dynamic_map, linear_map
+
+    old_m = dynamic_map(True, exponent_bits=3, total_bits=4)
+    old_m[0] = -1.0
+    old = {
+        "mu_dtype": rmsjax.quantized(codec=BlockCodec(qmap=tuple(old_m.tolist()), block_size=128)),
+        "nu_dtype": rmsjax.quantized(
+            codec=BlockCodec(qmap=tuple(linear_map(16, zero=False).tolist()), block_size=128)
+        ),
+    }
+    params, grads = params_and_grads(2)
+    opt = rmsjax.adamw(1e-2, **old)
+    state = opt.init(params)
+    for g in grads:
+        _, state = opt.update(g, state, params)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "old", state)
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(tmp_path / "old", jax.eval_shape(opt.init, params))
+    chex.assert_trees_all_equal(restored, state)
+    new = rmsjax.adamw(1e-2, mu_dtype=rmsjax.quantized(4), nu_dtype=rmsjax.quantized(4))
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        ckpt.restore(tmp_path / "old", jax.eval_shape(new.init, params))
+
+
 def test_overflow_is_stored_finite_and_nan_stays_visible() -> None:
     """A quantized moment cannot hold inf (its block would decode to NaN): it holds the largest
     float32, and its neighbours in the block stay finite. NaN gradients stay NaN."""

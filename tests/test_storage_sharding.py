@@ -1,9 +1,9 @@
 """Stored moments of sharded parameters (8 simulated CPU devices, in subprocesses).
 
 tests/storage_sharded_worker.py runs centered RMSProp with momentum, every moment quantized
-(8 or 4 bits, or FP8) or stochastically rounded, on parameters sharded along a leading axis, along the
-last axis (one block per shard) and replicated (a small one, float32 state). The device count
-is fixed when JAX starts, so the worker runs with
+(8 or 4 bits, or FP8) or stochastically rounded, on parameters sharded along a leading axis,
+along the last axis (one block per shard) and replicated (a small one, float32 state). The
+device count is fixed when JAX starts, so the worker runs with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` in its own process; a second, fresh
 process restores the Orbax checkpoint written by the first.
 """

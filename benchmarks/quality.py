@@ -202,6 +202,14 @@ ABLATIONS: dict[str, Any] = {
         "first": _codec(_POW2_SIGNED_ZERO, rounding="stochastic", scale="power_of_two"),
         "second": _codec(_POW2_POSITIVE, rounding="stochastic", scale="power_of_two"),
     },
+    "4-bit, v nearest, max scale": {
+        "first": _codec(_POW2_SIGNED_ZERO, rounding="stochastic", scale="power_of_two"),
+        "second": _codec(_POW2_POSITIVE),
+    },
+    "4-bit, v SR, max scale": {
+        "first": _codec(_POW2_SIGNED_ZERO, rounding="stochastic", scale="power_of_two"),
+        "second": _codec(_POW2_POSITIVE, rounding="stochastic"),
+    },
     "4-bit, torchao's scheme": {"first": _codec(_DYNAMIC), "second": _codec(_LINEAR_POSITIVE)},
     "FP8: E4M3, sqrt(v) in E4M3": rmsjax.float8(),
     "FP8: E4M3, v in E5M2": rmsjax.float8(second_moment="e5m2"),

@@ -190,7 +190,7 @@ def _numpy_scales(blocks: np.ndarray, scale: str) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("bits", "signed", "rounding"),
-    [(8, True, None), (8, False, None), (4, True, "nearest"), (4, False, None)],
+    [(8, True, None), (8, False, None), (4, True, "nearest"), (4, False, "nearest")],
 )
 def test_nearest_codec_round_trip(bits, signed, rounding):
     codec = moment_codec(bits, signed=signed)
@@ -232,7 +232,7 @@ def test_zero_is_exact_in_signed_maps_and_absent_from_the_4bit_second_moment_map
         out = np.asarray(signed.decode(*signed.encode(x, noise), x.shape))
         assert out[0, 2] == 0 and np.all(out[1] == 0)
     v = moment_codec(4, signed=False)
-    out = np.asarray(v.decode(*v.encode(np.abs(x)), x.shape))
+    out = np.asarray(v.decode(*v.encode(np.abs(x), counter_bits(x.shape, 3, 4)), x.shape))
     assert out[0, 3] == 2.0**-15 and out[0, 2] == 2.0**-15  # the smallest code: 2^-15 scale
     assert np.all(out[1] == 0)  # an all-zero block has scale 0
 
@@ -333,32 +333,37 @@ def _unpack4(codes: np.ndarray, n: int) -> np.ndarray:
     return np.stack([codes >> 4, codes & 15], axis=-1).reshape(*codes.shape[:-1], -1)[..., :n]
 
 
-def test_default_4bit_first_moment_is_numpy_stochastic_rounding():
+@pytest.mark.parametrize("signed", [True, False])
+def test_default_4bit_codec_is_numpy_stochastic_rounding(signed):
     """Codes equal a NumPy statement of the definition (power-of-two scale, lower neighbour,
     u = (b >> 8) 2^-24, up iff fl(u d) < fl(v - Q_k)), and are unbiased."""
-    codec = moment_codec(4, signed=True)
+    codec = moment_codec(4, signed=signed)
     assert (codec.rounding, codec.scale, codec.block_size) == ("stochastic", "power_of_two", 128)
     rng = np.random.default_rng(5)
-    x = (rng.normal(size=(6, 300)) * 10.0 ** rng.uniform(-6, 2, size=(6, 1))).astype(np.float32)
-    x[0, :3] = [0.0, -0.0, 1e-30]
+    x = (rng.normal(size=(6, 300)) * 10.0 ** rng.uniform(-4, 2, size=(6, 1))).astype(np.float32)
+    x = x if signed else np.abs(x)
+    x[0, :3] = [0.0, -0.0 if signed else 0.0, 1e-30]
     bits = counter_bits(x.shape, 123, 7)
     codes, scales = codec.encode(x, bits)
     q = np.asarray(codec.qmap, np.float32)
     blocks = np.pad(x, [(0, 0), (0, -300 % 128)]).reshape(6, -1, 128)
     s = _numpy_scales(blocks.astype(np.float64), "power_of_two").astype(np.float32)
     v = (blocks / s).reshape(6, -1)[:, :300]  # exact: s is a power of two
+    v = np.clip(v, q[0], q[-1])  # below 2^-15 a second moment is stored as 2^-15 (no zero)
     k = np.clip(np.searchsorted(q, v, side="right") - 1, 0, 14)
     u = (np.asarray(bits) >> 8).astype(np.float32) * np.float32(2.0**-24)
     up = (u * (q[k + 1] - q[k])).astype(np.float32) < (v - q[k]).astype(np.float32)
     assert np.array_equal(_unpack4(codes, 300), k + up)
     assert np.array_equal(np.asarray(scales), s[..., 0])
-    # exact zeros stay exactly zero; each value decodes to one of its two neighbours
+    # exact zeros stay exactly zero (first moments); each value decodes to one of its two
+    # neighbours
     out = np.asarray(codec.decode(codes, scales, x.shape))
-    assert np.all(out[0, :2] == 0)
+    assert np.all(out[0, :2] == 0) if signed else np.all(out[0, :2] == 2.0**-15 * s[0, 0, 0])
     srep = np.repeat(s[..., 0], 128, axis=-1)[:, :300]
     lo, hi = q[k] * srep, q[k + 1] * srep
     assert np.all((out == lo) | (out == hi))
-    # unbiased: the mean of 400 draws is within 5 standard errors of x
+    # unbiased: the mean of 400 draws is within 5 standard errors of x (within the map's range)
+    x = np.clip(x, q[0] * srep, None) if not signed else x
     draws = np.stack(
         [
             np.asarray(codec.decode(*codec.encode(x, counter_bits(x.shape, 9, t)), x.shape))
@@ -370,8 +375,8 @@ def test_default_4bit_first_moment_is_numpy_stochastic_rounding():
     assert np.all(np.abs(draws.mean(axis=0) - x) <= 5 * se)
 
 
-def test_default_4bit_second_moment_is_exponent_and_leading_mantissa_bit():
-    codec = moment_codec(4, signed=False)
+def test_power_of_two_map_rounded_to_nearest_is_exponent_and_leading_mantissa_bit():
+    codec = dataclasses.replace(moment_codec(4, signed=False), rounding="nearest")
     rng = np.random.default_rng(6)
     x = np.abs(rng.normal(size=(4, 256)) * 10.0 ** rng.uniform(-9, 3, size=(4, 256)))
     x = x.astype(np.float32)
@@ -395,7 +400,7 @@ def test_stochastic_codec_arguments_are_checked():
     with pytest.raises(ValueError, match="uint32 of x's shape"):
         codec.encode(x, np.zeros((2, 7), np.uint32))
     with pytest.raises(ValueError, match="random_bits"):
-        moment_codec(4, signed=False).encode(x, counter_bits(x.shape, 0, 0))
+        moment_codec(8, signed=False).encode(x, counter_bits(x.shape, 0, 0))
     with pytest.raises(ValueError, match="convention='nearest'"):
         BlockCodec(qmap=codec.qmap, convention="torchao", rounding="stochastic")
     with pytest.raises(ValueError, match="`rounding` must be one of"):

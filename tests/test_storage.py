@@ -304,6 +304,36 @@ def test_stochastic_rounding_decays_where_nearest_stalls() -> None:
     assert 1 - target > 20 * bound  # nearest is far outside the bound
 
 
+def test_4bit_second_moment_follows_float32_where_the_nearest_code_stalls() -> None:
+    """Adam's nu (decay 0.999) over 600 steps of N(0, 1) gradients, half of each block's entries
+    shrinking to N(0, 0.05^2) after step 100: float32's nu of that half decays towards 0.05^2.
+    The nearest 4-bit code cannot move by less than half a code (a factor 1.5 on the powers of
+    two): nu stops growing after a few steps and never decays, and ends a factor 2 or more
+    away; the default (stochastic) code follows float32 in the mean."""
+    steps, shape = 600, (16, 256)
+    shrink = jnp.zeros(shape, bool).at[:, ::2].set(True)
+
+    def run(nu_dtype: Any) -> np.ndarray:
+        opt = rmsjax.scale_by_adam(nu_dtype=nu_dtype)
+        params = {"w": jnp.zeros(shape)}
+
+        def body(t: Any, s: Any) -> Any:
+            g = jax.random.normal(jax.random.fold_in(jax.random.key(0), t), shape)
+            g = jnp.where(shrink & (t >= 100), 0.05 * g, g)
+            return opt.update({"w": g}, s)[1]
+
+        state = jax.jit(lambda s: jax.lax.fori_loop(0, steps, body, s))(opt.init(params))
+        nu = state.nu["w"]
+        return np.asarray(decode(nu) if is_stored(nu) else nu)[np.asarray(shrink)]
+
+    want = run(None).mean()
+    nearest_codec = dataclasses.replace(moment_codec(4, signed=False), rounding="nearest")
+    nearest = run(rmsjax.quantized(codec=nearest_codec)).mean()
+    default = run(rmsjax.quantized(4)).mean()
+    assert abs(default / want - 1) < 0.1
+    assert abs(np.log(nearest / want)) > np.log(2)
+
+
 def test_stochastic_rounding_keys() -> None:
     """One key per stored array, different between leaves, moments and seeds; split at each
     update; kept when the gradient is None."""

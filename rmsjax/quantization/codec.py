@@ -331,17 +331,20 @@ def moment_codec(bits: int = 8, *, signed: bool, block_size: int | None = None) 
     (instead of bitsandbytes' -0.99297), so that a block whose largest entry is negative
     stores it exactly, as it does a positive one.
 
-    4 bits: :func:`power_of_two_map`, blocks of 128, and a power-of-two scale per block
+    4 bits: :func:`power_of_two_map`, blocks of 128, a power-of-two scale per block
     (``scale="power_of_two"``: :math:`s = 2^{\lceil \log_2 \max_b |x| \rceil}`, so
-    :math:`v = x/s` and :math:`Q_c s` are exact). A second moment (values
-    :math:`2^{-15} \dots 1`) takes the nearest code: :math:`c = \min(15, \max(0,
-    e + 15 + h))` for :math:`v = (1 + f)\,2^{e}` with :math:`f \in [0, 1)`, :math:`h = 1`
-    when :math:`f \ge 1/2` (the leading mantissa bit; a tie goes up). A first moment (values
-    :math:`0, \pm 2^{-6} \dots \pm 1` and :math:`2^{-7}`) is rounded stochastically
-    (``rounding="stochastic"``) between its two neighbouring values, so that it is unbiased:
-    an average that moves by less than half a code step per update still moves in
-    expectation instead of freezing (round to nearest made the 4-bit first moment lose
-    +100% of the final loss, ``benchmarks/results/quality_ablation/``).
+    :math:`v = x/s` and :math:`Q_c s` are exact), and stochastic rounding
+    (``rounding="stochastic"``) of every moment between its two neighbouring map values (second
+    moments: :math:`2^{-15} \dots 1`; first moments: :math:`0, \pm 2^{-6} \dots \pm 1` and
+    :math:`2^{-7}`), so that the stored value is right in expectation. A moving average updated
+    by :math:`(1 - \beta)` of a new value changes by far less than half a code step per update;
+    the nearest code would freeze it (a first moment that cannot follow its gradients; a second
+    moment that stops growing after a few steps and never decays, so the steps come out several
+    times too large or too small), while the stochastic code follows it in expectation. The
+    cost is noise: a second moment's decoded value wanders around its true value by up to an
+    octave, and :math:`1/\sqrt{\hat\nu}` averages a little above :math:`1/\sqrt{\nu}` (10-20%
+    larger steps where :math:`\nu` decays slowly, in ``tests/test_storage.py``). Measurements:
+    ``benchmarks/results/quality_ablation/summary.md``.
 
     Always the shard-safe ``"last_axis"`` layout; ``min_size`` 4096 like both libraries.
 
@@ -363,7 +366,7 @@ def moment_codec(bits: int = 8, *, signed: bool, block_size: int | None = None) 
         return BlockCodec(
             qmap=tuple(power_of_two_map(signed).tolist()),
             block_size=block,
-            rounding="stochastic" if signed else "nearest",
+            rounding="stochastic",
             scale="power_of_two",
         )
     qmap = dynamic_map(signed)

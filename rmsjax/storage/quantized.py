@@ -211,19 +211,22 @@ def quantized(
       values, about two significant digits from :math:`5.5 \cdot 10^{-7}` to 1, signed for
       moments that can be negative: ``mu``, ``trace``), the nearest code.
     * 4 bits (blocks of 128): :math:`s_b` the smallest power of two
-      :math:`\ge \max_{i \in b} |x_i|` and maps of powers of two. A second moment (``nu``,
-      ``sum_of_squares``, AdaDelta's averages, ``nu_max``; :math:`\ge 0`) takes the nearest
-      of :math:`2^{-15}, \dots, 1` (no zero, so a positive entry is never stored as 0: no
-      :math:`g/\sqrt{0}`). A first moment takes one of :math:`0, \pm 2^{-6}, \dots, \pm 1,
-      2^{-7}`, chosen at random between the two values around :math:`v_i` with the
-      probabilities that make it exact in expectation (stochastic rounding): a moving
-      average whose update :math:`(1-\beta)g` is less than half a code step keeps moving
-      instead of freezing (with the nearest code, AdamW's 4-bit first moment ended at +100% of
-      float32's final loss; see the memory guide). The random bits are
+      :math:`\ge \max_{i \in b} |x_i|` and maps of powers of two: :math:`2^{-15}, \dots, 1`
+      for a second moment (``nu``, ``sum_of_squares``, AdaDelta's averages, ``nu_max``; no
+      zero, so a positive entry is never stored as 0: no :math:`g/\sqrt{0}`), and
+      :math:`0, \pm 2^{-6}, \dots, \pm 1, 2^{-7}` for a moment that can be negative. Each
+      entry takes one of the two map values around :math:`v_i`, at random, with the
+      probabilities that make it exact in expectation (stochastic rounding): a moving average
+      whose update :math:`(1-\beta)g` is far below half a code step keeps moving instead of
+      freezing. (With the nearest code, AdamW's 4-bit first moment ended at up to +300% of
+      float32's final loss, and a second moment stops growing after a few steps and never
+      decays; see the memory guide.) The random bits are
       :func:`rmsjax.stochastic.counter_bits` of the entry's index and a ``(seed, counter)``
       key kept in the state (``uint32[2]``, 8 bytes per array), derived from ``seed``, the
       moment's name and its parameter's key path, the counter advanced at every update: runs
-      are reproducible from ``seed`` and every sharding gives the same bits.
+      are reproducible from ``seed`` and every sharding gives the same bits. The price is
+      noise in the stored second moment, which makes steps somewhat larger on average
+      (:math:`E[1/\sqrt{\hat\nu}] > 1/\sqrt{\nu}`).
 
     Each step decodes, updates in float32 (the update uses the new, unrounded moment) and
     re-encodes, so the rounding error does not accumulate beyond one step's.

@@ -96,7 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--redraw",
+        action="store_true",
+        help="only rewrite the markdown from <out>/torchao_reference.json and quality.json",
+    )
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.redraw:
+        saved = json.loads((out / "torchao_reference.json").read_text())
+        write_markdown(out, saved["meta"], saved["summary"])
+        return
     import torch
     import torchao
 
@@ -139,17 +149,23 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "wall_s": time.perf_counter() - start,
     }
-    out = Path(args.out)
     (out / "torchao_reference.json").write_text(
         json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1)
     )
+    write_markdown(out, meta, summary)
+
+
+def write_markdown(out: Path, meta: dict[str, Any], summary: list[dict[str, Any]]) -> None:
+    """``<out>/torchao_reference.md``: torchao's rows, then rmsjax's AdamW rows of
+    ``<out>/quality.json`` for the same tasks."""
+    versions = meta["versions"]
     ours = rmsjax_rows(out / "quality.json")
     lines = [
         "# torchao's low-bit AdamW on the digits tasks, next to rmsjax",
         "",
         f"Produced by `{meta['command'].strip()}` in {meta['wall_s']:.0f} s (torch "
-        f"{torch.__version__}, torchao {torchao.__version__}, CPU, {args.seeds} seeds, "
-        f"{args.steps} full-batch steps of AdamW lr 1e-3, weight decay 1e-4). Final loss "
+        f"{versions['torch']}, torchao {versions['torchao']}, CPU, {len(meta['seeds'])} seeds, "
+        f"{meta['steps']} full-batch steps of AdamW lr 1e-3, weight decay 1e-4). Final loss "
         "relative to the same framework's float32 AdamW on the same seed (paired mean ± std over "
         "seeds); rmsjax's rows are the AdamW rows of `quality.md` (same tasks, sizes and "
         "hyperparameters; its own float32 runs as the reference).",

@@ -211,6 +211,19 @@ ABLATIONS: dict[str, Any] = {
         "second": _codec(_POW2_POSITIVE, rounding="stochastic"),
     },
     "4-bit, torchao's scheme": {"first": _codec(_DYNAMIC), "second": _codec(_LINEAR_POSITIVE)},
+    # the libraries' exact schemes (the codecs of rmsjax.compat.bitsandbytes / .torchao)
+    "bitsandbytes 8-bit (preset codecs)": {
+        "first": rmsjax.quantized(codec=rmsjax.quantization.bitsandbytes_codec(signed=True)),
+        "second": rmsjax.quantized(codec=rmsjax.quantization.bitsandbytes_codec(signed=False)),
+    },
+    "torchao 8-bit (preset codecs)": {
+        "first": rmsjax.quantized(codec=rmsjax.quantization.torchao_codec(8, signed=True)),
+        "second": rmsjax.quantized(codec=rmsjax.quantization.torchao_codec(8, signed=False)),
+    },
+    "torchao 4-bit (preset codecs)": {
+        "first": rmsjax.quantized(codec=rmsjax.quantization.torchao_codec(4, signed=True)),
+        "second": rmsjax.quantized(codec=rmsjax.quantization.torchao_codec(4, signed=False)),
+    },
     "FP8: E4M3, sqrt(v) in E4M3": rmsjax.float8(),
     "FP8: E4M3, v in E5M2": rmsjax.float8(second_moment="e5m2"),
     "m dynamic SR + v geometric": {

@@ -941,6 +941,10 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("tasks", "optimizers", "storages", "seeds"):
         meta[key] = ordered(key)
     meta["steps"] = {k: v for r in results for k, v in r["meta"]["steps"].items()}
+    meta["timing"] = {
+        "rounds": first["timing"]["rounds"],
+        "steps": {k: v for r in results for k, v in r["meta"]["timing"]["steps"].items()},
+    }
     meta["command"] = " ; ".join(r["meta"]["command"] for r in results)
     meta["wall_s"] = sum(r["meta"]["wall_s"] for r in results)
     meta["wall_s_each"] = [r["meta"]["wall_s"] for r in results]

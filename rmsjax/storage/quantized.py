@@ -261,9 +261,10 @@ def quantized(
     block's largest entry exactly whatever its sign (the libraries' signed maps end at
     -0.99297); bitsandbytes' CPU kernel never stores an exact 0. At 4 bits torchao (and rmsjax
     before this release) use a 16-value dynamic map for the first moment and :math:`k/16` for
-    the second, both rounded to nearest, float32 maxima as scales: +60% to +190% of float32's
-    final loss on the quality benchmark where this scheme ends within 2% or lower (the memory
-    guide's table). torchao keeps a tensor in float32 unless its size is a multiple of the
+    the second, both rounded to nearest, float32 maxima as scales: with AdamW on the quality
+    benchmark's digits tasks, +158% and +230% of float32's final loss (torchao's own
+    ``AdamW4bit`` in PyTorch: +65% and +324%), where this scheme ends at -8% and -24%
+    (:mod:`rmsjax.compat.torchao`; the memory guide has every task). torchao keeps a tensor in float32 unless its size is a multiple of the
     block size; rmsjax only needs ``min_size``. To reproduce the libraries exactly use
     :mod:`rmsjax.compat.bitsandbytes` and :mod:`rmsjax.compat.torchao`.
     """

@@ -154,6 +154,12 @@ STORED = {
     "adamw_bf16_stochastic": lambda: rmsjax.adamw(
         1e-2, nu_dtype=rmsjax.stochastic_rounding(jnp.bfloat16, seed=3)
     ),
+    "adamw_4bit_factored": lambda: rmsjax.adamw(
+        1e-2, mu_dtype=rmsjax.quantized(bits=4), nu_dtype=rmsjax.factored(min_size=64)
+    ),
+    "adamw_fp8": lambda: rmsjax.adamw(
+        1e-2, mu_dtype=rmsjax.float8(min_size=64), nu_dtype=rmsjax.float8(min_size=64)
+    ),
 }
 
 

@@ -25,10 +25,14 @@ from rmsjax.schedules import (
 from rmsjax.sharding import state_sharding
 from rmsjax.stochastic import stochastic_round
 from rmsjax.storage import (
+    Factored,
+    Float8,
     Quantized,
     StochasticRounding,
     Storage,
     StoredArray,
+    factored,
+    float8,
     quantized,
     stochastic_rounding,
 )
@@ -89,6 +93,8 @@ __all__ = [
     "AddDecayedWeightsState",
     "DampenedTraceState",
     "DecoupledWeightDecayState",
+    "Factored",
+    "Float8",
     "GradientTransformation",
     "GradientTransformationExtraArgs",
     "Quantized",
@@ -126,6 +132,8 @@ __all__ = [
     "dampened_trace",
     "decoupled_weight_decay",
     "exponential_decay",
+    "factored",
+    "float8",
     "fused",
     "inverse_time_decay",
     "join_schedules",

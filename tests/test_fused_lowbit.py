@@ -230,7 +230,7 @@ def test_native_backend_names_state_the_kernel_cannot_update():
         # nearest (torchao's) are 4-bit codes the kernel lacks
         (four, four, "stochastically rounded codes"),
         (None, rmsjax.quantized(codec=rmsjax.quantization.torchao_codec(4, signed=False)), "4-bit"),
-        (rmsjax.stochastic_rounding(), rmsjax.stochastic_rounding(), "StochasticRounding"),
+        (rmsjax.stochastic_rounding(), rmsjax.stochastic_rounding(), "stochastically rounded"),
     ]:
         opt = fused.adam(1e-3, mu_dtype=mu, nu_dtype=nu, backend="native")
         with pytest.raises(ValueError, match=rf"\['w'\].*{why}"):

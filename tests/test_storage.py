@@ -740,3 +740,32 @@ def test_float8_is_a_block_scaled_cast(second: str) -> None:
         rmsjax.float8(second_moment="e4m3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`block_size` must be an integer >= 1"):
         rmsjax.float8(block_size=0)
+
+
+def test_centered_rms_keeps_the_variance_where_4_bits_would_cancel_it() -> None:
+    params = {"w": jnp.zeros((32, 256))}
+    state_of = lambda storage: rmsjax.scale_by_centered_rms(nu_dtype=storage).init(params)
+    assert isinstance(state_of(rmsjax.quantized(4)), rmsjax.ScaleByCenteredVarianceState)
+    assert isinstance(state_of(rmsjax.factored()), rmsjax.ScaleByCenteredVarianceState)
+    for storage in (None, jnp.bfloat16, rmsjax.quantized(8), rmsjax.stochastic_rounding()):
+        assert isinstance(state_of(storage), rmsjax.ScaleByRStdDevState)  # optax's
+
+    # Full-batch-like gradients: a mean of 1 and a standard deviation of 0.01. float32 state
+    # steps by about g / 0.01; 4-bit nu and mu hold one significant bit each, so nu - mu^2 is
+    # noise of the size of nu (the clamp at 0 then makes steps of g / sqrt(eps)); the variance
+    # form stores the variance itself and follows float32.
+    def steps(opt: Any) -> np.ndarray:
+        update = jax.jit(opt.update)
+        state, out = opt.init(params), []
+        for i in range(150):
+            g = {"w": 1.0 + 0.01 * jax.random.normal(jax.random.PRNGKey(i), (32, 256))}
+            u, state = update(g, state)
+            out.append(np.asarray(u["w"]))
+        return np.abs(np.stack(out[50:]))
+
+    four = rmsjax.quantized(4)
+    reference = steps(rmsjax.scale_by_centered_rms())
+    ratio = steps(rmsjax.scale_by_centered_rms(mu_dtype=four, nu_dtype=four)) / reference
+    cancelled = steps(rmsjax.scale_by_centered_rms(mu_dtype=four, nu_dtype=four, variance=False))
+    assert 0.7 < np.median(ratio) < 1.5 and np.mean(ratio > 10) < 0.01
+    assert np.mean(cancelled / reference > 10) > 0.2  # what the variance form avoids

@@ -49,6 +49,12 @@ class Factored(Storage[FactoredArray]):
                 f"(not another factored()), got {self.fallback!r}."
             )
 
+    @property
+    def cancels_differences(self) -> bool:
+        r"""True: row and column means reproduce :math:`\nu` only approximately, far from the
+        precision of :math:`\nu - |\mu|^2`."""
+        return True
+
     def store(self, array: jax.Array, *, signed: bool, salt: str) -> Any:
         if signed:
             raise ValueError(

@@ -69,6 +69,12 @@ class Quantized(Storage[QuantizedArray]):
                 )
             object.__setattr__(self, "bits", self.codec.bits)
 
+    @property
+    def cancels_differences(self) -> bool:
+        r"""True for 4-bit codes: with one significant bit (the default maps) or 16 levels, the
+        rounding of :math:`\nu` and :math:`|\mu|^2` swamps their difference."""
+        return self.bits == 4
+
     def codec_for(self, signed: bool) -> BlockCodec:
         """The codec of a moment that can be negative (``signed``) or not."""
         return self.codec if self.codec is not None else _moment_codec(self, signed)

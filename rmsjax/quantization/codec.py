@@ -14,6 +14,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
+from rmsjax.quantization.fast import bucket_table
+from rmsjax.quantization.fast import codes as fast_codes
 from rmsjax.quantization.maps import dynamic_map, linear_map
 from rmsjax.quantization.rounding import CONVENTIONS, lookup
 from rmsjax.validation import is_int
@@ -163,6 +165,15 @@ class BlockCodec:
             rows = jnp.pad(rows, [(0, 0)] * len(lead) + [(0, pad)])
         return rows.reshape(*lead, nb, self.block_size)
 
+    def _per_entry(self, per_block: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """A per-block array (of :meth:`scale_shape`) repeated for every entry of its block, in
+        the row view ``(*lead, n)`` of an array of ``shape``."""
+        lead, n = self._rows(shape)
+        nb = per_block.shape[-1]
+        full = (*lead, nb, self.block_size)
+        entries = jnp.broadcast_to(per_block[..., None], full).reshape(*lead, nb * self.block_size)
+        return entries[..., :n] if nb * self.block_size != n else entries
+
     # -- encode / decode -------------------------------------------------------------------
 
     def encode(self, x: ArrayLike) -> tuple[jax.Array, jax.Array]:
@@ -171,43 +182,101 @@ class BlockCodec:
         ``x`` is read in float32. ``codes`` is uint8 with :meth:`code_shape` (two 4-bit codes
         per byte, the even-indexed entry in the high nibble, as torchao packs them); ``scales``
         is float32 with :meth:`scale_shape`. Pure and elementwise per block: jit, vmap and
-        sharding apply.
+        sharding apply. The same as ``(self.codes_of(x, s), s)`` with ``s =
+        self.scales_of(x)``.
         """
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(
-                f"BlockCodec.encode needs a real floating-point array, got dtype {x.dtype}. "
-                "Complex state is not quantized (store its real and imaginary parts apart)."
-            )
-        return _encode(self, x)
+        return _encode(self, _real(x, "encode"))
 
     def _encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        shape = x.shape
+        scales = self.scales_of(x)
+        return self.codes_of(x, scales), scales
+
+    def scales_of(self, x: ArrayLike) -> jax.Array:
+        r"""The float32 scale of every block of ``x`` (:meth:`scale_shape`): the first of
+        :meth:`encode`'s two passes.
+
+        ``"nearest"``: the largest :math:`|x_i|` of the block, NaN if the block holds a NaN;
+        ``"bitsandbytes"``: the largest over the non-NaN entries; ``"torchao"``: the largest,
+        at least :math:`10^{-12}`. XLA flushes float32 subnormals to zero on the CPU, so there
+        a block of subnormals and zeros has scale 0.
+
+        Computed as one reduction of the pair (magnitude, is-NaN) per block, which XLA fuses
+        with the computation of ``x`` (a single reduction of the magnitudes would be split by
+        XLA's CPU compiler into a two-stage reduction that keeps the magnitudes in memory).
+        """
+        x = jnp.asarray(x)
         blocks = self._blocks(x.astype(jnp.float32))
-        mag = jnp.abs(blocks)
-        nan = jnp.isnan(mag)
-        # The maximum over the non-NaN entries; XLA's reductions need not propagate NaN, so a
-        # NaN is put back explicitly (bitsandbytes' maximum skips NaN entries, the others not).
-        scales = jnp.max(jnp.where(nan, jnp.float32(0.0), mag), axis=-1)
-        if self.convention != "bitsandbytes":
-            scales = jnp.where(jnp.any(nan, axis=-1), jnp.float32(jnp.nan), scales)
+        nan = jnp.isnan(blocks)
+        mag = jnp.where(nan, jnp.float32(0.0), jnp.abs(blocks))
+        largest, any_nan = lax.reduce(
+            (mag, nan.astype(jnp.int8)),
+            (np.float32(0.0), np.int8(0)),
+            lambda a, b: (jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])),
+            (blocks.ndim - 1,),
+        )
+        # bitsandbytes' maximum skips NaN entries; the others make the block's scale NaN, so
+        # that a NaN stays visible after decoding. (The flag is never above 1: the comparison
+        # keeps the reduction's second result in use for bitsandbytes too.)
+        limit = 1 if self.convention == "bitsandbytes" else 0
+        scales = jnp.where(any_nan > limit, jnp.float32(jnp.nan), largest)
         if self.convention == "torchao":
             scales = jnp.maximum(scales, jnp.float32(_TORCHAO_SCALE_FLOOR))
+        return scales
+
+    def codes_of(self, x: ArrayLike, scales: ArrayLike) -> jax.Array:
+        r"""The uint8 codes of ``x`` (:meth:`code_shape`) given the block ``scales`` that
+        :meth:`scales_of` returns for it: the second of :meth:`encode`'s two passes, elementwise
+        given the scales.
+
+        With :math:`s` the entry's block scale (1 where it is 0), :math:`v = x / s` correctly
+        rounded (``normalize="divide"``) or :math:`x \cdot \mathrm{fl}(1/s)`
+        (``"reciprocal"``); a NaN :math:`v` is read as :math:`-1`; the code is the rounding
+        rule's for :math:`v` (:mod:`rmsjax.quantization.rounding`), found with one table
+        lookup (:mod:`rmsjax.quantization.fast`).
+        """
+        x = jnp.asarray(x)
+        shape = tuple(x.shape)
+        scales = jnp.asarray(scales, jnp.float32)
+        lead, n = self._rows(shape)
+        xs = x.astype(jnp.float32).reshape(*lead, n)
+        entry = lambda per_block: self._per_entry(per_block, shape)
+        one = jnp.float32(1.0)
+        table = bucket_table(self.qmap, self.convention)
         if self.normalize == "reciprocal":
-            v = blocks * (jnp.float32(1.0) / scales)[..., None]
+            v = xs * entry(one / scales)
+            v = jnp.where(jnp.isnan(v), jnp.float32(-1.0), v)
+            if table is None:
+                codes = lookup(self.qmap, self.convention, v)
+            else:
+                negative = lax.bitcast_convert_type(v, jnp.int32) >> 31
+                codes = fast_codes(jnp.abs(v), negative, v, table)
         else:
-            # XLA rewrites a division by a broadcast into a multiplication by the reciprocal
-            # (one more rounding, which moves about one code in a thousand); the barrier keeps
-            # the true, correctly rounded division.
-            divisor = jnp.where(scales == 0, jnp.float32(1.0), scales)[..., None]
-            v = blocks / lax.optimization_barrier(jnp.broadcast_to(divisor, blocks.shape))
-        # A NaN normalised value takes the code of -1 (bitsandbytes clamps NaN to -1; torchao's
-        # comparisons all fail, giving code 0); under "nearest" its block's scale is NaN anyway.
-        v = jnp.where(jnp.isnan(v), jnp.float32(-1.0), v)
-        codes = lookup(self.qmap, self.convention, v)
+            divisor = jnp.where(scales == 0, one, scales)
+            # fl(1/s) is subnormal (flushed to 0 on the CPU) for s >= 2^126: the approximation
+            # then uses (x * 2^-8) * fl(2^8 / s).
+            big = divisor >= jnp.float32(2.0**120)
+            recip = jnp.where(big, jnp.float32(256.0), one) / divisor
+            pre = jnp.where(big, jnp.float32(2.0**-8), one)
+            d = entry(divisor)
+            # v is NaN where x is NaN or infinite (then s is infinite too) or the scale is NaN:
+            # -1 then, as the reference takes a NaN v.
+            bad = jnp.isnan(d) | ~jnp.isfinite(xs)
+            approx = jnp.where(bad, jnp.float32(-1.0), (xs * entry(pre)) * entry(recip))
+            # |x| / s, correctly rounded, and the sign of x (of v). XLA rewrites a division by
+            # a broadcast into a multiplication by the reciprocal (one more rounding);
+            # max(s, |x|), which is s (no |x| exceeds its block's scale), is not a broadcast,
+            # so the division stays. Its result is read once (see fast.codes).
+            magnitude = jnp.where(bad, one, jnp.abs(xs))
+            denominator = jnp.where(bad, one, jnp.maximum(d, jnp.abs(xs)))
+            sign = jnp.where(bad, jnp.int32(-1), lax.bitcast_convert_type(xs, jnp.int32) >> 31)
+            if table is None:
+                v = jnp.where(sign < 0, -one, one) * (magnitude / denominator)
+                codes = lookup(self.qmap, self.convention, v)
+            else:
+                codes = fast_codes(magnitude / denominator, sign, approx, table)
         if self.convention == "bitsandbytes":
-            codes = jnp.where((scales == 0)[..., None], jnp.uint8(0), codes)
-        return self._pack(codes, shape), scales
+            codes = jnp.where(entry(scales) == 0, jnp.uint8(0), codes)
+        return self._pack(codes, shape)
 
     def _pack(self, codes: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         lead, n = self._rows(shape)
@@ -247,10 +316,21 @@ class BlockCodec:
         if self.bits == 4:
             codes = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(*lead, -1)
         codes = codes.reshape(*lead, -1)[..., :n]
-        values = jnp.asarray(np.asarray(self.qmap, _F32))[codes.astype(jnp.int32)]
-        blocks = self._blocks(values.reshape(*lead, n)) * scales[..., None]
-        flat = blocks.reshape(*lead, -1)[..., :n]
-        return flat.reshape(shape).astype(dtype)
+        table = jnp.asarray(np.asarray(self.qmap, _F32))
+        values = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+        # In the code's own shape (the scales are repeated per entry): XLA then fuses the
+        # table lookup into each consumer of the decoded values.
+        return (values * self._per_entry(scales, shape)).reshape(shape).astype(dtype)
+
+
+def _real(x: ArrayLike, what: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"BlockCodec.{what} needs a real floating-point array, got dtype {x.dtype}. "
+            "Complex state is not quantized (store its real and imaginary parts apart)."
+        )
+    return x
 
 
 # One compiled program per codec, shape and dtype (inside an outer jit these simply inline).

@@ -40,9 +40,11 @@ from rmsjax.storage.base import (
     StoredArray,
     check_storage,
     decode,
+    decoded_dtype,
     encode,
     is_stored,
     plain_dtype,
+    seed_key,
 )
 from rmsjax.storage.quantized import Quantized, quantized
 from rmsjax.storage.rounded import RoundedArray, StochasticRounding, stochastic_rounding
@@ -56,9 +58,11 @@ __all__ = [
     "StoredArray",
     "check_storage",
     "decode",
+    "decoded_dtype",
     "encode",
     "is_stored",
     "plain_dtype",
     "quantized",
+    "seed_key",
     "stochastic_rounding",
 ]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from rmsjax.quantization import BlockCodec, QuantizedArray, check_bits, moment_codec
@@ -92,6 +94,63 @@ class Quantized(Storage[QuantizedArray]):
     def encode(self, x: jax.Array, data: QuantizedArray) -> QuantizedArray:
         codes, scales = data.codec.encode(_finite(jnp.real(x)))
         return dataclasses.replace(data, codes=codes, scales=scales)
+
+    def encode_from(self, new: Callable[[], jax.Array], data: QuantizedArray) -> QuantizedArray:
+        # Two passes over the new value, each with its own copy of its computation: the block
+        # scales (a reduction), then the codes given the scales (elementwise). XLA fuses each
+        # with the computation of the value; none keeps the value in memory.
+        value = lambda: _finite(jnp.real(new()))
+        scales = data.codec.scales_of(value())
+        codes = data.codec.codes_of(value(), scales)
+        return dataclasses.replace(data, codes=codes, scales=scales)
+
+    def row_view(self, data: QuantizedArray, rows: int) -> QuantizedArray | None:
+        # Rows of the view must hold whole blocks (and whole bytes of 4-bit codes): then the
+        # view's blocks along its last axis are the moment's blocks, and its codes and scales
+        # are those of the moment, reshaped.
+        codec, shape = data.codec, tuple(data.shape)
+        size = math.prod(shape)
+        if rows < 2 or size % rows:
+            return None
+        width = size // rows
+        if width % codec.block_size or (codec.bits == 4 and width % 2):
+            return None
+        if codec.layout == "last_axis":
+            n = shape[-1] if shape else 1
+            whole_rows = (
+                width % n == 0 and n % codec.block_size == 0 and not (codec.bits == 4 and n % 2)
+            )
+            if not (n % width == 0 or whole_rows):
+                return None
+        return dataclasses.replace(
+            data,
+            codes=data.codes.reshape(rows, -1),
+            scales=data.scales.reshape(rows, -1),
+            codec=dataclasses.replace(codec, layout="last_axis"),
+            shape=(rows, width),
+        )
+
+    def take_rows(self, view: QuantizedArray, start: Any, count: int) -> QuantizedArray:
+        take = lambda whole: lax.dynamic_slice_in_dim(whole, start, count, axis=0)
+        return dataclasses.replace(
+            view,
+            codes=take(view.codes),
+            scales=take(view.scales),
+            shape=(count, view.shape[1]),
+        )
+
+    def put_rows(self, view: QuantizedArray, start: int, rows: QuantizedArray) -> QuantizedArray:
+        put = lambda whole, part: lax.dynamic_update_slice_in_dim(whole, part, start, axis=0)
+        return dataclasses.replace(
+            view, codes=put(view.codes, rows.codes), scales=put(view.scales, rows.scales)
+        )
+
+    def from_row_view(self, view: QuantizedArray, data: QuantizedArray) -> QuantizedArray:
+        return dataclasses.replace(
+            data,
+            codes=view.codes.reshape(data.codes.shape),
+            scales=view.scales.reshape(data.scales.shape),
+        )
 
     def shape(self, data: QuantizedArray) -> tuple[int, ...]:
         return tuple(data.shape)

@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.typing import DTypeLike
 
 from rmsjax import _fusion
@@ -480,7 +481,8 @@ def _rows_of(
         views = {j: old.row_view(rows) for j, old in enumerate(olds) if S.is_stored(old)}
         views = {j: v for j, v in views.items() if v is not None}
         if views:
-            return [round(i * rows / parts) for i in range(parts + 1)], views
+            parts = min(d for d in range(parts, rows + 1) if rows % d == 0)  # equal parts
+            return [i * rows // parts for i in range(parts + 1)], views
     return None
 
 
@@ -506,27 +508,30 @@ def _encode_by_rows(
     rows = bounds[-1]
     width = int(np.size(g)) // rows
 
-    def part(x: Any, start: int, stop: int) -> Any:
-        return jnp.reshape(x, (rows, width))[start:stop]
+    def part(x: Any, start: Any, count: int) -> Any:
+        return lax.dynamic_slice_in_dim(jnp.reshape(x, (rows, width)), start, count)
 
+    # 0, computed from the previous leaf's new moments (or the gradient): unknown to XLA
+    zero = 1 - (_fusion.written(g) if after is None else after)
     for start, stop in itertools.pairwise(bounds):
-        # The first part starts at row 1 - after = 0: read once the previous leaf is written.
-        first = start if after is None or start else 1 - after
+        first = start + zero
         mine = {j: v.take_rows(first, stop - start) for j, v in views.items()}
 
-        def results(mine: dict[int, Any] = mine, start: int = start, stop: int = stop) -> Any:
+        def results(
+            mine: dict[int, Any] = mine, start: Any = first, count: int = stop - start
+        ) -> Any:
             k = next(copies)
             own = _fusion.instance(mine, k)
             others = _fusion.instance([old for j, old in enumerate(olds) if j not in own], k)
             values = [
-                S.decode(own[j]) if j in own else part(S.decode(others.pop(0)), start, stop)
+                S.decode(own[j]) if j in own else part(S.decode(others.pop(0)), start, count)
                 for j in range(len(olds))
             ]
-            return rule(part(g, start, stop), *values, *(part(e, start, stop) for e in extras))
+            return rule(part(g, start, count), *values, *(part(e, start, count) for e in extras))
 
         for j in views:
             new = mine[j].encode_from(lambda j=j, results=results: results()[1 + j])
-            views[j] = views[j].put_rows(start, new)
+            views[j] = views[j].put_rows(first, new)
     return (
         {j: view.from_row_view(olds[j]) for j, view in views.items()},
         _fusion.written(list(views.values())),

@@ -22,7 +22,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from rmsjax._types import HALF_FLOATS
 
-__all__ = ["counter_bits", "mix32", "stochastic_round"]
+__all__ = ["counter_bits", "mix32", "round_with_bits", "stochastic_round"]
 
 _GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: consecutive indices land far apart before mixing
 
@@ -42,7 +42,9 @@ def mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 15)
 
 
-def counter_bits(shape: tuple[int, ...], seed: ArrayLike, counter: ArrayLike) -> jax.Array:
+def counter_bits(
+    shape: tuple[int, ...], seed: ArrayLike, counter: ArrayLike, offset: ArrayLike = 0
+) -> jax.Array:
     r"""32 random bits per entry of an array of ``shape``, from a hash of (index, seed, counter).
 
     .. math::  b_i = \mathrm{mix32}(i \cdot \mathtt{0x9E3779B9} + k), \qquad
@@ -59,6 +61,9 @@ def counter_bits(shape: tuple[int, ...], seed: ArrayLike, counter: ArrayLike) ->
       shape: the array's shape.
       seed: a ``uint32`` scalar (e.g. derived from a moment's name and parameter path).
       counter: a ``uint32`` scalar, advanced by the caller at every use.
+      offset: the index of the array's first entry (a scalar, may be traced): the bits of rows
+        ``r:`` of a larger array are ``counter_bits`` of those rows with the offset of row
+        ``r``'s first entry.
     """
     index = jnp.zeros(shape, jnp.uint32)
     stride = 1
@@ -66,21 +71,29 @@ def counter_bits(shape: tuple[int, ...], seed: ArrayLike, counter: ArrayLike) ->
         index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
         stride *= shape[axis]
     key = mix32(jnp.asarray(seed, jnp.uint32) ^ mix32(jnp.asarray(counter, jnp.uint32)))
+    index = index + jnp.asarray(offset).astype(jnp.uint32)
     return mix32(index * jnp.uint32(_GOLDEN) + key)
 
 
-def _round_bfloat16(x: jax.Array, key: jax.Array) -> jax.Array:
+def _round_bfloat16(x: jax.Array, random: jax.Array) -> jax.Array:
     # bfloat16 is the upper half of a float32. Truncating the lower 16 bits rounds toward zero;
     # adding one to the upper half moves one bfloat16 step away from zero (a carry into the
     # exponent is the correct next number). Doing so when 16 random bits r < the lower 16 bits
-    # f happens with probability f / 2^16: exactly the fractional distance.
+    # f happens with probability f / 2^16: exactly the fractional distance. In integers on the
+    # magnitude m (no float conversion, which XLA's CPU backend computes slowly): beyond the
+    # largest finite bfloat16 the value is converted as by astype (to the largest below
+    # 0x7F7F8000, else to infinity, ties to even), NaN stays NaN (its upper half, quietened).
     bits = lax.bitcast_convert_type(x, jnp.uint32)
-    noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
-    upper = (bits >> 16) + (noise < (bits & 0xFFFF)).astype(jnp.uint32)
+    sign = (bits >> 16) & 0x8000
+    m = bits & 0x7FFFFFFF
+    up = (random >> 16) < (m & 0xFFFF)
+    rounded = jnp.minimum((m >> 16) + up.astype(jnp.uint32), jnp.uint32(0x7F7F))
+    beyond = jnp.where(m > 0x7F800000, (m >> 16) | 0x40, jnp.uint32(0x7F80))
+    upper = jnp.where(m >= 0x7F7F8000, beyond, rounded) | sign
     return lax.bitcast_convert_type(upper.astype(jnp.uint16), jnp.bfloat16)
 
 
-def _round_float16(x: jax.Array, key: jax.Array) -> jax.Array:
+def _round_float16(x: jax.Array, random: jax.Array) -> jax.Array:
     # float16 keeps 11 significant bits down to 2^-14 and a fixed step of 2^-24 below. With u
     # that step for |x|, t = |x| / u is exact (a power-of-two scaling), floor(t) * u rounds
     # toward zero and the fraction t - floor(t) (exact, at most 24 bits) is the probability of
@@ -90,7 +103,7 @@ def _round_float16(x: jax.Array, key: jax.Array) -> jax.Array:
     step_exp = jnp.maximum(exponent - 11, -24)
     t = jnp.ldexp(mag, -step_exp)
     whole = jnp.floor(t)
-    noise = (jax.random.bits(key, x.shape, jnp.uint32) >> 8).astype(jnp.float32) * 2.0**-24
+    noise = (random >> 8).astype(jnp.float32) * 2.0**-24
     rounded = jnp.ldexp(whole + (noise < t - whole).astype(jnp.float32), step_exp)
     return jnp.copysign(rounded, x).astype(jnp.float16)
 
@@ -136,7 +149,28 @@ def stochastic_round(x: ArrayLike, key: jax.Array, dtype: DTypeLike = jnp.bfloat
 
 @functools.partial(jax.jit, static_argnums=2)
 def _stochastic_round(x: jax.Array, key: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    rounded = _round_bfloat16(x32, key) if dtype == HALF_FLOATS[0] else _round_float16(x32, key)
+    return round_with_bits(x, jax.random.bits(key, x.shape, jnp.uint32), dtype)
+
+
+def round_with_bits(x: ArrayLike, bits: ArrayLike, dtype: DTypeLike = jnp.bfloat16) -> jax.Array:
+    r""":func:`stochastic_round` with the random bits given: ``bits``, ``uint32`` of ``x``'s
+    shape, 32 per entry (:func:`counter_bits`, or ``jax.random.bits``, which
+    :func:`stochastic_round` uses).
+
+    bfloat16: with :math:`f` the low 16 bits of the float32 :math:`x`, the entry rounds away
+    from zero when ``bits >> 16`` :math:`< f` (probability :math:`f / 2^{16}`), else toward
+    zero (the upper 16 bits of :math:`x`). float16: with :math:`t = |x| / u` for the float16
+    step :math:`u` at :math:`|x|`, away from zero when :math:`(\mathtt{bits} \gg 8) \cdot
+    2^{-24} < t - \lfloor t \rfloor`. Values beyond the finite range of ``dtype``,
+    infinities and NaN are converted as by ``x.astype(dtype)``. Elementwise: XLA fuses it with the
+    computation of ``x`` and of ``bits``.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype not in HALF_FLOATS:
+        raise ValueError(f"`dtype` must be bfloat16 or float16, got {dtype}.")
+    x32 = jnp.asarray(x).astype(jnp.float32)
+    bits = jnp.asarray(bits, jnp.uint32)
+    if dtype == HALF_FLOATS[0]:
+        return _round_bfloat16(x32, bits)
     in_range = jnp.abs(x32) <= jnp.finfo(dtype).max  # False for NaN and inf
-    return jnp.where(in_range, rounded, x32.astype(dtype))
+    return jnp.where(in_range, _round_float16(x32, bits), x32.astype(dtype))

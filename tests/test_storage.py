@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 
 import rmsjax
 from rmsjax.quantization import moment_codec
-from rmsjax.stochastic import counter_bits
-from rmsjax.storage import StoredArray, decode, is_stored
+from rmsjax.stochastic import counter_bits, round_with_bits
+from rmsjax.storage import StoredArray, decode, is_stored, seed_key
 
 SPECS = {
     "q8": rmsjax.quantized(8),
@@ -114,11 +114,11 @@ def stored_leaves(state: Any) -> list[StoredArray]:
 
 def expected_storage(new_plain: Any, old: StoredArray) -> np.ndarray:
     """What the storage must hold after the step: the reference's new moment encoded by the
-    codec, or stochastically rounded with the first half of the old key."""
+    codec, or stochastically rounded with the counter bits of the old key."""
     if isinstance(old.storage, rmsjax.StochasticRounding):
         value, key = old.data
-        use, _ = jax.random.split(key)
-        out = rmsjax.stochastic_round(new_plain, use, value.dtype)
+        bits = counter_bits(value.shape, key[0], key[1])
+        out = round_with_bits(new_plain, bits, value.dtype)
         return np.asarray(out.astype(jnp.float32))
     q = old.data
     # a stochastically rounding codec draws the bits of the old (seed, counter)
@@ -168,8 +168,8 @@ def test_every_rule_decodes_steps_and_encodes(rule: str, spec: str) -> None:
             differ = np.mean(~np.isclose(mine, expected, rtol=1e-6, atol=0))
             assert differ <= 2e-3, f"{differ:.4f} of the entries differ"
             if isinstance(old.storage, rmsjax.StochasticRounding):
-                _, key = old.data
-                assert np.array_equal(np.asarray(got.data[1]), np.asarray(jax.random.split(key)[1]))
+                seed, counter = np.asarray(old.data[1])
+                assert np.array_equal(np.asarray(got.data[1]), [seed, counter + 1])
             if isinstance(old.storage, rmsjax.Quantized) and old.data.key is not None:
                 # the counter advances by one per encoding, the seed stays
                 want_key = np.asarray(old.data.key) + np.uint32([0, 1])
@@ -335,19 +335,22 @@ def test_4bit_second_moment_follows_float32_where_the_nearest_code_stalls() -> N
 
 
 def test_stochastic_rounding_keys() -> None:
-    """One key per stored array, different between leaves, moments and seeds; split at each
-    update; kept when the gradient is None."""
+    """One key per stored array, different between leaves, moments and seeds (the seed word of
+    seed_key, counter 0); the counter advances at each update; kept when the gradient is
+    None."""
     params = {"a": jnp.ones(8), "b": jnp.ones(8)}
     sr = rmsjax.stochastic_rounding()
     opt = rmsjax.scale_by_adam(mu_dtype=sr, nu_dtype=sr)
     state = opt.init(params)
     keys = [np.asarray(x.data[1]).tobytes() for x in stored_leaves(state)]
     assert len(set(keys)) == 4
+    assert np.array_equal(state.mu["a"].data[1], seed_key(0, "mu['a']"))
     other = rmsjax.scale_by_adam(mu_dtype=rmsjax.stochastic_rounding(seed=1)).init(params)
     assert np.asarray(other.mu["a"].data[1]).tobytes() not in keys
     _, new = opt.update({"a": jnp.ones(8), "b": None}, state)
     assert np.array_equal(new.mu["b"].data[1], state.mu["b"].data[1])
-    assert np.array_equal(new.mu["a"].data[1], jax.random.split(state.mu["a"].data[1])[1])
+    seed, counter = np.asarray(state.mu["a"].data[1])
+    assert np.array_equal(new.mu["a"].data[1], [seed, counter + 1])
 
 
 def _mix32(x: int) -> int:

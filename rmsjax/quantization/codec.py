@@ -14,6 +14,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
+from rmsjax.quantization.fast import bucket_table
+from rmsjax.quantization.fast import codes as fast_codes
 from rmsjax.quantization.maps import dynamic_map, linear_map, power_of_two_map
 from rmsjax.quantization.rounding import CONVENTIONS, lookup, stochastic_codes
 from rmsjax.validation import is_int
@@ -197,6 +199,15 @@ class BlockCodec:
             rows = jnp.pad(rows, [(0, 0)] * len(lead) + [(0, pad)])
         return rows.reshape(*lead, nb, self.block_size)
 
+    def _per_entry(self, per_block: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """A per-block array (of :meth:`scale_shape`) repeated for every entry of its block, in
+        the row view ``(*lead, n)`` of an array of ``shape``."""
+        lead, n = self._rows(shape)
+        nb = per_block.shape[-1]
+        full = (*lead, nb, self.block_size)
+        entries = jnp.broadcast_to(per_block[..., None], full).reshape(*lead, nb * self.block_size)
+        return entries[..., :n] if nb * self.block_size != n else entries
+
     # -- encode / decode -------------------------------------------------------------------
 
     def encode(
@@ -209,61 +220,128 @@ class BlockCodec:
         is float32 with :meth:`scale_shape`. Pure and elementwise per block: jit, vmap and
         sharding apply. ``random_bits``: with ``rounding="stochastic"`` (and only then), a
         ``uint32`` array of ``x``'s shape, the random bits of each entry's rounding
-        (:func:`rmsjax.stochastic.counter_bits`).
+        (:func:`rmsjax.stochastic.counter_bits`). The same as ``(self.codes_of(x, s,
+        random_bits), s)`` with ``s = self.scales_of(x)``.
         """
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(
-                f"BlockCodec.encode needs a real floating-point array, got dtype {x.dtype}. "
-                "Complex state is not quantized (store its real and imaginary parts apart)."
-            )
+        x = _real(x, "encode")
+        return _encode(self, x, self._checked_bits(x.shape, random_bits))
+
+    def _checked_bits(self, shape: tuple[int, ...], random_bits: ArrayLike | None) -> Any:
         if (random_bits is None) != (self.rounding == "nearest"):
             raise ValueError(
                 f"BlockCodec.encode: `random_bits` must be given with rounding='stochastic' "
                 f"and only then (this codec's rounding is {self.rounding!r})."
             )
         if random_bits is None:
-            return _encode(self, x, None)
+            return None
         random_bits = jnp.asarray(random_bits)
-        if random_bits.shape != x.shape or random_bits.dtype != jnp.uint32:
+        if random_bits.shape != shape or random_bits.dtype != jnp.uint32:
             raise ValueError(
-                f"BlockCodec.encode: `random_bits` must be uint32 of x's shape {x.shape}, got "
+                f"BlockCodec.encode: `random_bits` must be uint32 of x's shape {shape}, got "
                 f"{random_bits.dtype}{list(random_bits.shape)}."
             )
-        return _encode(self, x, random_bits)
+        return random_bits
 
     def _encode(self, x: jax.Array, random_bits: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        shape = x.shape
+        scales = self.scales_of(x)
+        return self.codes_of(x, scales, random_bits), scales
+
+    def scales_of(self, x: ArrayLike) -> jax.Array:
+        r"""The float32 scale of every block of ``x`` (:meth:`scale_shape`): the first of
+        :meth:`encode`'s two passes.
+
+        ``"nearest"``: the largest :math:`|x_i|` of the block, NaN if the block holds a NaN;
+        ``"bitsandbytes"``: the largest over the non-NaN entries; ``"torchao"``: the largest,
+        at least :math:`10^{-12}`; with ``scale="power_of_two"``, the smallest power of two at
+        least the largest. XLA flushes float32 subnormals to zero on the CPU, so there a block
+        of subnormals and zeros has scale 0.
+
+        Computed as one reduction of the pair (magnitude, is-NaN) per block, which XLA fuses
+        with the computation of ``x`` (a single reduction of the magnitudes would be split by
+        XLA's CPU compiler into a two-stage reduction that keeps the magnitudes in memory).
+        """
+        x = jnp.asarray(x)
         blocks = self._blocks(x.astype(jnp.float32))
-        mag = jnp.abs(blocks)
-        nan = jnp.isnan(mag)
-        # The maximum over the non-NaN entries; XLA's reductions need not propagate NaN, so a
-        # NaN is put back explicitly (bitsandbytes' maximum skips NaN entries, the others not).
-        scales = jnp.max(jnp.where(nan, jnp.float32(0.0), mag), axis=-1)
-        if self.convention != "bitsandbytes":
-            scales = jnp.where(jnp.any(nan, axis=-1), jnp.float32(jnp.nan), scales)
+        nan = jnp.isnan(blocks)
+        mag = jnp.where(nan, jnp.float32(0.0), jnp.abs(blocks))
+        largest, any_nan = lax.reduce(
+            (mag, nan.astype(jnp.int8)),
+            (np.float32(0.0), np.int8(0)),
+            lambda a, b: (jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])),
+            (blocks.ndim - 1,),
+        )
+        # bitsandbytes' maximum skips NaN entries; the others make the block's scale NaN, so
+        # that a NaN stays visible after decoding. (The flag is never above 1: the comparison
+        # keeps the reduction's second result in use for bitsandbytes too.)
+        limit = 1 if self.convention == "bitsandbytes" else 0
+        scales = jnp.where(any_nan > limit, jnp.float32(jnp.nan), largest)
         if self.convention == "torchao":
             scales = jnp.maximum(scales, jnp.float32(_TORCHAO_SCALE_FLOOR))
         if self.scale == "power_of_two":
             scales = _power_of_two_at_least(scales)
+        return scales
+
+    def codes_of(
+        self, x: ArrayLike, scales: ArrayLike, random_bits: ArrayLike | None = None
+    ) -> jax.Array:
+        r"""The uint8 codes of ``x`` (:meth:`code_shape`) given the block ``scales`` that
+        :meth:`scales_of` returns for it: the second of :meth:`encode`'s two passes, elementwise
+        given the scales.
+
+        With :math:`s` the entry's block scale (1 where it is 0), :math:`v = x / s` correctly
+        rounded (``normalize="divide"``) or :math:`x \cdot \mathrm{fl}(1/s)`
+        (``"reciprocal"``); a NaN :math:`v` is read as :math:`-1`; the code is the rounding
+        rule's for :math:`v` (:mod:`rmsjax.quantization.rounding`), found with one table
+        lookup (:mod:`rmsjax.quantization.fast`) where the map allows, or with ``rounding=
+        "stochastic"`` drawn with ``random_bits`` (as :meth:`encode` takes them).
+        """
+        x = jnp.asarray(x)
+        shape = tuple(x.shape)
+        scales = jnp.asarray(scales, jnp.float32)
+        lead, n = self._rows(shape)
+        xs = x.astype(jnp.float32).reshape(*lead, n)
+        entry = lambda per_block: self._per_entry(per_block, shape)
+        one = jnp.float32(1.0)
+        random_bits = self._checked_bits(shape, random_bits)
+        table = None if random_bits is not None else bucket_table(self.qmap, self.convention)
         if self.normalize == "reciprocal":
-            v = blocks * (jnp.float32(1.0) / scales)[..., None]
+            v = xs * entry(one / scales)
+            v = jnp.where(jnp.isnan(v), jnp.float32(-1.0), v)
+            if table is None:
+                codes = lookup(self.qmap, self.convention, v)
+            else:
+                negative = lax.bitcast_convert_type(v, jnp.int32) >> 31
+                codes = fast_codes(jnp.abs(v), negative, v, table)
         else:
-            # XLA rewrites a division by a broadcast into a multiplication by the reciprocal
-            # (one more rounding, which moves about one code in a thousand); the barrier keeps
-            # the true, correctly rounded division.
-            divisor = jnp.where(scales == 0, jnp.float32(1.0), scales)[..., None]
-            v = blocks / lax.optimization_barrier(jnp.broadcast_to(divisor, blocks.shape))
-        # A NaN normalised value takes the code of -1 (bitsandbytes clamps NaN to -1; torchao's
-        # comparisons all fail, giving code 0); under "nearest" its block's scale is NaN anyway.
-        v = jnp.where(jnp.isnan(v), jnp.float32(-1.0), v)
-        if random_bits is None:
-            codes = lookup(self.qmap, self.convention, v)
-        else:
-            codes = stochastic_codes(self.qmap, v, self._blocks(random_bits))
+            divisor = jnp.where(scales == 0, one, scales)
+            # fl(1/s) is subnormal (flushed to 0 on the CPU) for s >= 2^126: the approximation
+            # then uses (x * 2^-8) * fl(2^8 / s).
+            big = divisor >= jnp.float32(2.0**120)
+            recip = jnp.where(big, jnp.float32(256.0), one) / divisor
+            pre = jnp.where(big, jnp.float32(2.0**-8), one)
+            d = entry(divisor)
+            # v is NaN where x is NaN or infinite (then s is infinite too) or the scale is NaN:
+            # -1 then, as the reference takes a NaN v.
+            bad = jnp.isnan(d) | ~jnp.isfinite(xs)
+            approx = jnp.where(bad, jnp.float32(-1.0), (xs * entry(pre)) * entry(recip))
+            # |x| / s, correctly rounded, and the sign of x (of v). XLA rewrites a division by
+            # a broadcast into a multiplication by the reciprocal (one more rounding);
+            # max(s, |x|), which is s (no |x| exceeds its block's scale), is not a broadcast,
+            # so the division stays. Its result is read once (see fast.codes).
+            magnitude = jnp.where(bad, one, jnp.abs(xs))
+            denominator = jnp.where(bad, one, jnp.maximum(d, jnp.abs(xs)))
+            sign = jnp.where(bad, jnp.int32(-1), lax.bitcast_convert_type(xs, jnp.int32) >> 31)
+            if random_bits is not None:
+                v = jnp.where(sign < 0, -one, one) * (magnitude / denominator)
+                codes = stochastic_codes(self.qmap, v, random_bits.reshape(*lead, n))
+            elif table is None:
+                v = jnp.where(sign < 0, -one, one) * (magnitude / denominator)
+                codes = lookup(self.qmap, self.convention, v)
+            else:
+                codes = fast_codes(magnitude / denominator, sign, approx, table)
         if self.convention == "bitsandbytes":
-            codes = jnp.where((scales == 0)[..., None], jnp.uint8(0), codes)
-        return self._pack(codes, shape), scales
+            codes = jnp.where(entry(scales) == 0, jnp.uint8(0), codes)
+        return self._pack(codes, shape)
 
     def _pack(self, codes: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         lead, n = self._rows(shape)
@@ -303,19 +381,31 @@ class BlockCodec:
         if self.bits == 4:
             codes = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(*lead, -1)
         codes = codes.reshape(*lead, -1)[..., :n]
-        values = jnp.asarray(np.asarray(self.qmap, _F32))[codes.astype(jnp.int32)]
-        blocks = self._blocks(values.reshape(*lead, n)) * scales[..., None]
-        flat = blocks.reshape(*lead, -1)[..., :n]
-        return flat.reshape(shape).astype(dtype)
+        table = jnp.asarray(np.asarray(self.qmap, _F32))
+        values = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+        # In the code's own shape (the scales are repeated per entry): XLA then fuses the
+        # table lookup into each consumer of the decoded values.
+        return (values * self._per_entry(scales, shape)).reshape(shape).astype(dtype)
+
+
+def _real(x: ArrayLike, what: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"BlockCodec.{what} needs a real floating-point array, got dtype {x.dtype}. "
+            "Complex state is not quantized (store its real and imaginary parts apart)."
+        )
+    return x
 
 
 def _power_of_two_at_least(m: jax.Array) -> jax.Array:
-    """The smallest power of two >= ``m`` (``m`` >= 0 and finite), within [2^-126, 2^127];
-    0 stays 0, NaN stays NaN."""
+    """The smallest power of two >= ``m`` (``m`` >= 0), within [2^-126, 2^127]; 0 stays 0,
+    NaN stays NaN and infinity stays infinity (the scale of a block holding one, as with
+    ``scale="max"``)."""
     mantissa, exponent = jnp.frexp(m)  # m = mantissa * 2^exponent, mantissa in [0.5, 1)
     exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent)
     power = jnp.ldexp(jnp.float32(1.0), jnp.clip(exponent, -126, 127))
-    return jnp.where(m > 0, power, m)
+    return jnp.where((m > 0) & (m < jnp.inf), power, m)
 
 
 # One compiled program per codec, shape and dtype (inside an outer jit these simply inline).

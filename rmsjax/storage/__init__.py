@@ -48,9 +48,11 @@ from rmsjax.storage.base import (
     StoredArray,
     check_storage,
     decode,
+    decoded_dtype,
     encode,
     is_stored,
     plain_dtype,
+    seed_key,
 )
 from rmsjax.storage.factored import Factored, FactoredArray, factored
 from rmsjax.storage.float8 import Float8, Float8Array, float8
@@ -70,11 +72,13 @@ __all__ = [
     "StoredArray",
     "check_storage",
     "decode",
+    "decoded_dtype",
     "encode",
     "factored",
     "float8",
     "is_stored",
     "plain_dtype",
     "quantized",
+    "seed_key",
     "stochastic_rounding",
 ]

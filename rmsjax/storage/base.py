@@ -15,6 +15,7 @@ import abc
 import dataclasses
 import functools
 import zlib
+from collections.abc import Callable
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Sharding
 
 from rmsjax._numerics import cast_to
+from rmsjax.stochastic import mix32
 from rmsjax.validation import check_float_dtype, display_name
 
 __all__ = [
@@ -30,10 +32,12 @@ __all__ = [
     "StoredArray",
     "check_storage",
     "decode",
+    "decoded_dtype",
     "encode",
     "is_stored",
     "plain_dtype",
     "salt_of",
+    "seed_key",
 ]
 
 D = TypeVar("D")
@@ -81,6 +85,46 @@ class Storage(abc.ABC, Generic[D]):
     @abc.abstractmethod
     def encode(self, x: jax.Array, data: D) -> D:
         """The new value ``x`` of the moment held in ``data``'s place (same shapes and dtypes)."""
+
+    def encode_from(self, new: Callable[[], jax.Array], data: D) -> D:
+        """:meth:`encode` of the value that ``new()`` returns, which ``new`` computes afresh at
+        every call (an independent copy for XLA, :mod:`rmsjax._fusion`).
+
+        A kind calls ``new`` once per pass it makes over the value (:class:`Quantized`: the
+        block scales, then the codes), so that XLA fuses each pass with the computation of the
+        value instead of keeping the whole value in memory. The result must equal
+        ``encode(new(), data)``; that is the default.
+        """
+        return self.encode(new(), data)
+
+    def row_view(self, data: D, rows: int) -> D | None:
+        """``data`` viewed as the data of a 2-D moment of ``rows`` rows (the moment's entries in
+        C order, ``size // rows`` per row), to be encoded a few rows at a time
+        (:meth:`take_rows`, :meth:`put_rows`, :meth:`from_row_view`); ``None`` (the default)
+        where this kind is encoded whole.
+
+        A kind whose encoding reads its own data other than elementwise (the table lookups of
+        :class:`Quantized`) has a view: XLA cannot write such a moment in place, so it copies
+        the whole moment first, unless :func:`rmsjax.tree.map_rule` encodes it a few rows at a
+        time, when only those rows are copied.
+        """
+        del data, rows
+        return None
+
+    def take_rows(self, view: D, start: Any, count: int) -> D:
+        """Rows ``start:start + count`` of a :meth:`row_view`, as the data of a moment of those
+        rows; ``start`` may be a traced integer scalar (``lax.dynamic_slice``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no row view")
+
+    def put_rows(self, view: D, start: int, rows: D) -> D:
+        """The :meth:`row_view` ``view`` with rows from ``start`` on replaced by ``rows`` (the
+        data of a moment of those rows, as :meth:`take_rows` returns it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no row view")
+
+    def from_row_view(self, view: D, data: D) -> D:
+        """The :meth:`row_view` ``view`` back in the layout of ``data`` (the data it came
+        from)."""
+        raise NotImplementedError(f"{type(self).__name__} has no row view")
 
     @abc.abstractmethod
     def shape(self, data: D) -> tuple[int, ...]:
@@ -131,6 +175,28 @@ class StoredArray(Generic[D]):
         """This moment holding the new value ``x``."""
         return StoredArray(self.storage.encode(x, self.data), self.storage)
 
+    def encode_from(self, new: Callable[[], jax.Array]) -> StoredArray[D]:
+        """This moment holding the value ``new()`` computes afresh at each call (see
+        :meth:`Storage.encode_from`)."""
+        return StoredArray(self.storage.encode_from(new, self.data), self.storage)
+
+    def row_view(self, rows: int) -> StoredArray[D] | None:
+        """This moment viewed as ``rows`` rows, or ``None`` (see :meth:`Storage.row_view`)."""
+        view = self.storage.row_view(self.data, rows)
+        return None if view is None else StoredArray(view, self.storage)
+
+    def take_rows(self, start: Any, count: int) -> StoredArray[D]:
+        """Rows ``start:start + count`` of this row view (see :meth:`Storage.take_rows`)."""
+        return StoredArray(self.storage.take_rows(self.data, start, count), self.storage)
+
+    def put_rows(self, start: int, rows: StoredArray[D]) -> StoredArray[D]:
+        """This row view with the rows from ``start`` on replaced by ``rows``."""
+        return StoredArray(self.storage.put_rows(self.data, start, rows.data), self.storage)
+
+    def from_row_view(self, original: StoredArray[D]) -> StoredArray[D]:
+        """This row view back in the layout of ``original`` (the moment it came from)."""
+        return StoredArray(self.storage.from_row_view(self.data, original.data), self.storage)
+
     def moment_shape(self) -> tuple[int, ...]:
         """The shape of the moment this holds."""
         return self.storage.shape(self.data)
@@ -168,6 +234,13 @@ def decode(held: Any) -> jax.Array:
     return held.decode() if is_stored(held) else held
 
 
+def decoded_dtype(held: Any) -> jnp.dtype:
+    """The dtype of the plain array of a moment held plainly or as a :class:`StoredArray`."""
+    if is_stored(held):
+        return held.storage.decoded_dtype(held.data)
+    return jnp.dtype(held.dtype)
+
+
 def encode(x: jax.Array, held: Any) -> Any:
     """The new value ``x`` of a moment held like ``held``: encoded by its storage, or as an
     array of ``held``'s dtype."""
@@ -193,6 +266,19 @@ def check_storage(name: str, value: Any) -> None:
 def plain_dtype(value: Any) -> Any:
     """The dtype of a storage choice that is a plain dtype; ``None`` for None and kinds."""
     return None if value is None or isinstance(value, Storage) else value
+
+
+def seed_key(seed: int, salt: str) -> jax.Array:
+    r"""The initial key of a moment whose stored value is rounded at random: ``uint32[2]``
+    :math:`(\mathrm{mix32}(\mathrm{salt\_of}(salt) \oplus \mathrm{mix32}(seed \bmod 2^{32})),
+    0)`, a seed word and a counter of 0 (:func:`rmsjax.stochastic.counter_bits` of the two
+    gives the random bits of an encoding, after which the counter advances by one).
+
+    ``seed``: the user's seed (an int); ``salt``: the moment's name and its parameter's key
+    path (:meth:`Storage.store`), so that every moment of every parameter has its own stream.
+    """
+    word = mix32(jnp.uint32(salt_of(salt)) ^ mix32(jnp.uint32(seed % 2**32)))
+    return jnp.stack([word, jnp.uint32(0)])
 
 
 def salt_of(name: str) -> int:

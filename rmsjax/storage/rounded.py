@@ -13,19 +13,21 @@ from jax.tree_util import SequenceKey
 from jax.typing import DTypeLike
 
 from rmsjax._types import HALF_FLOATS
-from rmsjax.stochastic import stochastic_round
-from rmsjax.storage.base import Storage, StoredArray, salt_of
+from rmsjax.stochastic import counter_bits, round_with_bits
+from rmsjax.storage.base import Storage, StoredArray, seed_key
 from rmsjax.validation import is_int
 
 __all__ = ["RoundedArray", "StochasticRounding", "stochastic_rounding"]
 
 
 class RoundedArray(NamedTuple):
-    """The data of a stochastically rounded moment: the bfloat16/float16 ``value`` and the raw
-    ``uint32`` data of its PRNG ``key``.
+    """The data of a stochastically rounded moment: the bfloat16/float16 ``value`` and its
+    ``key``, ``uint32[2]`` = ``(seed, counter)`` of the random bits of its next rounding
+    (:func:`rmsjax.stochastic.counter_bits`).
 
     Its key paths are ``[0]`` and ``[1]`` (as a plain pair's), so checkpoints keep their
-    names."""
+    names. (Until rmsjax 0.x the key held raw ``jax.random`` key data, of the same shape and
+    dtype: such a checkpoint restores, its two words read as seed and counter.)"""
 
     value: Any
     key: Any
@@ -64,16 +66,16 @@ class StochasticRounding(Storage[RoundedArray]):
         del signed
         if not jnp.issubdtype(array.dtype, jnp.floating):
             return array  # complex moments stay unrounded
-        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), salt_of(salt))
-        return StoredArray(RoundedArray(array.astype(self.dtype), key), self)
+        return StoredArray(RoundedArray(array.astype(self.dtype), seed_key(self.seed, salt)), self)
 
     def decode(self, data: RoundedArray) -> jax.Array:
         return data.value.astype(jnp.float32)
 
     def encode(self, x: jax.Array, data: RoundedArray) -> RoundedArray:
-        use, keep = jax.random.split(data.key)
-        rounded = stochastic_round(jnp.real(x).astype(jnp.float32), use, data.value.dtype)
-        return RoundedArray(rounded, keep)
+        seed, counter = data.key[0], data.key[1]
+        bits = counter_bits(tuple(data.value.shape), seed, counter)
+        rounded = round_with_bits(jnp.real(x).astype(jnp.float32), bits, data.value.dtype)
+        return RoundedArray(rounded, jnp.stack([seed, counter + jnp.uint32(1)]))
 
     def shape(self, data: RoundedArray) -> tuple[int, ...]:
         return tuple(data.value.shape)
@@ -98,19 +100,23 @@ def stochastic_rounding(dtype: DTypeLike = jnp.bfloat16, *, seed: int = 0) -> St
     Pass it where a transformation takes a moment's dtype:
     ``rmsjax.adam(1e-3, mu_dtype=rmsjax.stochastic_rounding(), nu_dtype=...)``. The rule
     computes the new moment :math:`x` in float32 from the decoded (exact) stored value, and
-    stores :func:`rmsjax.stochastic_round` ``(x)``: one of the two neighbouring ``dtype``
-    values, the upper one with probability proportional to the distance from the lower, so
-    :math:`E[\mathrm{stored}] = x`. Round-to-nearest bfloat16 stalls a moving average: with
-    :math:`\beta_2 = 0.999`, :math:`0.999\,\nu` rounds back to :math:`\nu` (bfloat16 has 8
-    significant bits), so :math:`\nu` never decays; stochastic rounding decays it in
-    expectation.
+    stores :func:`rmsjax.stochastic.round_with_bits` ``(x, bits)``: one of the two neighbouring
+    ``dtype`` values, the upper one with probability proportional to the distance from the
+    lower, so :math:`E[\mathrm{stored}] = x`. Round-to-nearest bfloat16 stalls a moving
+    average: with :math:`\beta_2 = 0.999`, :math:`0.999\,\nu` rounds back to :math:`\nu`
+    (bfloat16 has 8 significant bits), so :math:`\nu` never decays; stochastic rounding
+    decays it in expectation.
 
-    Randomness: every stored array holds its own PRNG key (raw ``uint32`` key data) in the
-    state, split at every update (one half rounds, the other is kept); nothing is global, and
-    the same seed and gradients give the same state. The initial keys derive from ``seed``,
-    the moment's name and the parameter's key path (so ``optax.masked`` or a new layer
-    elsewhere in the model does not change them). A leaf whose gradient is
-    ``None`` keeps its key. The initial value (``initial_scale``, ...) is rounded to nearest.
+    Randomness: every stored array holds its own key in the state, ``uint32[2]`` =
+    ``(seed, counter)``; an update rounds with the bits
+    :func:`rmsjax.stochastic.counter_bits` ``(shape, seed, counter)`` (a hash of the entry's
+    index and the key: a few integer operations per entry, the same on every backend and
+    sharding) and keeps ``(seed, counter + 1)``. Nothing is global, and the same seed and
+    gradients give the same state. The initial key is :func:`rmsjax.storage.seed_key`
+    ``(seed, salt)``, from ``seed``, the moment's name and the parameter's key path (so
+    ``optax.masked`` or a new layer elsewhere in the model does not change it), counter 0. A
+    leaf whose gradient is ``None`` keeps its key. The initial value (``initial_scale``, ...)
+    is rounded to nearest.
 
     Args:
       dtype: ``jnp.bfloat16`` (default; float32's range, 8 significant bits) or

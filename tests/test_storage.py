@@ -47,9 +47,14 @@ RULES: dict[str, tuple[Any, Any]] = {
     ),
     # optax's scale_by_stddev takes the root of nu - mu^2, which the rounded moments can make
     # negative: the reference is rmsjax's float32 transformation (clamped, see step 2 tests).
+    # Both forms of the state are stored in every storage (4-bit defaults to the variance form).
     "centered": (
-        lambda s: rmsjax.scale_by_centered_rms(mu_dtype=s, nu_dtype=s),
-        lambda: rmsjax.scale_by_centered_rms(),
+        lambda s: rmsjax.scale_by_centered_rms(mu_dtype=s, nu_dtype=s, variance=False),
+        lambda: rmsjax.scale_by_centered_rms(variance=False),
+    ),
+    "centered_variance": (
+        lambda s: rmsjax.scale_by_centered_rms(mu_dtype=s, nu_dtype=s, variance=True),
+        lambda: rmsjax.scale_by_centered_rms(variance=True),
     ),
     "adam": (lambda s: rmsjax.scale_by_adam(mu_dtype=s, nu_dtype=s), lambda: optax.scale_by_adam()),
     "nadam": (
@@ -528,13 +533,18 @@ def test_fused_step_keeps_working_with_stored_moments() -> None:
 LONG_STEPS = 400
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "eps_in_sqrt", "bias_correction"))
-def _centered_long_run(level, noise, decay, eps, key, *, bits, eps_in_sqrt, bias_correction):
+@functools.partial(
+    jax.jit, static_argnames=("bits", "eps_in_sqrt", "bias_correction", "variance")
+)
+def _centered_long_run(
+    level, noise, decay, eps, key, *, bits, eps_in_sqrt, bias_correction, variance=None
+):
     """LONG_STEPS steps of centered RMSProp with both moments quantized, on gradients
     ``level * r * c * (1 + noise * N(0, 1))`` (near constant in time for small noise), with
     ``r`` spread over six decades across rows and ``c`` from 0.3 to 1 along each row (so only
     a block's largest entry is stored exactly). Returns whether every update and moment
-    stayed finite, and how many entries had a rounded variance (decoded nu - mu^2) below 0."""
+    stayed finite, and how many entries had a rounded variance (decoded nu - mu^2 in the nu
+    form, the decoded variance in the variance form) below 0."""
     spec = rmsjax.quantized(bits)
     opt = rmsjax.scale_by_centered_rms(
         decay=decay,
@@ -543,6 +553,7 @@ def _centered_long_run(level, noise, decay, eps, key, *, bits, eps_in_sqrt, bias
         bias_correction=bias_correction,
         mu_dtype=spec,
         nu_dtype=spec,
+        variance=variance,
     )
     spread = 10.0 ** jnp.linspace(-3.0, 3.0, 16)[:, None] * jnp.linspace(0.3, 1.0, 256)
     rows = level * spread
@@ -552,9 +563,16 @@ def _centered_long_run(level, noise, decay, eps, key, *, bits, eps_in_sqrt, bias
         state, finite, negative = carry
         g = rows * (1 + noise * jax.random.normal(k, (16, 256)))
         u, state = opt.update(g, state)
-        mu, nu = decode(state.mu), decode(state.nu)
-        finite &= jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(mu)) & jnp.all(jnp.isfinite(nu))
-        negative += jnp.sum(nu - mu * mu < 0)
+        mu = decode(state.mu)
+        if hasattr(state, "var"):
+            second = decode(state.var)
+            rounded_variance = second
+        else:
+            second = decode(state.nu)
+            rounded_variance = second - mu * mu
+        finite &= jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(mu))
+        finite &= jnp.all(jnp.isfinite(second))
+        negative += jnp.sum(rounded_variance < 0)
         return (state, finite, negative), None
 
     keys = jax.random.split(key, LONG_STEPS)
@@ -594,7 +612,8 @@ def test_centered_quantized_stays_finite(level, noise, decay, eps, bits, eps_in_
 def test_quantized_variance_does_round_below_zero(bits: int) -> None:
     """The property above is not vacuous: with quantized moments the decoded nu - mu^2 is
     negative for many entries of a near-constant gradient (optax's scale_by_stddev then takes
-    the root of a negative number: NaN), and the clamp keeps every update finite."""
+    the root of a negative number: NaN), and the clamp keeps every update finite. (The nu form
+    is asked for: 4-bit storage defaults to the variance form, which stores no difference.)"""
     finite, negative = _centered_long_run(
         1.0,
         1e-4,
@@ -604,11 +623,12 @@ def test_quantized_variance_does_round_below_zero(bits: int) -> None:
         bits=bits,
         eps_in_sqrt=True,
         bias_correction=bits == 4,
+        variance=False,
     )
     assert bool(finite) and int(negative) > 1000
     # optax on such a decoded state: NaN
     spec = rmsjax.quantized(bits)
-    opt = rmsjax.scale_by_centered_rms(decay=0.9, mu_dtype=spec, nu_dtype=spec)
+    opt = rmsjax.scale_by_centered_rms(decay=0.9, mu_dtype=spec, nu_dtype=spec, variance=False)
     g = jnp.linspace(0.3, 1.0, 16 * 256).reshape(16, 256)
     state = jax.jit(
         lambda s: jax.lax.fori_loop(0, LONG_STEPS, lambda _, s: opt.update(g, s)[1], s)

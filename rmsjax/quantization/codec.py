@@ -300,12 +300,49 @@ class BlockCodec:
         scales = jnp.asarray(scales, jnp.float32)
         lead, n = self._rows(shape)
         xs = x.astype(jnp.float32).reshape(*lead, n)
-        entry = lambda per_block: self._per_entry(per_block, shape)
+        checked: jax.Array | None = self._checked_bits(shape, random_bits)
+        bits = None if checked is None else checked.reshape(*lead, n)
+        # per block: the scale, the divisor (1 for a zero scale), and the factors of the
+        # approximate quotient: fl(1/s) is subnormal (flushed to 0 on the CPU) for s >= 2^126,
+        # so the approximation then uses (x * 2^-8) * fl(2^8 / s)
         one = jnp.float32(1.0)
-        random_bits = self._checked_bits(shape, random_bits)
-        table = None if random_bits is not None else bucket_table(self.qmap, self.convention)
+        divisor = jnp.where(scales == 0, one, scales)
+        big = divisor >= jnp.float32(2.0**120)
         if self.normalize == "reciprocal":
-            v = xs * entry(one / scales)
+            recip, pre = one / scales, one
+        else:
+            recip = jnp.where(big, jnp.float32(256.0), one) / divisor
+            pre = jnp.where(big, jnp.float32(2.0**-8), one)
+        per_block = [scales, divisor, jnp.broadcast_to(pre, scales.shape), recip]
+        scale, d, pre, recip = (self._per_entry(a, shape) for a in per_block)
+        codes = self._codes(xs, scale, d, pre, recip, bits)
+        if self.bits == 8:
+            return codes.reshape(shape)
+        # 4-bit codes: computed whole, kept in memory (as uint8, a quarter of the float32
+        # values), then packed two per byte: XLA fuses neither a packing nor a computation of
+        # the even and odd entries apart into a vectorised loop (both several times slower).
+        codes = lax.optimization_barrier(codes)
+        if n % 2:  # the padding's nibble is 0
+            codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, 1)])
+        pairs = codes.reshape(*lead, -1, 2)
+        return (pairs[..., 0] << 4) | pairs[..., 1]
+
+    def _codes(
+        self,
+        xs: jax.Array,
+        scale: jax.Array,
+        d: jax.Array,
+        pre: jax.Array,
+        recip: jax.Array,
+        bits: jax.Array | None,
+    ) -> jax.Array:
+        """The uint8 code of each float32 entry of ``xs`` given, per entry, its block's
+        ``scale``, divisor ``d`` and approximate-quotient factors ``pre`` and ``recip`` (see
+        :meth:`codes_of`), and for stochastic rounding its random ``bits``. Elementwise."""
+        one = jnp.float32(1.0)
+        table = None if bits is not None else bucket_table(self.qmap, self.convention)
+        if self.normalize == "reciprocal":
+            v = xs * recip
             v = jnp.where(jnp.isnan(v), jnp.float32(-1.0), v)
             if table is None:
                 codes = lookup(self.qmap, self.convention, v)
@@ -313,17 +350,10 @@ class BlockCodec:
                 negative = lax.bitcast_convert_type(v, jnp.int32) >> 31
                 codes = fast_codes(jnp.abs(v), negative, v, table)
         else:
-            divisor = jnp.where(scales == 0, one, scales)
-            # fl(1/s) is subnormal (flushed to 0 on the CPU) for s >= 2^126: the approximation
-            # then uses (x * 2^-8) * fl(2^8 / s).
-            big = divisor >= jnp.float32(2.0**120)
-            recip = jnp.where(big, jnp.float32(256.0), one) / divisor
-            pre = jnp.where(big, jnp.float32(2.0**-8), one)
-            d = entry(divisor)
             # v is NaN where x is NaN or infinite (then s is infinite too) or the scale is NaN:
             # -1 then, as the reference takes a NaN v.
             bad = jnp.isnan(d) | ~jnp.isfinite(xs)
-            approx = jnp.where(bad, jnp.float32(-1.0), (xs * entry(pre)) * entry(recip))
+            approx = jnp.where(bad, jnp.float32(-1.0), (xs * pre) * recip)
             # |x| / s, correctly rounded, and the sign of x (of v). XLA rewrites a division by
             # a broadcast into a multiplication by the reciprocal (one more rounding);
             # max(s, |x|), which is s (no |x| exceeds its block's scale), is not a broadcast,
@@ -331,26 +361,17 @@ class BlockCodec:
             magnitude = jnp.where(bad, one, jnp.abs(xs))
             denominator = jnp.where(bad, one, jnp.maximum(d, jnp.abs(xs)))
             sign = jnp.where(bad, jnp.int32(-1), lax.bitcast_convert_type(xs, jnp.int32) >> 31)
-            if random_bits is not None:
+            if bits is not None:
                 v = jnp.where(sign < 0, -one, one) * (magnitude / denominator)
-                codes = stochastic_codes(self.qmap, v, random_bits.reshape(*lead, n))
+                codes = stochastic_codes(self.qmap, v, bits)
             elif table is None:
                 v = jnp.where(sign < 0, -one, one) * (magnitude / denominator)
                 codes = lookup(self.qmap, self.convention, v)
             else:
                 codes = fast_codes(magnitude / denominator, sign, approx, table)
         if self.convention == "bitsandbytes":
-            codes = jnp.where(entry(scales) == 0, jnp.uint8(0), codes)
-        return self._pack(codes, shape)
-
-    def _pack(self, codes: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        lead, n = self._rows(shape)
-        codes = codes.reshape(*lead, -1)[..., :n]
-        if self.bits == 8:
-            return codes.reshape(shape)
-        if n % 2:
-            codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, 1)])
-        return (codes[..., 0::2] << 4) | codes[..., 1::2]
+            codes = jnp.where(scale == 0, jnp.uint8(0), codes)
+        return codes
 
     def decode(
         self,

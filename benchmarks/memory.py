@@ -2,7 +2,8 @@
 
 Memory: the exact bytes of ``opt.init(params)`` (every array leaf: moments, codes, scales,
 PRNG keys, counts), computed with ``jax.eval_shape`` (nothing is allocated), per parameter, for
-RMSProp, centered RMSProp and AdamW on a transformer-like tree of matrices and biases.
+RMSProp, centered RMSProp and AdamW on a transformer-like tree of matrices and biases; and the
+peak of the compiled pure-JAX step on that tree (XLA's memory analysis: nothing runs).
 
 Step time: ``jax.jit(step, donate_argnums=(0, 2))`` with ``step = update + apply_updates`` of
 the pure-JAX (optax-protocol) optimizer, float32 state against each storage, in one process,
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from machine import describe
 
 import rmsjax
 
@@ -83,12 +85,32 @@ def state_bytes(opt: Any, params: Any) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
+def step_peak_bytes(opt: Any, params: Any) -> int:
+    """The peak of the compiled pure-JAX step ``update + apply_updates`` (parameters and state
+    donated): arguments + outputs - aliased + temporaries, from XLA's memory analysis."""
+    state = jax.eval_shape(opt.init, params)
+
+    def step(p: Any, g: Any, s: Any) -> tuple[Any, Any]:
+        u, s = opt.update(g, s, p)
+        return rmsjax.apply_updates(p, u), s
+
+    m = jax.jit(step, donate_argnums=(0, 2)).lower(params, params, state).compile()
+    a = m.memory_analysis()
+    return int(
+        a.argument_size_in_bytes
+        + a.output_size_in_bytes
+        - a.alias_size_in_bytes
+        + a.temp_size_in_bytes
+    )
+
+
 def memory_table(params: Any) -> list[dict[str, Any]]:
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     rows = []
     for storage_name, storage in STORAGES.items():
         for opt_name, opt in optimizers(storage).items():
             total = state_bytes(opt, params)
+            peak = step_peak_bytes(opt, params)
             rows.append(
                 {
                     "optimizer": opt_name,
@@ -96,6 +118,9 @@ def memory_table(params: Any) -> list[dict[str, Any]]:
                     "params": n,
                     "state_bytes": total,
                     "bytes_per_param": total / n,
+                    # at the step: parameters and gradients (float32) + state + temporaries
+                    "resident_bytes_per_param": (8 * n + total) / n,
+                    "step_peak_bytes_per_param": peak / n,
                 }
             )
     return rows
@@ -170,6 +195,25 @@ def markdown(memory: list[dict[str, Any]], timing: list[dict[str, Any]], info: s
         lines.append(f"| {opt_name} | " + " | ".join(cells) + " |")
     lines += [
         "",
+        "## The step's peak, pure-JAX path (bytes per parameter)",
+        "",
+        "XLA's memory analysis of the compiled `update + apply_updates` with parameters and state",
+        "donated (arguments + outputs - aliased + temporaries), beside the resident data",
+        "(float32 parameters and gradients, and the state): peak / resident.",
+        "",
+        "| optimizer | " + " | ".join(STORAGES) + " |",
+        "|---|" + "---:|" * len(STORAGES),
+    ]
+    for opt_name in ("rmsprop", "rmsprop centered", "adamw"):
+        cells = [
+            f"{r['step_peak_bytes_per_param']:.2f} / {r['resident_bytes_per_param']:.2f}"
+            for s in STORAGES
+            for r in memory
+            if r["optimizer"] == opt_name and r["storage"] == s
+        ]
+        lines.append(f"| {opt_name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
         f"## Step time, pure-JAX path ({timing[0]['params']:,} float32 parameters, one leaf)",
         "",
         "| optimizer | storage | median step (ms) | ratio to float32 state |",
@@ -203,10 +247,7 @@ def main() -> None:
     else:
         reps, inner = (5, 3) if args.quick else (11, 5)
         timing = timed_steps(reps, inner, size=4 * 1024 * 1024)
-        info = (
-            f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
-            f"{jax.devices()[0].platform}, {reps} repetitions of {inner} steps"
-        )
+        info = f"jax {jax.__version__}, {describe()}, {reps} repetitions of {inner} steps"
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(
         json.dumps({"info": info, "memory": memory, "timing": timing}, indent=1)

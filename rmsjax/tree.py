@@ -366,8 +366,10 @@ def map_rule(
     decoding and the rule and keeps no decoded moment in memory: the compiled step needs the
     resident arrays and little more. ``elementwise=True`` declares that the rule computes each
     entry of its results from the same entry of its arguments (no reduction over the array):
-    then a large moment whose kind has a :meth:`~rmsjax.storage.Storage.row_view` is encoded a
-    few rows at a time, so that XLA writes it in place instead of copying it whole first.
+    then, in a single-device process, a large moment whose kind has a
+    :meth:`~rmsjax.storage.Storage.row_view` is encoded a few rows at a time, so that XLA writes
+    it in place instead of copying it whole first (with several devices the rows could be
+    sharded, and their parts would need collectives).
     """
     updates, rebox_updates = _unbox(updates)
     unboxed = [_unbox(t) for t in states]
@@ -452,7 +454,11 @@ def _stored_leaf(
         return tuple(rule(g, *values, *extras))
 
     first = results()
-    rows = _rows_of(g, olds, extras, total) if elementwise else None
+    # Parts of rows are slices along the moment's first axes: on a sharded moment XLA would
+    # gather them across devices. They are cut in a single-device process only (where no
+    # array is sharded); with several devices a moment is encoded whole.
+    parts = elementwise and jax.device_count() == 1
+    rows = _rows_of(g, olds, extras, total) if parts else None
     news: list[Any] = []
     for j, old in enumerate(olds):
         if not S.is_stored(old):

@@ -79,6 +79,14 @@ def train(optimizer_cls, tx, steps: int = 5, donate: bool = False):
 def assert_close(actual, expected):
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        if np.asarray(e).dtype == np.uint8:
+            # Quantized codes: the gradients are computed in the same jit as each optimizer,
+            # and XLA compiles the two programs apart, so they may differ by float32 rounding
+            # after the first step; a moment that moves by a rounding may cross a code
+            # boundary: one code apart, in at most 0.1% of the entries.
+            diff = np.abs(np.asarray(a, np.int32) - np.asarray(e, np.int32))
+            assert diff.max(initial=0) <= 1 and np.mean(diff) <= 1e-3
+            continue
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
         scale = max(1.0, float(np.max(np.abs(e), initial=0.0)))
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=2e-6 * scale)

@@ -27,6 +27,8 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # A copy of MathJax 3 in _static/mathjax (no CDN): the math renders offline.
+    "sphinx-mathjax-offline",
     "sphinx.ext.doctest",
     "myst_parser",
     "api_coverage",

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from rmsjax._types import HALF_FLOATS
 from rmsjax.stochastic import stochastic_round
-from rmsjax.tree import describe_difference, map_rule, structure_error
+from rmsjax.tree import describe_difference, is_none, map_rule, structure_error
 
 __all__ = ["apply_updates", "apply_updates_stochastic"]
 
@@ -48,7 +48,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
     Same as ``optax.apply_updates``, except that a ``None`` update keeps its parameter (optax
     raises a ``TypeError`` adding ``None``) and a structure mismatch gets a readable error.
     """
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)
     spec: Any = treedef  # jax's PyTreeDef has no type information for flatten_up_to
     try:
         u_leaves = spec.flatten_up_to(updates)
@@ -86,7 +86,7 @@ def apply_updates_stochastic(params: Any, updates: Any, key: jax.Array) -> Any:
     rounding; torchao's ``bf16_stochastic_round=True`` does the same inside its optimizers'
     step (bfloat16 only, torch's global generator).
     """
-    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=is_none)
     keys = jax.tree_util.tree_unflatten(
         treedef, list(jax.random.split(key, max(len(leaves), 1))[: len(leaves)])
     )
@@ -101,7 +101,3 @@ def apply_updates_stochastic(params: Any, updates: Any, key: jax.Array) -> Any:
         rule, updates, (params,), (keys,), what="params", extra_names=("keys",)
     )
     return new_params
-
-
-def _is_none(x: Any) -> bool:
-    return x is None

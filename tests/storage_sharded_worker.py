@@ -30,6 +30,7 @@ STORAGES = {
     "q8": rmsjax.quantized(8),
     "q4": rmsjax.quantized(4),
     "sr": rmsjax.stochastic_rounding(),
+    "f8": rmsjax.float8(),
 }
 SPECS = {"rows": P("x", None), "cols": P(None, "x"), "bias": P()}
 STEPS, SAVE_AT = 6, 3

@@ -180,3 +180,29 @@ def test_quality_benchmark_quick_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "python benchmarks/quality.py --quick --tasks mlp" in text
     assert "| mlp | rmsprop |" in text
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The digits task (scikit-learn's bundled data) with the 4-bit and factored storages, run
+    # apart and merged by --from-json as separate processes' results are.
+    pytest.importorskip("sklearn")
+    args = ["--quick", "--tasks", "digits", "--optimizers", "adamw", "--seeds", "2", "--quiet"]
+    (tmp_path / "d").mkdir()
+    factored_name = "4-bit + factored \u03bd"  # (nu)
+    bench.main([*args, "--storages", factored_name, "--out", str(tmp_path / "d"), "--plot", ""])
+    merged = bench.main(
+        [
+            "--from-json",
+            str(tmp_path / "quality.json"),
+            str(tmp_path / "d" / "quality.json"),
+            "--out",
+            str(tmp_path),
+            "--plot",
+            "",
+        ]
+    )
+    assert merged["meta"]["tasks"] == ["mlp", "digits"]
+    digits = {r["storage"]: r for r in merged["summary"] if r["task"] == "digits"}
+    # the MLP's kernels (64 x 256 and 256 x 256) are stored, its 256 x 10 head is not
+    factored = digits[factored_name]
+    assert factored["finite"] and 0.9 < factored["quantized_fraction"] < 1
+    # 4-bit first moment (0.53 B) + factored nu (~0) on the big kernels, float32 elsewhere
+    assert factored["state_bytes_per_param"] < 1.0

@@ -281,15 +281,26 @@ def test_codec_operand_lookup_equals_the_codecs_lookup():
 
 def test_native_backend_names_state_the_kernel_cannot_update():
     params = {"w": jnp.ones((64, 512), jnp.float32)}
-    for storage, why in [
-        (rmsjax.quantized(4), "4-bit"),
-        (rmsjax.stochastic_rounding(), "stochastically rounded"),
+    four = rmsjax.quantized(4)
+    for mu, nu, why in [
+        # the default 4-bit moments round their codes stochastically; 4-bit codes rounded to
+        # nearest (torchao's) are 4-bit codes the kernel lacks
+        (four, four, "stochastically rounded codes"),
+        (None, rmsjax.quantized(codec=rmsjax.quantization.torchao_codec(4, signed=False)), "4-bit"),
+        (rmsjax.stochastic_rounding(), rmsjax.stochastic_rounding(), "stochastically rounded"),
     ]:
-        opt = fused.adam(1e-3, mu_dtype=storage, nu_dtype=storage, backend="native")
+        opt = fused.adam(1e-3, mu_dtype=mu, nu_dtype=nu, backend="native")
         with pytest.raises(ValueError, match=rf"\['w'\].*{why}"):
             opt.step(params, params, opt.init(params))
-        auto = fused.adam(1e-3, mu_dtype=storage, nu_dtype=storage)
+        auto = fused.adam(1e-3, mu_dtype=mu, nu_dtype=nu)
         assert "ffi_call" not in str(jax.make_jaxpr(auto.step)(params, params, auto.init(params)))
+        # the pure-JAX path it falls back to is the protocol optimizer's update, bit for bit
+        tx = rmsjax.adam(1e-3, mu_dtype=mu, nu_dtype=nu)
+        state = tx.init(params)
+        u, want = tx.update(params, state, params)
+        got_params, got = auto.step(params, params, auto.init(params))
+        assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
+        assert np.array_equal(got_params["w"], rmsjax.apply_updates(params, u)["w"])
 
 
 def _kernel_isa() -> str:

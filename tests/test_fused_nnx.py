@@ -154,6 +154,12 @@ STORED = {
     "adamw_bf16_stochastic": lambda: rmsjax.adamw(
         1e-2, nu_dtype=rmsjax.stochastic_rounding(jnp.bfloat16, seed=3)
     ),
+    "adamw_4bit_factored": lambda: rmsjax.adamw(
+        1e-2, mu_dtype=rmsjax.quantized(bits=4), nu_dtype=rmsjax.factored(min_size=64)
+    ),
+    "adamw_fp8": lambda: rmsjax.adamw(
+        1e-2, mu_dtype=rmsjax.float8(min_size=64), nu_dtype=rmsjax.float8(min_size=64)
+    ),
 }
 
 
@@ -192,10 +198,12 @@ def test_nnx_optimizer_keeps_stored_moments(name):
     assert_same_leaves(nnx.as_pure(optimizer.opt_state), state)
 
 
-def test_fused_nnx_optimizer_with_8bit_state():
-    q8 = dict(mu_dtype=rmsjax.quantized(bits=8), nu_dtype=rmsjax.quantized(bits=8))
-    ref_model, ref_opt = train(nnx.Optimizer, rmsjax.adamw(1e-2, **q8))
-    model, opt = train(rmsjax.fused.nnx.Optimizer, rmsjax.fused.adamw(1e-2, **q8), donate=True)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_nnx_optimizer_with_quantized_state(bits):
+    # 8 bits: the kernel updates the codes; 4 bits (stochastic codes): the pure-JAX fallback
+    q = dict(mu_dtype=rmsjax.quantized(bits=bits), nu_dtype=rmsjax.quantized(bits=bits))
+    ref_model, ref_opt = train(nnx.Optimizer, rmsjax.adamw(1e-2, **q))
+    model, opt = train(rmsjax.fused.nnx.Optimizer, rmsjax.fused.adamw(1e-2, **q), donate=True)
     assert_close(nnx.state(model), nnx.state(ref_model))
     assert_close(nnx.state(opt), nnx.state(ref_opt))
 

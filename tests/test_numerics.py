@@ -37,8 +37,9 @@ STEPS, SIZE = 3, 24
 F32_MAX = float(np.finfo(np.float32).max)
 TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32, 1.18e-38
 BELOW_OVERFLOW = 1.8e19  # |g| < 2**64: g * g is finite in float32
-SECOND_MOMENTS = ("nu", "nu_max", "e_g", "sum_of_squares")
+SECOND_MOMENTS = ("nu", "nu_max", "e_g", "sum_of_squares", "var")
 LR = 0.1
+Q4 = rmsjax.quantized(4, min_size=0)  # (the 4-bit variance form, on arrays of any size)
 
 full_range = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)
 gradient_runs = hnp.arrays(np.float32, (STEPS, SIZE), elements=full_range)
@@ -131,6 +132,17 @@ RULES: dict[str, tuple[Any, Callable[..., Any] | None, float]] = {
     # float32 and float64 alike), so only the finiteness property is stated for it.
     "centered_bias_momentum": (
         rmsjax.rmsprop(LR, centered=True, bias_correction=True, momentum=0.9),
+        None,
+        F32_MAX,
+    ),
+    # the variance form keeps s = nu - mu^2 itself: the same rule in exact arithmetic
+    "centered_variance": (
+        rmsjax.chain(rmsjax.scale_by_centered_rms(variance=True), rmsjax.scale(-LR)),
+        lambda gs: np_rmsprop(gs, centered=True),
+        F32_MAX,
+    ),
+    "centered_variance_bias_momentum": (
+        rmsjax.rmsprop(LR, centered=True, bias_correction=True, momentum=0.9, nu_dtype=Q4),
         None,
         F32_MAX,
     ),

@@ -10,6 +10,7 @@ arithmetic into breakpoints), so the tolerance is zero flipped codes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -34,7 +35,7 @@ from rmsjax.quantization import (
     quantize,
     torchao_codec,
 )
-from rmsjax.stochastic import stochastic_round
+from rmsjax.stochastic import counter_bits, stochastic_round
 from rmsjax.updates import apply_updates_stochastic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,9 +180,23 @@ def _normalised_error_bound(v: np.ndarray, qmap: np.ndarray) -> np.ndarray:
     return gap
 
 
-@pytest.mark.parametrize(("bits", "signed"), [(8, True), (8, False), (4, True), (4, False)])
-def test_nearest_codec_round_trip(bits, signed):
+def _numpy_scales(blocks: np.ndarray, scale: str) -> np.ndarray:
+    """A block's scale, restated: its absolute maximum, or the smallest power of two >= it."""
+    m = np.abs(blocks).max(axis=-1, keepdims=True)
+    if scale == "max":
+        return m
+    return np.where(m > 0, 2.0 ** np.ceil(np.log2(np.where(m > 0, m, 1.0))), 0.0)
+
+
+@pytest.mark.parametrize(
+    ("bits", "signed", "rounding"),
+    [(8, True, None), (8, False, None), (4, True, "nearest"), (4, False, "nearest")],
+)
+def test_nearest_codec_round_trip(bits, signed, rounding):
     codec = moment_codec(bits, signed=signed)
+    if rounding is not None:  # the 4-bit first-moment map, rounded to nearest
+        codec = dataclasses.replace(codec, rounding=rounding)
+    assert codec.rounding == "nearest"
     rng = np.random.default_rng(bits + 2 * signed)
     x = rng.normal(size=(3, 5, 700)) * 10.0 ** rng.uniform(-8, 3, size=(3, 5, 1))
     x = (x if signed else np.abs(x)).astype(np.float32)
@@ -194,9 +209,10 @@ def test_nearest_codec_round_trip(bits, signed):
     q = np.asarray(codec.qmap)
     blocks = np.pad(x.astype(np.float64), [(0, 0), (0, 0), (0, -700 % codec.block_size)])
     blocks = blocks.reshape(3, 5, -1, codec.block_size)
-    s = np.abs(blocks).max(axis=-1, keepdims=True)
+    s = _numpy_scales(blocks, codec.scale)
     v = blocks / s
-    nearest = q[np.argmin(np.abs(v[..., None] - q), axis=-1)]
+    # argmin takes the first of two equally near values; rmsjax gives a tie to the larger
+    nearest = q[q.size - 1 - np.argmin(np.abs(v[..., None] - q)[..., ::-1], axis=-1)]
     expected = (nearest * s).reshape(3, 5, -1)[..., :700]
     np.testing.assert_allclose(got, expected, rtol=2e-7, atol=0)
     # The error bound: half the local gap of the map, times the block scale.
@@ -204,7 +220,7 @@ def test_nearest_codec_round_trip(bits, signed):
     err = np.abs(got.astype(np.float64) - x)
     bound = bound.reshape(3, 5, -1)[..., :700]
     assert np.all(err <= bound * (1 + 1e-6) + 1e-45)
-    assert np.asarray(scales).max() == np.abs(x).max()
+    assert np.asarray(scales).max() == _numpy_scales(x, codec.scale).max()
 
 
 def test_zero_is_exact_in_signed_maps_and_absent_from_the_4bit_second_moment_map():
@@ -212,11 +228,12 @@ def test_zero_is_exact_in_signed_maps_and_absent_from_the_4bit_second_moment_map
     x[0, :5] = [1.0, -0.5, 0.0, 1e-9, 0.25]
     for bits in (8, 4):
         signed = moment_codec(bits, signed=True)
-        out = np.asarray(signed.decode(*signed.encode(x), x.shape))
+        noise = None if signed.rounding == "nearest" else counter_bits(x.shape, 1, 2)
+        out = np.asarray(signed.decode(*signed.encode(x, noise), x.shape))
         assert out[0, 2] == 0 and np.all(out[1] == 0)
     v = moment_codec(4, signed=False)
-    out = np.asarray(v.decode(*v.encode(np.abs(x)), x.shape))
-    assert out[0, 3] == 1 / 16 and out[0, 2] == 1 / 16  # the smallest code: 1/16 of the max
+    out = np.asarray(v.decode(*v.encode(np.abs(x), counter_bits(x.shape, 3, 4)), x.shape))
+    assert out[0, 3] == 2.0**-15 and out[0, 2] == 2.0**-15  # the smallest code: 2^-15 scale
     assert np.all(out[1] == 0)  # an all-zero block has scale 0
 
 
@@ -301,8 +318,99 @@ def test_last_axis_layout_needs_no_communication_when_sharded():
     assert out["flat"]["collectives"] > 0
 
 
+def test_power_of_two_maps_are_their_formulas():
+    # restated from the definition: code c of the unsigned map is 2^(c - 15); of the signed
+    # map -2^-c below 7, 0 at 7 and 2^(c - 15) above
+    c = np.arange(16)
+    unsigned = 2.0 ** (c - 15.0)
+    signed = np.where(c < 7, -(2.0 ** -c.astype(float)), np.where(c == 7, 0.0, 2.0 ** (c - 15.0)))
+    assert np.array_equal(rmsjax.quantization.power_of_two_map(False), unsigned)
+    assert np.array_equal(rmsjax.quantization.power_of_two_map(True), signed)
+
+
+def _unpack4(codes: np.ndarray, n: int) -> np.ndarray:
+    codes = np.asarray(codes).astype(np.int64)
+    return np.stack([codes >> 4, codes & 15], axis=-1).reshape(*codes.shape[:-1], -1)[..., :n]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_default_4bit_codec_is_numpy_stochastic_rounding(signed):
+    """Codes equal a NumPy statement of the definition (power-of-two scale, lower neighbour,
+    u = (b >> 8) 2^-24, up iff fl(u d) < fl(v - Q_k)), and are unbiased."""
+    codec = moment_codec(4, signed=signed)
+    assert (codec.rounding, codec.scale, codec.block_size) == ("stochastic", "power_of_two", 128)
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(6, 300)) * 10.0 ** rng.uniform(-4, 2, size=(6, 1))).astype(np.float32)
+    x = x if signed else np.abs(x)
+    x[0, :3] = [0.0, -0.0 if signed else 0.0, 1e-30]
+    bits = counter_bits(x.shape, 123, 7)
+    codes, scales = codec.encode(x, bits)
+    q = np.asarray(codec.qmap, np.float32)
+    blocks = np.pad(x, [(0, 0), (0, -300 % 128)]).reshape(6, -1, 128)
+    s = _numpy_scales(blocks.astype(np.float64), "power_of_two").astype(np.float32)
+    v = (blocks / s).reshape(6, -1)[:, :300]  # exact: s is a power of two
+    v = np.clip(v, q[0], q[-1])  # below 2^-15 a second moment is stored as 2^-15 (no zero)
+    k = np.clip(np.searchsorted(q, v, side="right") - 1, 0, 14)
+    u = (np.asarray(bits) >> 8).astype(np.float32) * np.float32(2.0**-24)
+    up = (u * (q[k + 1] - q[k])).astype(np.float32) < (v - q[k]).astype(np.float32)
+    assert np.array_equal(_unpack4(codes, 300), k + up)
+    assert np.array_equal(np.asarray(scales), s[..., 0])
+    # exact zeros stay exactly zero (first moments); each value decodes to one of its two
+    # neighbours
+    out = np.asarray(codec.decode(codes, scales, x.shape))
+    assert np.all(out[0, :2] == 0) if signed else np.all(out[0, :2] == 2.0**-15 * s[0, 0, 0])
+    srep = np.repeat(s[..., 0], 128, axis=-1)[:, :300]
+    lo, hi = q[k] * srep, q[k + 1] * srep
+    assert np.all((out == lo) | (out == hi))
+    # unbiased: the mean of 400 draws is within 5 standard errors of x (within the map's range)
+    x = np.clip(x, q[0] * srep, None) if not signed else x
+    draws = np.stack(
+        [
+            np.asarray(codec.decode(*codec.encode(x, counter_bits(x.shape, 9, t)), x.shape))
+            for t in range(400)
+        ]
+    )
+    p = np.where(hi > lo, (x - lo) / np.where(hi > lo, hi - lo, 1), 0)
+    se = (hi - lo) * np.sqrt(p * (1 - p) / 400) + 1e-3 * (hi - lo) + 1e-30
+    assert np.all(np.abs(draws.mean(axis=0) - x) <= 5 * se)
+
+
+def test_power_of_two_map_rounded_to_nearest_is_exponent_and_leading_mantissa_bit():
+    codec = dataclasses.replace(moment_codec(4, signed=False), rounding="nearest")
+    rng = np.random.default_rng(6)
+    x = np.abs(rng.normal(size=(4, 256)) * 10.0 ** rng.uniform(-9, 3, size=(4, 256)))
+    x = x.astype(np.float32)
+    codes, scales = codec.encode(x)
+    # restated on the float's bits: v = x / s = (1 + f) 2^e, code = clip(e + 15 + [f >= 1/2])
+    s = _numpy_scales(x.reshape(4, 2, 128).astype(np.float64), "power_of_two").astype(np.float32)
+    v = (x.reshape(4, 2, 128) / s).reshape(4, 256)
+    word = v.view(np.uint32).astype(np.int64)
+    e = (word >> 23) - 127
+    half = (word >> 22) & 1
+    want = np.clip(e + 15 + half, 0, 15)
+    assert np.array_equal(_unpack4(codes, 256), want)
+    assert np.all(np.log2(np.asarray(scales)) % 1 == 0)
+
+
+def test_stochastic_codec_arguments_are_checked():
+    codec = moment_codec(4, signed=True)
+    x = np.ones((2, 8), np.float32)
+    with pytest.raises(ValueError, match="random_bits"):
+        codec.encode(x)
+    with pytest.raises(ValueError, match="uint32 of x's shape"):
+        codec.encode(x, np.zeros((2, 7), np.uint32))
+    with pytest.raises(ValueError, match="random_bits"):
+        moment_codec(8, signed=False).encode(x, counter_bits(x.shape, 0, 0))
+    with pytest.raises(ValueError, match="convention='nearest'"):
+        BlockCodec(qmap=codec.qmap, convention="torchao", rounding="stochastic")
+    with pytest.raises(ValueError, match="`rounding` must be one of"):
+        BlockCodec(qmap=codec.qmap, rounding="up")
+    with pytest.raises(ValueError, match="`scale` must be one of"):
+        BlockCodec(qmap=codec.qmap, scale="min")
+
+
 def test_shapes_packing_and_eligibility():
-    c4 = moment_codec(4, signed=True)
+    c4 = dataclasses.replace(moment_codec(4, signed=True), rounding="nearest", scale="max")
     x = np.float32([-1.0, -0.6, 0.0, 0.2, 0.5, 1.0, 0.0775])  # odd: the last byte is half used
     codes, scales = c4.encode(x)
     assert codes.shape == (4,) and scales.shape == (1,)

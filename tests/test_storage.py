@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import rmsjax
 from rmsjax.quantization import moment_codec
+from rmsjax.stochastic import counter_bits
 from rmsjax.storage import StoredArray, decode, is_stored
 
 SPECS = {
@@ -120,7 +121,9 @@ def expected_storage(new_plain: Any, old: StoredArray) -> np.ndarray:
         out = rmsjax.stochastic_round(new_plain, use, value.dtype)
         return np.asarray(out.astype(jnp.float32))
     q = old.data
-    return np.asarray(q.codec.decode(*q.codec.encode(new_plain), q.shape))
+    # a stochastically rounding codec draws the bits of the old (seed, counter)
+    noise = None if q.key is None else counter_bits(q.shape, q.key[0], q.key[1])
+    return np.asarray(q.codec.decode(*q.codec.encode(new_plain, noise), q.shape))
 
 
 @pytest.mark.parametrize("spec", sorted(SPECS))
@@ -167,6 +170,10 @@ def test_every_rule_decodes_steps_and_encodes(rule: str, spec: str) -> None:
             if isinstance(old.storage, rmsjax.StochasticRounding):
                 _, key = old.data
                 assert np.array_equal(np.asarray(got.data[1]), np.asarray(jax.random.split(key)[1]))
+            if isinstance(old.storage, rmsjax.Quantized) and old.data.key is not None:
+                # the counter advances by one per encoding, the seed stays
+                want_key = np.asarray(old.data.key) + np.uint32([0, 1])
+                assert np.array_equal(np.asarray(got.data.key), want_key)
         state = new
 
 
@@ -297,6 +304,36 @@ def test_stochastic_rounding_decays_where_nearest_stalls() -> None:
     assert 1 - target > 20 * bound  # nearest is far outside the bound
 
 
+def test_4bit_second_moment_follows_float32_where_the_nearest_code_stalls() -> None:
+    """Adam's nu (decay 0.999) over 600 steps of N(0, 1) gradients, half of each block's entries
+    shrinking to N(0, 0.05^2) after step 100: float32's nu of that half decays towards 0.05^2.
+    The nearest 4-bit code cannot move by less than half a code (a factor 1.5 on the powers of
+    two): nu stops growing after a few steps and never decays, and ends a factor 2 or more
+    away; the default (stochastic) code follows float32 in the mean."""
+    steps, shape = 600, (16, 256)
+    shrink = jnp.zeros(shape, bool).at[:, ::2].set(True)
+
+    def run(nu_dtype: Any) -> np.ndarray:
+        opt = rmsjax.scale_by_adam(nu_dtype=nu_dtype)
+        params = {"w": jnp.zeros(shape)}
+
+        def body(t: Any, s: Any) -> Any:
+            g = jax.random.normal(jax.random.fold_in(jax.random.key(0), t), shape)
+            g = jnp.where(shrink & (t >= 100), 0.05 * g, g)
+            return opt.update({"w": g}, s)[1]
+
+        state = jax.jit(lambda s: jax.lax.fori_loop(0, steps, body, s))(opt.init(params))
+        nu = state.nu["w"]
+        return np.asarray(decode(nu) if is_stored(nu) else nu)[np.asarray(shrink)]
+
+    want = run(None).mean()
+    nearest_codec = dataclasses.replace(moment_codec(4, signed=False), rounding="nearest")
+    nearest = run(rmsjax.quantized(codec=nearest_codec)).mean()
+    default = run(rmsjax.quantized(4)).mean()
+    assert abs(default / want - 1) < 0.1
+    assert abs(np.log(nearest / want)) > np.log(2)
+
+
 def test_stochastic_rounding_keys() -> None:
     """One key per stored array, different between leaves, moments and seeds; split at each
     update; kept when the gradient is None."""
@@ -311,6 +348,70 @@ def test_stochastic_rounding_keys() -> None:
     _, new = opt.update({"a": jnp.ones(8), "b": None}, state)
     assert np.array_equal(new.mu["b"].data[1], state.mu["b"].data[1])
     assert np.array_equal(new.mu["a"].data[1], jax.random.split(state.mu["a"].data[1])[1])
+
+
+def _mix32(x: int) -> int:
+    """Wellons' lowbias32, restated in Python integers."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def test_quantized_stochastic_rounding_keys() -> None:
+    """A 4-bit first moment holds (seed, counter): the seed word is the documented hash of the
+    user's seed and the moment's salt, the counter counts encodings (1 after init), a None
+    gradient keeps it, and the codes are reproducible from the seed."""
+    import zlib
+
+    params = {"a": jnp.ones((4, 1024)), "b": jnp.ones((4, 1024))}
+    q4 = rmsjax.quantized(4, seed=7)
+    opt = rmsjax.scale_by_adam(mu_dtype=q4, nu_dtype=rmsjax.quantized(4))
+    state = opt.init(params)
+    for name in ("a", "b"):
+        salt = f"mu['{name}']"
+        word = _mix32((zlib.crc32(salt.encode()) & 0x7FFFFFFF) ^ _mix32(7))
+        assert np.asarray(state.mu[name].data.key).tolist() == [word, 1]
+    g = {"a": jnp.full((4, 1024), 0.3), "b": None}
+    _, new = opt.update(g, state)
+    assert np.asarray(new.mu["a"].data.key)[1] == 2
+    assert np.array_equal(new.mu["b"].data.key, state.mu["b"].data.key)
+    _, again = opt.update(g, opt.init(params))
+    assert np.array_equal(again.mu["a"].data.codes, new.mu["a"].data.codes)
+    other = rmsjax.scale_by_adam(mu_dtype=rmsjax.quantized(4, seed=8)).init(params)
+    assert np.asarray(other.mu["a"].data.key)[0] != np.asarray(state.mu["a"].data.key)[0]
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        rmsjax.quantized(4, seed=1.5)  # type: ignore[arg-type]
+
+
+def test_old_4bit_checkpoints_restore_with_the_old_codecs_only(tmp_path: Any) -> None:
+    """A checkpoint of the old default 4-bit state (torchao's maps, rounded to nearest, float32
+    maxima) restores through the codecs the CHANGELOG gives, and not into the new default."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    from rmsjax.quantization import BlockCodec, dynamic_map, linear_map
+
+    old_m = dynamic_map(True, exponent_bits=3, total_bits=4)
+    old_m[0] = -1.0
+    old = {
+        "mu_dtype": rmsjax.quantized(codec=BlockCodec(qmap=tuple(old_m.tolist()), block_size=128)),
+        "nu_dtype": rmsjax.quantized(
+            codec=BlockCodec(qmap=tuple(linear_map(16, zero=False).tolist()), block_size=128)
+        ),
+    }
+    params, grads = params_and_grads(2)
+    opt = rmsjax.adamw(1e-2, **old)
+    state = opt.init(params)
+    for g in grads:
+        _, state = opt.update(g, state, params)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "old", state)
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(tmp_path / "old", jax.eval_shape(opt.init, params))
+    chex.assert_trees_all_equal(restored, state)
+    new = rmsjax.adamw(1e-2, mu_dtype=rmsjax.quantized(4), nu_dtype=rmsjax.quantized(4))
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        ckpt.restore(tmp_path / "old", jax.eval_shape(new.init, params))
 
 
 def test_overflow_is_stored_finite_and_nan_stays_visible() -> None:
@@ -541,3 +642,130 @@ def test_every_storage_argument_is_documented_by_the_template() -> None:
         entry = re.search(rf"^\s+{argument}: storage of (.*?): ", doc, re.MULTILINE)
         assert entry is not None, (name, argument)
         assert STORAGE_CHOICES in " ".join(doc[entry.end() :].split()), (name, argument)
+
+
+def test_factored_second_moment_is_adafactors_row_and_column_averages() -> None:
+    """Adam with ``nu_dtype=factored()`` against a NumPy statement of Adafactor's factored
+    second moment (rows and columns of g^2 averaged with beta2, decoded as r c / mean(r))."""
+    b1, b2, eps = 0.9, 0.99, 1e-8
+    opt = rmsjax.scale_by_adam(b1=b1, b2=b2, eps=eps, nu_dtype=rmsjax.factored(min_size=64))
+    params, grads = params_and_grads(4, seed=3)
+    state = opt.init(params)
+    assert isinstance(state.nu["w"].data, rmsjax.storage.FactoredArray)
+    assert state.nu["b"].dtype == jnp.float32  # 7 entries, below min_size and one axis
+    rows, cols = np.zeros(16), np.zeros(300)
+    m = np.zeros((16, 300))
+    update = jax.jit(opt.update)
+    for t, g in enumerate(grads, start=1):
+        u, state = update(g, state, params)
+        g64 = np.asarray(g["w"], np.float64)
+        # the step uses the decoded (factored) old nu and this step's g^2 entry by entry
+        old = np.outer(rows, cols) / rows.mean() if t > 1 else 0.0
+        v = b2 * old + (1 - b2) * g64**2
+        rows = b2 * rows + (1 - b2) * (g64**2).mean(axis=1)
+        cols = b2 * cols + (1 - b2) * (g64**2).mean(axis=0)
+        m = b1 * m + (1 - b1) * g64
+        want = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        # float32 rounding, relative to the update's scale (m cancels to small values)
+        np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=2e-5, atol=1e-6 * abs(want).max())
+    np.testing.assert_allclose(np.asarray(state.nu["w"].data.rows), rows, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.nu["w"].data.cols), cols, rtol=1e-5)
+    # 4 (n + m) bytes instead of 4 n m
+    assert state.nu["w"].nbytes == 4 * (16 + 300)
+
+
+def test_factored_fallback_signed_moments_and_arguments() -> None:
+    params = {"w": jnp.ones((64, 128)), "v": jnp.ones(8192), "s": jnp.ones((4, 4))}
+    state = rmsjax.adamw(1e-3, mu_dtype=rmsjax.quantized(4), nu_dtype=rmsjax.factored()).init(
+        params
+    )
+    nu = state[0].nu
+    assert isinstance(nu["w"].storage, rmsjax.Factored)
+    assert isinstance(nu["v"].storage, rmsjax.Quantized)  # one axis: the 4-bit fallback
+    assert isinstance(nu["s"], jax.Array)  # below every minimum size: float32
+    plain = rmsjax.adam(1e-3, nu_dtype=rmsjax.factored(fallback=None)).init(params)
+    assert isinstance(plain[0].nu["v"], jax.Array)
+    with pytest.raises(ValueError, match=r"second moments.*mu\['s'\]"):
+        rmsjax.adam(1e-3, mu_dtype=rmsjax.factored()).init(params)
+    with pytest.raises(ValueError, match="`min_size` must be an integer >= 0"):
+        rmsjax.factored(min_size=-1)
+    with pytest.raises(TypeError, match="`fallback` must be None"):
+        rmsjax.factored(fallback=jnp.bfloat16)  # type: ignore[arg-type]
+    # jit and vmap
+    opt = rmsjax.adam(1e-3, nu_dtype=rmsjax.factored(min_size=16))
+    stack = {"w": jnp.stack([jnp.ones((8, 8)), 2 * jnp.ones((8, 8)) + jnp.eye(8)])}
+    u, _ = jax.jit(jax.vmap(opt.update))(stack, jax.vmap(opt.init)(stack), stack)
+    one = {"w": stack["w"][1]}
+    u1, _ = opt.update(one, opt.init(one), one)
+    np.testing.assert_allclose(u["w"][1], u1["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("second", ["e4m3_sqrt", "e5m2"])
+def test_float8_is_a_block_scaled_cast(second: str) -> None:
+    """Adam with FP8 moments: the stored values equal a NumPy statement of the scheme (block
+    maximum / the format's largest value as the scale, ml_dtypes' float8 cast), and the state
+    shards, jits and vmaps like the others."""
+    import ml_dtypes
+
+    spec = rmsjax.float8(second_moment=second)  # type: ignore[arg-type]
+    opt = rmsjax.scale_by_adam(mu_dtype=spec, nu_dtype=spec)
+    params, grads = params_and_grads(2, seed=4)
+    state = opt.init(params)
+    _, state = jax.jit(opt.update)(grads[0], state, params)
+    g = np.asarray(grads[0]["w"], np.float32)
+
+    def restate(y: np.ndarray, dtype: Any, largest: float) -> np.ndarray:
+        blocks = np.pad(y, [(0, 0), (0, 512 - 300)]).reshape(16, 2, 256)
+        scale = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(largest)).astype(
+            np.float32
+        )
+        values = (blocks / np.where(scale == 0, 1, scale)).astype(dtype).astype(np.float32)
+        return (values * scale).reshape(16, 512)[:, :300]
+
+    mu = (np.float32(0.1) * g).astype(np.float32)
+    nu = (np.float32(0.001) * g * g).astype(np.float32)
+    np.testing.assert_allclose(
+        decode(state.mu["w"]), restate(mu, ml_dtypes.float8_e4m3fn, 448), rtol=1e-6
+    )
+    if second == "e5m2":
+        want = restate(nu, ml_dtypes.float8_e5m2, 57344)
+        assert state.nu["w"].data.values.dtype == jnp.float8_e5m2
+    else:
+        want = restate(np.sqrt(nu), ml_dtypes.float8_e4m3fn, 448) ** 2
+        assert state.nu["w"].data.root
+    np.testing.assert_allclose(decode(state.nu["w"]), want, rtol=1e-5)
+    assert state.mu["w"].nbytes == 16 * 300 + 4 * 16 * 2  # 1 byte per entry + the scales
+    assert state.nu["b"].dtype == jnp.float32  # below min_size
+    with pytest.raises(ValueError, match="`second_moment` must be one of"):
+        rmsjax.float8(second_moment="e4m3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`block_size` must be an integer >= 1"):
+        rmsjax.float8(block_size=0)
+
+
+def test_centered_rms_keeps_the_variance_where_4_bits_would_cancel_it() -> None:
+    params = {"w": jnp.zeros((32, 256))}
+    state_of = lambda storage: rmsjax.scale_by_centered_rms(nu_dtype=storage).init(params)
+    assert isinstance(state_of(rmsjax.quantized(4)), rmsjax.ScaleByCenteredVarianceState)
+    assert isinstance(state_of(rmsjax.factored()), rmsjax.ScaleByCenteredVarianceState)
+    for storage in (None, jnp.bfloat16, rmsjax.quantized(8), rmsjax.stochastic_rounding()):
+        assert isinstance(state_of(storage), rmsjax.ScaleByRStdDevState)  # optax's
+
+    # Full-batch-like gradients: a mean of 1 and a standard deviation of 0.01. float32 state
+    # steps by about g / 0.01; 4-bit nu and mu hold one significant bit each, so nu - mu^2 is
+    # noise of the size of nu (the clamp at 0 then makes steps of g / sqrt(eps)); the variance
+    # form stores the variance itself and follows float32.
+    def steps(opt: Any) -> np.ndarray:
+        update = jax.jit(opt.update)
+        state, out = opt.init(params), []
+        for i in range(150):
+            g = {"w": 1.0 + 0.01 * jax.random.normal(jax.random.PRNGKey(i), (32, 256))}
+            u, state = update(g, state)
+            out.append(np.asarray(u["w"]))
+        return np.abs(np.stack(out[50:]))
+
+    four = rmsjax.quantized(4)
+    reference = steps(rmsjax.scale_by_centered_rms())
+    ratio = steps(rmsjax.scale_by_centered_rms(mu_dtype=four, nu_dtype=four)) / reference
+    cancelled = steps(rmsjax.scale_by_centered_rms(mu_dtype=four, nu_dtype=four, variance=False))
+    assert 0.7 < np.median(ratio) < 1.5 and np.mean(ratio > 10) < 0.01
+    assert np.mean(cancelled / reference > 10) > 0.2  # what the variance form avoids

@@ -1,9 +1,9 @@
 """Stored moments of sharded parameters (8 simulated CPU devices, in subprocesses).
 
 tests/storage_sharded_worker.py runs centered RMSProp with momentum, every moment quantized
-(8 or 4 bits) or stochastically rounded, on parameters sharded along a leading axis, along the
-last axis (one block per shard) and replicated (a small one, float32 state). The device count
-is fixed when JAX starts, so the worker runs with
+(8 or 4 bits, or FP8) or stochastically rounded, on parameters sharded along a leading axis,
+along the last axis (one block per shard) and replicated (a small one, float32 state). The
+device count is fixed when JAX starts, so the worker runs with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` in its own process; a second, fresh
 process restores the Orbax checkpoint written by the first.
 """
@@ -22,7 +22,7 @@ from tests.common import run_on_8_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "storage_sharded_worker.py"
-STORAGES = ("q8", "q4", "sr")
+STORAGES = ("q8", "q4", "sr", "f8")
 
 
 def _run(phase: str, out: Path) -> None:
@@ -51,15 +51,21 @@ def test_stored_moments_on_eight_devices(results: dict[str, Any]) -> None:
         assert r["n_stored"] == (6 if storage != "sr" else 9), storage
         # Codes, scales and values are sharded with their parameter; keys are replicated.
         specs = r["specs"]
-        for moment in ("[0].mu", "[0].nu", "[2].trace"):
+        # with 4-bit state, centered RMSProp keeps the variance itself (its variance form)
+        second = "[0].var" if storage == "q4" else "[0].nu"
+        for moment in ("[0].mu", second, "[2].trace"):
             if storage == "sr":
                 assert specs[f"{moment}['rows'].data[0]"] == "P('x',)"
                 assert specs[f"{moment}['cols'].data[0]"] == "P(None, 'x')"
                 assert specs[f"{moment}['rows'].data[1]"] == "P()"  # the PRNG key
             else:
-                for part in ("codes", "scales"):
+                for part in ("values", "scales") if storage == "f8" else ("codes", "scales"):
                     assert specs[f"{moment}['rows'].data.{part}"] == "P('x',)"
                     assert specs[f"{moment}['cols'].data.{part}"] == "P(None, 'x')"
+                # 4-bit moments round stochastically: their (seed, counter) key is replicated
+                # (the random bits index the whole array, so shards agree)
+                key = f"{moment}['rows'].data.key"
+                assert specs.get(key) == ("P()" if storage == "q4" else None)
             assert specs[f"{moment}['bias']" + (".data[0]" if storage == "sr" else "")] == "P()"
         # Elementwise and block-local: the compiled step communicates nothing.
         assert r["collectives"] == 0, storage

@@ -21,13 +21,13 @@ import numpy as np
 
 from rmsjax._native import codecs
 from rmsjax.storage import KernelView, StoredArray, is_stored
+from rmsjax.tree import is_none
 
 __all__ = [
     "PARAM_DTYPES",
     "Grouping",
     "Skip",
     "group_leaves",
-    "is_none",
     "kernel_view",
     "leaf_key",
     "leaf_paths",
@@ -38,12 +38,6 @@ __all__ = [
 
 # The parameter dtypes the kernel takes (gradients of the same dtype).
 PARAM_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
-
-
-def is_none(x: Any) -> bool:
-    """``x is None``: an ``is_leaf`` that keeps ``None`` leaves (frozen parameters) in a
-    flattening, so that the trees of a step line up leaf by leaf."""
-    return x is None
 
 
 def leaf_paths(tree: Any) -> list[Any]:

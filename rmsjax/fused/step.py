@@ -35,6 +35,7 @@ from rmsjax.fused import primitive, selection
 from rmsjax.fused.plans import Plan, StateLayoutError, find_state, plan, replace_field
 from rmsjax.fused.rules import group_step, pure_step, split_args
 from rmsjax.stages import Stage, recording
+from rmsjax.tree import is_none
 
 __all__ = [
     "BACKENDS",
@@ -187,7 +188,7 @@ def route(
         return f"{NO_PLAN}: {kernel_plan}"
     if not selection.single_device((params, grads)):
         return SEVERAL_DEVICES
-    p_leaves, treedef = jax.tree.flatten(params, is_leaf=selection.is_none)
+    p_leaves, treedef = jax.tree.flatten(params, is_leaf=is_none)
     g_leaves = selection.leaves_like(treedef, grads)
     if g_leaves is None:
         return GRADIENT_TREE

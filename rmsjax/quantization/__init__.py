@@ -72,7 +72,7 @@ from rmsjax.quantization.codec import (
     quantize,
     torchao_codec,
 )
-from rmsjax.quantization.maps import dynamic_map, linear_map
+from rmsjax.quantization.maps import dynamic_map, linear_map, power_of_two_map
 
 __all__ = [
     "BlockCodec",
@@ -82,6 +82,7 @@ __all__ = [
     "dequantize",
     "dynamic_map",
     "linear_map",
+    "power_of_two_map",
     "moment_codec",
     "quantize",
     "torchao_codec",

@@ -14,8 +14,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from rmsjax.quantization.maps import dynamic_map, linear_map
-from rmsjax.quantization.rounding import CONVENTIONS, lookup
+from rmsjax.quantization.maps import dynamic_map, linear_map, power_of_two_map
+from rmsjax.quantization.rounding import CONVENTIONS, lookup, stochastic_codes
 from rmsjax.validation import is_int
 
 __all__ = [
@@ -32,7 +32,11 @@ __all__ = [
 Layout = Literal["last_axis", "flat"]
 Convention = Literal["nearest", "bitsandbytes", "torchao"]
 Normalize = Literal["divide", "reciprocal"]
+Rounding = Literal["nearest", "stochastic"]
+Scale = Literal["max", "power_of_two"]
+_SCALES = ("max", "power_of_two")
 _LAYOUTS = ("last_axis", "flat")
+_ROUNDINGS = ("nearest", "stochastic")
 _NORMALIZE = ("divide", "reciprocal")
 _F32 = np.float32
 _TORCHAO_SCALE_FLOOR = 1e-12  # torchao clips each block's scale below at this value
@@ -66,6 +70,17 @@ class BlockCodec:
       normalize: ``"divide"`` computes :math:`v = x / s`; ``"reciprocal"`` computes
         :math:`v = x \cdot \mathrm{fl}(1 / s)` as bitsandbytes' CPU kernel does (one more
         rounding: about one code in a thousand differs from ``"divide"``).
+      rounding: ``"nearest"`` (the ``convention``'s own rounding) or ``"stochastic"``: the
+        code of :math:`v = x / s` is one of the two map values around :math:`v`, the upper one
+        with probability proportional to the distance from the lower
+        (:func:`rmsjax.quantization.rounding.stochastic_codes`), so the decoded value is
+        :math:`x` in expectation; :meth:`encode` then takes 32 random bits per entry.
+        Stochastic rounding needs ``convention="nearest"`` and ``normalize="divide"``.
+      scale: ``"max"``: a block's scale is its absolute maximum; ``"power_of_two"``: the
+        smallest power of two at least that maximum (:math:`2^{\lceil\log_2 \max\rceil}`,
+        within :math:`[2^{-126}, 2^{127}]`; 0 for an all-zero block, NaN with a NaN), so that
+        :math:`x / s` and :math:`Q_c \cdot s` are exact (a change of exponent). Needs
+        ``convention="nearest"``.
 
     Differences from bitsandbytes and torchao: the libraries tie a codec to a tensor subclass or
     to their fused kernels; here it is a value with two pure functions, and the choice of float32
@@ -79,6 +94,8 @@ class BlockCodec:
     min_size: int = 4096
     whole_blocks: bool = False
     normalize: Normalize = "divide"
+    rounding: Rounding = "nearest"
+    scale: Scale = "max"
 
     def __post_init__(self) -> None:
         q = np.asarray(self.qmap, np.float64)
@@ -109,6 +126,23 @@ class BlockCodec:
             raise ValueError(f"`normalize` must be one of {_NORMALIZE}, got {self.normalize!r}.")
         if not (isinstance(self.min_size, int) and self.min_size >= 0):
             raise ValueError(f"`min_size` must be an integer >= 0, got {self.min_size!r}.")
+        if self.scale not in _SCALES:
+            raise ValueError(f"`scale` must be one of {_SCALES}, got {self.scale!r}.")
+        if self.scale != "max" and self.convention != "nearest":
+            raise ValueError(
+                f"`scale={self.scale!r}` needs convention='nearest', got {self.convention!r}."
+            )
+        if self.rounding not in _ROUNDINGS:
+            raise ValueError(f"`rounding` must be one of {_ROUNDINGS}, got {self.rounding!r}.")
+        if self.rounding == "stochastic" and (self.convention, self.normalize) != (
+            "nearest",
+            "divide",
+        ):
+            raise ValueError(
+                "`rounding='stochastic'` needs convention='nearest' and normalize='divide' "
+                f"(rmsjax's own scale and division), got convention={self.convention!r}, "
+                f"normalize={self.normalize!r}."
+            )
 
     def __repr__(self) -> str:
         # The 16 or 256 map values would fill a screen in every state's repr.
@@ -165,13 +199,17 @@ class BlockCodec:
 
     # -- encode / decode -------------------------------------------------------------------
 
-    def encode(self, x: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    def encode(
+        self, x: ArrayLike, random_bits: ArrayLike | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         r"""``(codes, scales)`` of a real array ``x`` (any shape, any float dtype).
 
         ``x`` is read in float32. ``codes`` is uint8 with :meth:`code_shape` (two 4-bit codes
         per byte, the even-indexed entry in the high nibble, as torchao packs them); ``scales``
         is float32 with :meth:`scale_shape`. Pure and elementwise per block: jit, vmap and
-        sharding apply.
+        sharding apply. ``random_bits``: with ``rounding="stochastic"`` (and only then), a
+        ``uint32`` array of ``x``'s shape, the random bits of each entry's rounding
+        (:func:`rmsjax.stochastic.counter_bits`).
         """
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -179,9 +217,22 @@ class BlockCodec:
                 f"BlockCodec.encode needs a real floating-point array, got dtype {x.dtype}. "
                 "Complex state is not quantized (store its real and imaginary parts apart)."
             )
-        return _encode(self, x)
+        if (random_bits is None) != (self.rounding == "nearest"):
+            raise ValueError(
+                f"BlockCodec.encode: `random_bits` must be given with rounding='stochastic' "
+                f"and only then (this codec's rounding is {self.rounding!r})."
+            )
+        if random_bits is None:
+            return _encode(self, x, None)
+        random_bits = jnp.asarray(random_bits)
+        if random_bits.shape != x.shape or random_bits.dtype != jnp.uint32:
+            raise ValueError(
+                f"BlockCodec.encode: `random_bits` must be uint32 of x's shape {x.shape}, got "
+                f"{random_bits.dtype}{list(random_bits.shape)}."
+            )
+        return _encode(self, x, random_bits)
 
-    def _encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _encode(self, x: jax.Array, random_bits: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         shape = x.shape
         blocks = self._blocks(x.astype(jnp.float32))
         mag = jnp.abs(blocks)
@@ -193,6 +244,8 @@ class BlockCodec:
             scales = jnp.where(jnp.any(nan, axis=-1), jnp.float32(jnp.nan), scales)
         if self.convention == "torchao":
             scales = jnp.maximum(scales, jnp.float32(_TORCHAO_SCALE_FLOOR))
+        if self.scale == "power_of_two":
+            scales = _power_of_two_at_least(scales)
         if self.normalize == "reciprocal":
             v = blocks * (jnp.float32(1.0) / scales)[..., None]
         else:
@@ -204,7 +257,10 @@ class BlockCodec:
         # A NaN normalised value takes the code of -1 (bitsandbytes clamps NaN to -1; torchao's
         # comparisons all fail, giving code 0); under "nearest" its block's scale is NaN anyway.
         v = jnp.where(jnp.isnan(v), jnp.float32(-1.0), v)
-        codes = lookup(self.qmap, self.convention, v)
+        if random_bits is None:
+            codes = lookup(self.qmap, self.convention, v)
+        else:
+            codes = stochastic_codes(self.qmap, v, self._blocks(random_bits))
         if self.convention == "bitsandbytes":
             codes = jnp.where((scales == 0)[..., None], jnp.uint8(0), codes)
         return self._pack(codes, shape), scales
@@ -253,6 +309,15 @@ class BlockCodec:
         return flat.reshape(shape).astype(dtype)
 
 
+def _power_of_two_at_least(m: jax.Array) -> jax.Array:
+    """The smallest power of two >= ``m`` (``m`` >= 0 and finite), within [2^-126, 2^127];
+    0 stays 0, NaN stays NaN."""
+    mantissa, exponent = jnp.frexp(m)  # m = mantissa * 2^exponent, mantissa in [0.5, 1)
+    exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent)
+    power = jnp.ldexp(jnp.float32(1.0), jnp.clip(exponent, -126, 127))
+    return jnp.where(m > 0, power, m)
+
+
 # One compiled program per codec, shape and dtype (inside an outer jit these simply inline).
 _encode = jax.jit(BlockCodec._encode, static_argnums=0)
 _decode = jax.jit(BlockCodec._decode, static_argnums=(0, 3, 4))
@@ -261,13 +326,27 @@ _decode = jax.jit(BlockCodec._decode, static_argnums=(0, 3, 4))
 def moment_codec(bits: int = 8, *, signed: bool, block_size: int | None = None) -> BlockCodec:
     r"""rmsjax's own codec for a first (``signed=True``) or second (``signed=False``) moment.
 
-    8 bits: :func:`dynamic_map` (signed or unsigned), blocks of 256. 4 bits: the signed 4-bit
-    dynamic map for first moments, torchao's zero-free :func:`linear_map` for second moments,
-    blocks of 128. In the signed maps the most negative value is -1 (instead of -0.99297 for 8
-    bits and -0.8875 for 4 bits), so that a block whose largest entry is negative stores it
-    exactly, as it does a positive one. Always the shard-safe ``"last_axis"`` layout and exact
-    ``"nearest"`` rounding (zero is stored exactly in the signed maps); ``min_size`` 4096 like
-    both libraries.
+    8 bits: :func:`dynamic_map` (signed or unsigned), blocks of 256, the block's absolute
+    maximum as its scale, the nearest code. In the signed map the most negative value is -1
+    (instead of bitsandbytes' -0.99297), so that a block whose largest entry is negative
+    stores it exactly, as it does a positive one.
+
+    4 bits: :func:`power_of_two_map`, blocks of 128, a power-of-two scale per block
+    (``scale="power_of_two"``: :math:`s = 2^{\lceil \log_2 \max_b |x| \rceil}`, so
+    :math:`v = x/s` and :math:`Q_c s` are exact), and stochastic rounding
+    (``rounding="stochastic"``) of every moment between its two neighbouring map values (second
+    moments: :math:`2^{-15} \dots 1`; first moments: :math:`0, \pm 2^{-6} \dots \pm 1` and
+    :math:`2^{-7}`), so that the stored value is right in expectation. A moving average updated
+    by :math:`(1 - \beta)` of a new value changes by far less than half a code step per update;
+    the nearest code would freeze it (a first moment that cannot follow its gradients; a second
+    moment that stops growing after a few steps and never decays, so the steps come out several
+    times too large or too small), while the stochastic code follows it in expectation. The
+    cost is noise: a second moment's decoded value wanders around its true value by up to an
+    octave, and :math:`1/\sqrt{\hat\nu}` averages a little above :math:`1/\sqrt{\nu}` (10-20%
+    larger steps where :math:`\nu` decays slowly, in ``tests/test_storage.py``). Measurements:
+    ``benchmarks/results/quality_ablation/summary.md``.
+
+    Always the shard-safe ``"last_axis"`` layout; ``min_size`` 4096 like both libraries.
 
     Args:
       bits: 4 or 8.
@@ -276,15 +355,23 @@ def moment_codec(bits: int = 8, *, signed: bool, block_size: int | None = None) 
 
     Differences: bitsandbytes and torchao block the flattened tensor (a block can straddle rows
     and shards), round differently (:func:`bitsandbytes_codec`, :func:`torchao_codec`) and
-    store a block's largest negative entry 0.7% (8 bits) or 11% (4 bits) too small.
+    store a block's largest negative entry 0.7% (8 bits) or 11% (4 bits) too small. At 4 bits
+    torchao (and rmsjax until this release) use the 4-bit dynamic map for first moments and
+    the linear map :math:`k/16` for second moments, both rounded to nearest, with float32
+    maxima as scales.
     """
     check_bits(bits)
-    if not signed:
-        qmap = dynamic_map(False) if bits == 8 else linear_map(16, zero=False)
-    else:
-        qmap = dynamic_map(True, exponent_bits=7 if bits == 8 else 3, total_bits=bits)
-        qmap[0] = -1.0  # the block's most negative entry is stored exactly, like its maximum
     block = (256 if bits == 8 else 128) if block_size is None else block_size
+    if bits == 4:
+        return BlockCodec(
+            qmap=tuple(power_of_two_map(signed).tolist()),
+            block_size=block,
+            rounding="stochastic",
+            scale="power_of_two",
+        )
+    qmap = dynamic_map(signed)
+    if signed:
+        qmap[0] = -1.0  # the block's most negative entry is stored exactly, like its maximum
     return BlockCodec(qmap=tuple(qmap.tolist()), block_size=block)
 
 
@@ -350,16 +437,20 @@ def torchao_codec(bits: int, *, signed: bool) -> BlockCodec:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["codes", "scales"],
+    data_fields=["codes", "scales", "key"],
     meta_fields=["codec", "shape", "dtype"],
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
-    """An array stored by a :class:`BlockCodec`: a pytree with two array leaves.
+    """An array stored by a :class:`BlockCodec`: a pytree with two or three array leaves.
 
     ``codes`` (uint8) and ``scales`` (float32) are the leaves (they shard, checkpoint and
     donate like any state); ``codec``, ``shape`` and ``dtype`` (of the decoded array) are static
-    metadata. ``dequantize(q)`` gives the array back.
+    metadata. ``dequantize(q)`` gives the array back. ``key``: ``None`` (no leaf) for a codec
+    that rounds to nearest; for a stochastically rounding one, as kept by
+    :class:`rmsjax.storage.Quantized`, a ``uint32[2]`` array ``(seed, counter)``: the random
+    bits of the next encoding are :func:`rmsjax.stochastic.counter_bits` ``(shape, seed,
+    counter)``, and the counter advances by one at every encoding.
     """
 
     codes: Any
@@ -367,16 +458,20 @@ class QuantizedArray:
     codec: BlockCodec
     shape: tuple[int, ...]
     dtype: Any
+    key: Any = None
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
 
 
-def quantize(x: ArrayLike, codec: BlockCodec) -> QuantizedArray:
-    """``x`` encoded by ``codec``, its shape and dtype recorded (:meth:`BlockCodec.encode`)."""
+def quantize(
+    x: ArrayLike, codec: BlockCodec, random_bits: ArrayLike | None = None
+) -> QuantizedArray:
+    """``x`` encoded by ``codec``, its shape and dtype recorded (:meth:`BlockCodec.encode`;
+    ``random_bits`` for a stochastically rounding codec)."""
     x = jnp.asarray(x)
-    codes, scales = codec.encode(x)
+    codes, scales = codec.encode(x, random_bits)
     return QuantizedArray(codes, scales, codec, tuple(x.shape), jnp.dtype(x.dtype))
 
 

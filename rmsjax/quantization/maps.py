@@ -1,10 +1,11 @@
-"""The quantization maps of bitsandbytes and torchao, built in NumPy float32."""
+"""The quantization maps of bitsandbytes and torchao, and rmsjax's 4-bit power-of-two maps,
+built in NumPy float32."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["dynamic_map", "linear_map"]
+__all__ = ["dynamic_map", "linear_map", "power_of_two_map"]
 
 _F32 = np.float32
 
@@ -99,3 +100,26 @@ def linear_map(levels: int, *, signed: bool = False, zero: bool = True) -> np.nd
     if signed:
         return (-1.0 + 2.0 * k / (levels - 1)).astype(_F32)
     return (k / (levels - 1)).astype(_F32)
+
+
+def power_of_two_map(signed: bool) -> np.ndarray:
+    r"""rmsjax's 4-bit maps: powers of two (16 float32 values, sorted).
+
+    ``signed=False`` (second moments): :math:`2^{-15}, 2^{-14}, \dots, 2^{-1}, 1`, i.e. code
+    :math:`c` is :math:`2^{c - 15}`; no zero, so a positive second moment is never stored as
+    0, and five decades of range below the block's maximum. ``signed=True`` (first moments):
+    :math:`-1, -2^{-1}, \dots, -2^{-6}, 0, 2^{-7}, 2^{-6}, \dots, 1`, i.e. code :math:`c < 7`
+    is :math:`-2^{-c}`, code 7 is 0 and code :math:`c > 7` is :math:`2^{c - 15}` (the
+    sixteenth value, :math:`2^{-7}`, sits on the positive side). Zero is exact, so a moment
+    that is 0 stays 0 under stochastic rounding.
+
+    Every value is a power of two (or 0): with a power-of-two block scale a code decodes by
+    setting an exponent, and the code of a float is read from its exponent and mantissa bits
+    (nearest: the exponent and the leading mantissa bit; stochastic: the exponent, the mantissa
+    compared with random bits), see :func:`rmsjax.quantization.moment_codec`.
+    """
+    if signed:
+        values = [-(2.0**-j) for j in range(7)] + [0.0] + [2.0 ** (c - 15) for c in range(8, 16)]
+    else:
+        values = [2.0 ** (c - 15) for c in range(16)]
+    return np.asarray(values, _F32)

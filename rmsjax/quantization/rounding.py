@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["CONVENTIONS", "breakpoints", "lookup"]
+__all__ = ["CONVENTIONS", "breakpoints", "lookup", "stochastic_codes"]
 
 _F32 = np.float32
 _BNB_GRID = 65536  # bitsandbytes' CPU kernel rounds onto this many points of [-1, 1]
-CONVENTIONS = ("nearest", "bitsandbytes", "torchao")
+CONVENTIONS = ("nearest", "bitsandbytes", "torchao")  # a codec's choices; "floor" is internal
 
 
 def _ordinal(v: np.ndarray) -> np.ndarray:
@@ -67,7 +67,17 @@ def _bitsandbytes_rule(qmap: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     return rule
 
 
-_RULES = {"nearest": _nearest_rule, "torchao": _torchao_rule, "bitsandbytes": _bitsandbytes_rule}
+def _floor_rule(qmap: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    # The largest code whose value is <= v (the lower neighbour of stochastic rounding).
+    return lambda v: np.clip(np.searchsorted(qmap, v, side="right") - 1, 0, qmap.size - 1)
+
+
+_RULES = {
+    "nearest": _nearest_rule,
+    "torchao": _torchao_rule,
+    "bitsandbytes": _bitsandbytes_rule,
+    "floor": _floor_rule,
+}
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,3 +146,24 @@ def lookup(qmap: tuple[float, ...], convention: str, v: jax.Array) -> jax.Array:
         count = jnp.where(probe <= v, count + step, count)
         step //= 2
     return finish(count)
+
+
+def stochastic_codes(qmap: tuple[float, ...], v: jax.Array, bits: jax.Array) -> jax.Array:
+    r"""Codes of normalised values ``v`` rounded stochastically between their two neighbours.
+
+    With :math:`Q_k \le v < Q_{k+1}` (``v`` clipped to :math:`[Q_0, Q_{last}]`; at the top,
+    :math:`k` is the second-to-last code), :math:`r = v - Q_k` and :math:`d = Q_{k+1} - Q_k` in
+    float32, and :math:`u = \lfloor b / 2^8 \rfloor \cdot 2^{-24}` from the entry's 32 random
+    bits :math:`b`, the code is :math:`k + 1` when :math:`u \cdot d < r` (a float32 product
+    compared, no fused multiply-add) and :math:`k` otherwise: :math:`P(k + 1) = r / d` up to
+    :math:`2^{-24}`, so the decoded value is :math:`v` in expectation (for ``v`` inside the
+    map's range). A value equal to a map value is kept exactly (:math:`r = 0`).
+    """
+    q = np.asarray(qmap, _F32)
+    lo = jnp.asarray(q[:-1])
+    gap = jnp.asarray(q[1:] - q[:-1])  # float32 differences, as the rule computes them
+    v = jnp.clip(v, jnp.float32(q[0]), jnp.float32(q[-1]))
+    k = jnp.minimum(lookup(qmap, "floor", v).astype(jnp.int32), q.size - 2)
+    u = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+    up = u * gap[k] < v - lo[k]
+    return (k + up.astype(jnp.int32)).astype(jnp.uint8)

@@ -11,7 +11,11 @@ expose as a keyword (``mu_dtype``, ``nu_dtype``, ``accumulator_dtype``, ...). A 
 * :func:`stochastic_rounding` ``(jnp.bfloat16)``: the moment is computed in float32 and stored
   in bfloat16/float16, rounded up or down at random so that the stored value is unbiased;
 * :func:`quantized` ``(bits=8)`` or ``(bits=4)``: the moment is stored block-wise in 8 or 4
-  bits with one float32 scale per block (:mod:`rmsjax.quantization`).
+  bits with one float32 scale per block (:mod:`rmsjax.quantization`);
+* :func:`factored` ``()``: a second moment of a matrix is stored as its row and column means
+  (Adafactor); other arrays as ``quantized(4)``;
+* :func:`float8` ``()``: FP8 values (E4M3; a second moment's square root in E4M3, or E5M2)
+  with one float32 scale per block.
 
 The update rules never see the storage: ``map_rule`` decodes each stored moment to a plain
 array before calling the rule and encodes the rule's new value afterwards. A stored moment is a
@@ -28,10 +32,14 @@ float32 (default)                      4
 bfloat16 / float16, with or without    2 (stochastic rounding adds one 8-byte key
 stochastic rounding                    per array)
 ``quantized(bits=8)``                  1 + 4/256 = 1.016 (codes + one scale per 256)
-``quantized(bits=4)``                  0.5 + 4/128 = 0.531 (two codes per byte)
+``quantized(bits=4)``                  0.5 + 4/128 = 0.531 (two codes per byte; a
+                                       first moment adds one 8-byte key per array)
+``float8()``                           1 + 4/256 = 1.016
+``factored()``, an n x m matrix        4 (n + m) / (n m): 0.008 for 1024 x 1024
 =====================================  ===========================================
 
-Adam's two moments take 8 bytes per parameter in float32, 2.03 at 8 bits and 1.06 at 4 bits.
+Adam's two moments take 8 bytes per parameter in float32, 2.03 at 8 bits, 1.06 at 4 bits and
+0.54 with a 4-bit first moment and a factored second moment.
 """
 
 from rmsjax.storage.base import (
@@ -44,10 +52,16 @@ from rmsjax.storage.base import (
     is_stored,
     plain_dtype,
 )
+from rmsjax.storage.factored import Factored, FactoredArray, factored
+from rmsjax.storage.float8 import Float8, Float8Array, float8
 from rmsjax.storage.quantized import Quantized, quantized
 from rmsjax.storage.rounded import RoundedArray, StochasticRounding, stochastic_rounding
 
 __all__ = [
+    "Factored",
+    "FactoredArray",
+    "Float8",
+    "Float8Array",
     "KernelView",
     "Quantized",
     "RoundedArray",
@@ -57,6 +71,8 @@ __all__ = [
     "check_storage",
     "decode",
     "encode",
+    "factored",
+    "float8",
     "is_stored",
     "plain_dtype",
     "quantized",

@@ -58,6 +58,14 @@ class Storage(abc.ABC, Generic[D]):
     through these methods alone.
     """
 
+    @property
+    def cancels_differences(self) -> bool:
+        r"""Whether the difference of two moments held this way (centered RMSProp's
+        :math:`\nu - |\mu|^2`) is lost in their rounding at the variances training meets; then
+        :func:`rmsjax.scale_by_centered_rms` keeps the variance itself (its variance form).
+        False by default."""
+        return False
+
     @abc.abstractmethod
     def store(self, array: jax.Array, *, signed: bool, salt: str) -> Any:
         """``array`` (a freshly built moment, in its default dtype) held by this storage: a

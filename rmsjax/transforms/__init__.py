@@ -56,6 +56,8 @@ from rmsjax.transforms.momentum import DampenedTraceState, TraceState, dampened_
 from rmsjax.transforms.rms import (
     ScaleByAdaDeltaState,
     ScaleByCenteredRmsState,
+    ScaleByCenteredVarianceState,
+    ScaleByCenteredVarianceWithCountState,
     ScaleByRmsState,
     ScaleByRmsWithCountState,
     ScaleByRssState,
@@ -93,6 +95,8 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByAmsgradState",
     "ScaleByCenteredRmsState",
+    "ScaleByCenteredVarianceState",
+    "ScaleByCenteredVarianceWithCountState",
     "ScaleByRStdDevState",
     "ScaleByRStdDevWithCountState",
     "ScaleByRmsState",

@@ -7,7 +7,8 @@ Notation as in :mod:`rmsjax.transforms`.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,8 @@ from rmsjax.validation import (
 
 __all__ = [
     "ScaleByAdaDeltaState",
+    "ScaleByCenteredVarianceState",
+    "ScaleByCenteredVarianceWithCountState",
     "ScaleByCenteredRmsState",
     "ScaleByRStdDevState",
     "ScaleByRStdDevWithCountState",
@@ -58,6 +61,24 @@ ScaleByRStdDevState = optax.ScaleByRStdDevState
 ``optax.ScaleByRStdDevState(mu, nu)``."""
 
 ScaleByCenteredRmsState = ScaleByRStdDevState
+
+
+class ScaleByCenteredVarianceState(NamedTuple):
+    r"""State of :func:`scale_by_centered_rms` in its variance form (``variance=True``): the
+    moving mean :math:`\mu` and the moving variance :math:`s` of the gradients."""
+
+    mu: Any
+    var: Any
+
+
+class ScaleByCenteredVarianceWithCountState(NamedTuple):
+    """:class:`ScaleByCenteredVarianceState` with the update count (int32), for
+    ``bias_correction``."""
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
+    mu: Any
+    var: Any
+
 
 try:
     from optax._src.transform import ScaleByRmsWithCountState, ScaleByRStdDevWithCountState
@@ -108,6 +129,42 @@ def _centered_rms_rule(
     variance = jnp.maximum(nu_hat - abs_sq(unbias(mu, correction)), 0)
     variance = select(nu_hat != jnp.inf, variance, jnp.inf)
     return rms_scale(g, variance, eps, eps_in_sqrt=eps_in_sqrt), mu, nu
+
+
+def _rms_step_args(
+    decay: Any, eps: Any, eps_in_sqrt: bool, bias_correction: bool
+) -> Callable[[Any], dict[str, Any]]:
+    """The arguments of the two RMS rules at the step after ``count`` updates."""
+
+    def step_args(count: Any) -> dict[str, Any]:
+        correction = debias(decay, increment(count)) if bias_correction else None
+        return dict(decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt)
+
+    return step_args
+
+
+def _centered_variance_rule(
+    g: jax.Array,
+    mu: jax.Array,
+    var: jax.Array,
+    *,
+    decay: ArrayLike,
+    eps: ArrayLike,
+    correction: ArrayLike | None,
+    eps_in_sqrt: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # s_t = rho (s_{t-1} + (1 - rho) |g_t - mu_{t-1}|^2) is nu_t - |mu_t|^2 exactly (in exact
+    # arithmetic): a sum of non-negative terms, with nothing to cancel.
+    deviation = abs_sq(g - mu)
+    mu = ema(g, mu, decay)
+    var = cast(jax.Array, decay * (var + (1 - decay) * deviation))
+    variance: jax.Array = var
+    if correction is not None:
+        # nu_hat - |mu_hat|^2 = s / c + |mu|^2 (c - 1) / c^2, clamped at 0 (c - 1 <= 0)
+        c = correction
+        variance = jnp.maximum(var / c + abs_sq(mu) * ((c - 1) / c**2), 0)
+        variance = select(var != jnp.inf, variance, jnp.inf)
+    return rms_scale(g, variance, eps, eps_in_sqrt=eps_in_sqrt), mu, var
 
 
 def _check_rms_args(decay: Any, eps: Any, initial_scale: Any) -> None:
@@ -167,11 +224,7 @@ def scale_by_rms(
     :math:`\pm\infty`) give NaN, as in optax.
     """
     _check_rms_args(decay, eps, initial_scale)
-
-    def step_args(count: Any) -> dict[str, Any]:
-        correction = debias(decay, increment(count)) if bias_correction else None
-        return dict(decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt)
-
+    step_args = _rms_step_args(decay, eps, eps_in_sqrt, bias_correction)
     return moment_transform(
         "scale_by_rms",
         _rms_rule,
@@ -194,6 +247,7 @@ def scale_by_centered_rms(
     promote_half: bool = True,
     mu_dtype: DTypeLike | Storage | None = None,
     nu_dtype: DTypeLike | Storage | None = None,
+    variance: bool | None = None,
 ) -> optax.GradientTransformation:
     r"""Divide updates by a moving estimate of their standard deviation (centered RMSProp).
 
@@ -216,7 +270,20 @@ def scale_by_centered_rms(
       bias_correction: divide both moments by :math:`1 - \rho^t`.
       promote_half: keep the moments of float16/bfloat16 leaves in float32 (default).
       mu_dtype: storage of :math:`\mu`: {storage}.
-      nu_dtype: storage of :math:`\nu`: {storage}.
+      nu_dtype: storage of :math:`\nu` (of :math:`s` in the variance form): {storage}.
+      variance: keep the variance itself instead of :math:`\nu` (the *variance form*):
+
+        .. math::
+          s_t = \rho\,\big(s_{t-1} + (1-\rho)\,|g_t - \mu_{t-1}|^2\big), \quad s_0 = \nu_0,
+          \qquad \sigma^2_t = \max\big(s_t / c + |\mu_t|^2 (c - 1)/c^2,\ 0\big)
+
+        (:math:`c = 1 - \rho^t` with ``bias_correction``, else 1): in exact arithmetic
+        :math:`s_t = \nu_t - |\mu_t|^2`, so the step is the same, but :math:`s` is a sum of
+        non-negative terms and needs no difference of two stored moments. ``None`` (default):
+        the variance form exactly when ``nu_dtype`` is a storage whose rounding would cancel
+        that difference (``Storage.cancels_differences``: 4-bit codes, :func:`rmsjax.factored`),
+        else optax's form. State: ``ScaleByCenteredVarianceState(mu, var)``, or
+        ``ScaleByCenteredVarianceWithCountState(count, mu, var)`` with ``bias_correction``.
 
     Differences from ``optax.scale_by_stddev`` (and torch's ``centered=True``): the variance is
     clamped at 0. When gradients are nearly constant, :math:`\hat\nu - |\hat\mu|^2` is a
@@ -240,11 +307,25 @@ def scale_by_centered_rms(
     storage (tested over hundreds of steps at 8 and 4 bits).
     """
     _check_rms_args(decay, eps, initial_scale)
-
-    def step_args(count: Any) -> dict[str, Any]:
-        correction = debias(decay, increment(count)) if bias_correction else None
-        return dict(decay=decay, eps=eps, correction=correction, eps_in_sqrt=eps_in_sqrt)
-
+    step_args = _rms_step_args(decay, eps, eps_in_sqrt, bias_correction)
+    if variance is None:
+        variance = bool(getattr(nu_dtype, "cancels_differences", False))
+    if variance:
+        return moment_transform(
+            "scale_by_centered_rms",
+            _centered_variance_rule,
+            [
+                Moment("mu", mu_dtype),
+                Moment("var", nu_dtype, argument="nu_dtype", fill=initial_scale, real=True),
+            ],
+            state=(
+                ScaleByCenteredVarianceWithCountState
+                if bias_correction
+                else ScaleByCenteredVarianceState
+            ),
+            step_args=step_args,
+            promote_half=promote_half,
+        )
     return moment_transform(
         "scale_by_centered_rms",
         _centered_rms_rule,

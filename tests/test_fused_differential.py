@@ -654,10 +654,26 @@ def test_kernel_matches_pure_jax_on_special_values(config, hp_index, seed, p_spe
     check_example(name, static_items, hp_index, seed, p_special)
 
 
+PRESET_CONFIGS = [c for c in CONFIGS if c[0] in PRESETS]
+
+
+@pytest.mark.parametrize(
+    "config", PRESET_CONFIGS, ids=lambda c: "-".join([c[0], *(f"{k}={v}" for k, v in c[1])])
+)
+def test_every_preset_configuration_matches_pure_jax(config):
+    # The hypothesis draw above meets a sample of CONFIGS per run; every configuration of the
+    # framework presets' chains (the linear terms around the rules) is compared here once, with
+    # special values in 5% of the elements and hyperparameters drawn from HP_CHOICES.
+    name, static_items = config
+    i = PRESET_CONFIGS.index(config)
+    check_example(name, static_items, hp_index=1000 + i, seed=2000 + i, p_special=0.05)
+
+
 def test_every_configuration_runs_the_kernel():
-    # The differential test compares something only if the native side really is the kernel.
+    # The differential test compares something only if the native side really is the kernel;
+    # every preset configuration (a silent pure-JAX fallback would compare the path to itself).
     params = {k: jnp.zeros(s, jnp.float32) for k, s in SHAPES.items()}
-    for name, items in CONFIGS[::7] + CONFIGS[-7:]:
+    for name, items in CONFIGS[::7] + PRESET_CONFIGS:
         hp = {k: jnp.float32(0.5) for k in traced_names(name, dict(items))}
         opt = factory_of(name)(**static_kwargs(items), **hp, backend="native", min_native_size=0)
         jaxpr = jax.make_jaxpr(opt.step)(params, params, opt.init(params))

@@ -6,15 +6,17 @@ order, rounds to bfloat16 where XLA does, and requantises with the codec's own b
 the results are EQUAL (every code, every scale, every parameter, NaN in the same places) except
 where XLA computes float32 arithmetic in a way the kernel does not follow: its approximate
 ``rsqrt`` (jax >= 0.7; RMSProp with ``eps_in_sqrt``), the scalar loop that ends each of its
-vectorised loops (Adam: the last few entries of a leaf), where its code fuses other products
+vectorised loops (Adam: the last few entries of each row), where its code fuses other products
 than in the vector loop, and a step size that is a traced value before the decoupled decay
-(PyTorch's AdamW with a schedule), which move float32 results by an ulp. (The kernel follows
-XLA's rewrite of a lone division by a scalar, ``x / c`` as ``x * (1 / c)``, and the fused
-multiply-adds XLA's code places around the presets' terms: rmsjax/_native/fused_step.cc,
-``MovingAverageOrder``.) For those configurations, over 20 steps, at most 0.1% of the
-codes may differ, by one code (an ulp moved a value across a breakpoint), and parameters and
-scales must agree to 1e-5 relative or 1e-6 absolute (a parameter whose moment's code moved by
-one takes a step that differs by a fraction of the learning rate times that code's spacing).
+(PyTorch's AdamW with a schedule), which move float32 results by an ulp. (The kernel divides
+by the bias corrections as XLA's code does in a tree of several leaves, as these trees are; in
+a tree of a single leaf XLA multiplies by the reciprocal instead, an ulp away. It places the
+fused multiply-adds where XLA's code has them around the presets' terms:
+rmsjax/_native/fused_step.cc, ``MovingAverageOrder``.) For those configurations, over 20 steps,
+at most 0.1% of the codes may differ, by one code (an ulp moved a value across a breakpoint),
+and parameters and scales must agree to 1e-5 relative or 1e-6 absolute (a parameter whose
+moment's code moved by one takes a step that differs by a fraction of the learning rate times
+that code's spacing).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ _ZERO_STEP = "tests.test_numerics.test_centered_rms_gives_a_zero_step_where_opta
 _CONTRACT = "rmsjax's contract: an exact zero divisor gives 0, a NaN is never hidden"
 _EXACT = "tests.test_fused_lowbit.test_kernel_equals_pure_path_over_steps"
 _PRESETS_FUSED = "tests.test_compat.test_fused_presets_match_the_framework_like_the_pure_ones"
+_PRESET_CONFIGS = "tests.test_fused_differential.test_every_preset_configuration_matches_pure_jax"
 _PRESETS = "tests.test_compat.test_preset_matches_framework"
 
 CONTRACTS: tuple[Contract, ...] = (
@@ -116,7 +117,7 @@ CONTRACTS: tuple[Contract, ...] = (
             "tests.test_fused_differential.rms_model",
             "tests.test_fused_differential.sgd_model",
         ),
-        differential=(_SPECIALS, _EXACT, _PRESETS_FUSED),
+        differential=(_SPECIALS, _PRESET_CONFIGS, _EXACT, _PRESETS_FUSED),
         published=(_PRESETS,),
         source="torch.optim.RMSprop and SGD (lr after the buffer); keras.optimizers.RMSprop and "
         "SGD (lr inside it)",
@@ -128,7 +129,7 @@ CONTRACTS: tuple[Contract, ...] = (
         jax=("rmsjax.scale", "rmsjax.compat.pytorch.rmsprop"),
         cpp=("Prologue",),
         model=("tests.test_fused_differential.rms_model",),
-        differential=(_SPECIALS, _EXACT, _PRESETS_FUSED),
+        differential=(_SPECIALS, _PRESET_CONFIGS, _EXACT, _PRESETS_FUSED),
         published=(_PRESETS,),
         source="torch.optim's maximize (the gradient negated first)",
     ),
@@ -144,7 +145,7 @@ CONTRACTS: tuple[Contract, ...] = (
             "tests.test_fused_differential.adam_model",
             "tests.test_fused_differential.sgd_model",
         ),
-        differential=(_SPECIALS, _EXACT, _PRESETS_FUSED),
+        differential=(_SPECIALS, _PRESET_CONFIGS, _EXACT, _PRESETS_FUSED),
         published=(_PRESETS,),
         source="torch.optim's weight_decay (L2 added to the gradient)",
     ),
@@ -160,7 +161,7 @@ CONTRACTS: tuple[Contract, ...] = (
             "tests.test_fused_differential.adam_model",
             "tests.test_fused_differential.sgd_model",
         ),
-        differential=(_SPECIALS, _EXACT, _PRESETS_FUSED),
+        differential=(_SPECIALS, _PRESET_CONFIGS, _EXACT, _PRESETS_FUSED),
         published=(_PRESETS,),
         source="Loshchilov & Hutter (2019), as torch.optim.AdamW and Keras' weight_decay apply it",
     ),
@@ -184,7 +185,7 @@ CONTRACTS: tuple[Contract, ...] = (
         jax=("rmsjax.scale_by_adam_eps_hat",),
         cpp=("AdamRule", "kAlpha"),
         model=("tests.test_fused_differential.adam_model",),
-        differential=(_SPECIALS, _EXACT, _PRESETS_FUSED),
+        differential=(_SPECIALS, _PRESET_CONFIGS, _EXACT, _PRESETS_FUSED),
         published=(_PRESETS,),
         source="Kingma & Ba, Adam (2015), section 2 (the epsilon-hat form), as Keras computes it",
     ),
@@ -242,15 +243,16 @@ CONTRACTS: tuple[Contract, ...] = (
     Contract(
         name="bias correction",
         computes="c = 1 - d^t at the int32-saturating count t, computed by JAX (the rule's own "
-        "step arguments, recorded as stages) and passed as scalars; x / c as x (1 / c) where "
-        "XLA rewrites it so (a lone division by the scalar)",
+        "step arguments, recorded as stages) and passed as scalars; x / c a division, and "
+        "(mu / c1) / den as mu / (c1 den), as XLA computes them in a tree of several leaves "
+        "(for a single leaf XLA multiplies by 1 / c instead: an ulp away)",
         kernel=("rms", "adam"),
         jax=(
             "rmsjax._numerics.debias",
             "rmsjax._numerics.increment",
             "rmsjax.fused.plans.plan",
         ),
-        cpp=("kCorrection", "kC1", "kC2", "kC1Next", "Derive"),
+        cpp=("kCorrection", "kC1", "kC2", "kC1Next", "RmsRule", "AdamRule"),
         model=("tests.test_fused_differential.debias",),
         differential=(_SPECIALS,),
         published=("tests.test_numerics.np_rmsprop", "tests.test_numerics.np_adam"),

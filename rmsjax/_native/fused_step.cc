@@ -267,9 +267,6 @@ template <class A>
 // every g, -0 included), so one loop serves every combination of the terms.
 struct Consts {
   float sc[tbl::kMaxScalars] = {};
-  // the reciprocals of the scalars the rules divide by (rms: correction; adam: c1, c2,
-  // c1_next), each 1 / x rounded once, as XLA computes them
-  float inv[3] = {1.0f, 1.0f, 1.0f};
   // rms, sgd: the step size applied before the momentum buffer and after it (one of the two
   // is 1: scale_first puts the step size inside the buffer); without momentum, pre.
   float pre = 0.0f, post = 0.0f;
@@ -402,10 +399,12 @@ struct RmsRule {
     namespace S = tbl::rms::scalar;
     namespace T = tbl::rms::slot;
     const float omd = c.sc[S::kOneMinusDecay], decay = c.sc[S::kDecay], eps = c.sc[S::kEps];
-    // XLA rewrites a lone division by a scalar as a product by its reciprocal (its algebraic
-    // simplifier: A / broadcast(B) -> A * broadcast(1 / B), where the broadcast has no other
-    // use); so does the kernel (the reciprocal from Derive)
-    const float corr = c.sc[S::kCorrection], inv_corr = c.inv[0];
+    // Divisions by the bias correction stay divisions: XLA keeps them so wherever the scalar
+    // divides more than one array (every tree of two or more leaves, and the centered form's
+    // two moments). Only for a tree of a single leaf does its algebraic simplifier rewrite the
+    // lone A / broadcast(c) as A * broadcast(1 / c), an ulp away (see the contract "bias
+    // correction" in rmsjax/_native/contracts.py).
+    const float corr = c.sc[S::kCorrection];
     const float beta = c.sc[S::kMomentum];
     float g = gi;
     if constexpr (kExtras) g = Prologue<A, kBf16>(gi, pi, c);
@@ -423,7 +422,7 @@ struct RmsRule {
       var = nh == kInf ? kInf : (d < 0.0f ? 0.0f : d);
       s[T::kMu] = mu;
     } else {
-      var = nu * inv_corr;
+      var = nu / corr;
     }
     s[T::kNu] = nu;
     float r;
@@ -457,8 +456,9 @@ struct AdamRule {
     const float omb1 = c.sc[S::kOneMinusB1], b1 = c.sc[S::kB1];
     const float omb2 = c.sc[S::kOneMinusB2], b2 = c.sc[S::kB2];
     const float eps = c.sc[S::kEps], eps_root = c.sc[S::kEpsRoot];
-    // the bias corrections' reciprocals: XLA multiplies by them (see RmsRule)
-    const float inv_c1 = c.inv[0], inv_c2 = c.inv[1], inv_c1n = c.inv[2];
+    // the bias corrections: divisions, as XLA keeps them in a tree of several leaves (see
+    // RmsRule)
+    const float c1 = c.sc[S::kC1], c2 = c.sc[S::kC2], c1n = c.sc[S::kC1Next];
     const float lr = c.sc[S::kStepSize];
     float g = gi;
     if constexpr (kExtras) g = Prologue<A, kBf16>(gi, pi, c);
@@ -473,9 +473,16 @@ struct AdamRule {
       // alpha m / (sqrt(nu) + eps); |m alpha| cannot overflow (see scale_by_adam_eps_hat)
       r = SafeDiv(mu * c.sc[S::kAlpha], std::sqrt(nu) + eps);
     } else {
-      const float mh = kForm == kAdamNesterov ? A::Fma(b1, mu * inv_c1n, omb1 * (g * inv_c1))
-                                              : mu * inv_c1;
-      r = MomentDiv(mh, std::sqrt(nu * inv_c2 + eps_root) + eps, g);
+      const float den = std::sqrt(nu / c2 + eps_root) + eps;
+      if constexpr (kForm == kAdamNesterov) {
+        r = MomentDiv(A::Fma(b1, mu / c1n, omb1 * (g / c1)), den, g);
+      } else {
+        // (mu / c1) / den: XLA's simplifier computes it as mu / (c1 * den) (one division);
+        // the guards are MomentDiv's, on den
+        const bool ok = den != 0.0f;
+        const float q = mu / (c1 * (ok ? den : 1.0f));
+        r = (den == kInf && std::isfinite(g)) ? 0.0f : (ok ? q : 0.0f);
+      }
     }
     if constexpr (kBf16) r = RoundBf16(r);  // the rule's update, cast to bfloat16
     // optax's AdamW decay: in every adam loop (an exact no-op without the flag), so AdamW, the
@@ -1191,7 +1198,6 @@ Consts Derive(int64_t kind, int64_t f, const float* scalars, int n_scalars) {
                   c.sc[S::kWeightDecay], c);
       MovingAverageOrder(kind, false, f & F::kBf16, f & F::kQ8, f & F::kMaximize,
                          f & F::kCoupledDecay, (f & F::kMomentum) && (f & F::kScaleFirst), c);
-      c.inv[0] = 1.0f / c.sc[S::kCorrection];
       break;
     }
     case tbl::adam::kId: {
@@ -1202,9 +1208,6 @@ Consts Derive(int64_t kind, int64_t f, const float* scalars, int n_scalars) {
                   c.sc[S::kWeightDecay], c);
       MovingAverageOrder(kind, !(f & F::kEpsHat), f & F::kBf16, f & F::kQ8, f & F::kMaximize,
                          f & F::kCoupledDecay, false, c);
-      c.inv[0] = 1.0f / c.sc[S::kC1];
-      c.inv[1] = 1.0f / c.sc[S::kC2];
-      c.inv[2] = 1.0f / c.sc[S::kC1Next];
       break;
     }
     case tbl::sgd::kId: {

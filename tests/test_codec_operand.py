@@ -82,8 +82,8 @@ def test_the_kernel_refuses_what_parse_refuses(what):
     codec = moment_codec(8, signed=True, block_size=block)
     operand = codecs.operand(codec) if what is None else _corrupt(what)
     sgd = table.kind("sgd")
-    flags = {"momentum": True, "nesterov": False, "q8": True}
-    vector = call.scalar_vector(sgd, {"step_size": -0.1, "momentum": 0.9})
+    flags = {"momentum": True, "nesterov": False, "scale_first": False, "q8": True}
+    vector = call.scalar_vector(sgd, {"step_size": -0.1, "momentum": 0.9, "weight_decay": 0.0})
     p, g = jnp.ones(n, jnp.float32), jnp.full(n, 0.5, jnp.float32)
     codes, scales = jnp.zeros(n, jnp.uint8), jnp.zeros(n // block, jnp.float32)
 

@@ -57,6 +57,41 @@ CASES: dict[str, tuple[Any, str | None]] = {
     "torch adam": (torch_optim.adam(lr=0.01), "adam"),
     "keras rmsprop momentum": (keras_optim.rmsprop(momentum=0.9), "rms"),
     "tf1 rmsprop": (tf1.rmsprop(0.01, momentum=0.9), "rms"),
+    # the linear terms around the rules, and the step size after the momentum buffer
+    "torch rmsprop every flag": (
+        torch_optim.rmsprop(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1, maximize=True),
+        "rms",
+    ),
+    "torch adam weight decay": (torch_optim.adam(lr=0.01, weight_decay=0.1, maximize=True), "adam"),
+    "torch adamw": (torch_optim.adamw(lr=0.01, maximize=True), "adam"),
+    "torch sgd weight decay": (torch_optim.sgd(lr=0.01, weight_decay=0.1, maximize=True), "sgd"),
+    "keras rmsprop weight decay": (keras_optim.rmsprop(momentum=0.9, weight_decay=0.1), "rms"),
+    "keras adam": (keras_optim.adam(), "adam"),
+    "keras adamw": (keras_optim.adamw(), "adam"),
+    "keras sgd momentum": (keras_optim.sgd(momentum=0.9, nesterov=True, weight_decay=0.1), "sgd"),
+    "user chain, decay on both sides": (
+        optax.chain(
+            rmsjax.add_decayed_weights(0.1),
+            rmsjax.scale_by_rms(),
+            rmsjax.scale(-0.1),
+            rmsjax.decoupled_weight_decay(0.1, 0.1),
+        ),
+        None,  # at most one decay term
+    ),
+    "a leading scale that is not a sign": (
+        optax.chain(rmsjax.scale(-2.0), rmsjax.scale_by_rms(), rmsjax.scale(-0.1)),
+        None,
+    ),
+    "torch adam amsgrad": (torch_optim.adam(lr=0.01, amsgrad=True), None),
+    "nesterov momentum with a decay term": (
+        optax.chain(
+            rmsjax.scale_by_rms(),
+            rmsjax.scale(-0.1),
+            rmsjax.trace(0.9, nesterov=True),
+            rmsjax.decoupled_weight_decay(0.1, 0.1),
+        ),
+        None,  # the table's exclusive flags: the kernel has no such loop
+    ),
     # rules the kernel does not run, or a transformation that is not a stage in the chain
     "rmsjax.adagrad": (rmsjax.adagrad(0.1), None),
     "optax clip in the chain": (
@@ -78,6 +113,43 @@ def test_a_chain_plans_by_what_it_records(name: str) -> None:
     else:
         assert not isinstance(got, str), got
         assert got.kind.name == kind
+
+
+# name -> (optimizer, the plan's flags that name the chain's shape)
+FLAGS: dict[str, tuple[Any, dict[str, bool]]] = {
+    "optax rmsprop: step size inside the buffer": (
+        rmsjax.rmsprop(0.1, momentum=0.9),
+        {"scale_first": True, "maximize": False},
+    ),
+    "torch rmsprop: after it, with every term": (
+        torch_optim.rmsprop(lr=0.1, momentum=0.9, weight_decay=0.1, maximize=True),
+        {"scale_first": False, "maximize": True, "coupled_decay": True, "eps_in_sqrt": False},
+    ),
+    "keras rmsprop: decoupled decay": (
+        keras_optim.rmsprop(momentum=0.9, weight_decay=0.1),
+        {"scale_first": True, "decoupled_decay": True, "eps_in_sqrt": True},
+    ),
+    "optax adamw: decay before the step size": (
+        rmsjax.adamw(0.1),
+        {"weight_decay": True, "eps_hat": False},
+    ),
+    "torch adamw: decoupled": (torch_optim.adamw(lr=0.1), {"decoupled_decay": True}),
+    "keras adam: epsilon hat": (keras_optim.adam(), {"eps_hat": True, "nesterov": False}),
+    "optax sgd: step size after the buffer": (
+        rmsjax.sgd(0.1, momentum=0.9),
+        {"scale_first": False},
+    ),
+    "keras sgd: before it": (keras_optim.sgd(momentum=0.9), {"scale_first": True}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLAGS))
+def test_the_plan_names_the_chains_order_and_terms(name: str) -> None:
+    opt, want = FLAGS[name]
+    stages, straight = recorded(opt)
+    got = plan(stages)
+    assert straight and not isinstance(got, str), got
+    assert {k: got.flags.get(k, False) for k in want} == want, got.flags
 
 
 def test_a_recorded_update_computes_nothing_and_keeps_the_state() -> None:

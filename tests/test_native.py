@@ -453,11 +453,21 @@ def test_table_header_names_every_operand_in_table_order():
 
 def test_table_rejects_wrong_flags_and_gives_the_present_slots():
     rms = table.kind("rms")
-    flags = {"centered": True, "eps_in_sqrt": True, "momentum": False, "nesterov": False}
+    flags = {
+        "centered": True,
+        "eps_in_sqrt": True,
+        "momentum": False,
+        "nesterov": False,
+        "scale_first": True,
+    }
     assert table.present_slots(rms, flags) == ("mu", "nu")
-    assert table.flag_bits(rms, flags) == 0b0011
+    assert table.flag_bits(rms, flags) == 0b10011
     with pytest.raises(ValueError, match="takes exactly the flags"):
-        table.flag_bits(rms, {**flags, "weight_decay": True})
+        table.flag_bits(rms, {**flags, "weight_decay": True})  # adam's, not rms'
+    with pytest.raises(ValueError, match="takes exactly the flags"):
+        table.flag_bits(rms, {k: v for k, v in flags.items() if k != "scale_first"})
+    with pytest.raises(ValueError, match="at most one of the flags"):
+        table.flag_bits(rms, {**flags, "coupled_decay": True, "decoupled_decay": True})
     with pytest.raises(KeyError, match="no kernel kind 'lion'"):
         table.kind("lion")
 
@@ -469,12 +479,13 @@ def _sgd_operands(n=4):
 
 def test_kernel_call_checks_operand_names_at_trace_time():
     sgd = table.kind("sgd")
-    flags = {"momentum": True, "nesterov": False}
+    flags = {"momentum": True, "nesterov": False, "scale_first": False}
     p, g, m = _sgd_operands()
     with pytest.raises(ValueError, match="takes the scalars"):
         call.kernel_call(sgd, flags, {"step_size": -0.1}, [p], [g], {"trace": [m]})
+    scalars = {"step_size": -0.1, "momentum": 0.9, "weight_decay": 0.0}
     with pytest.raises(ValueError, match="takes the slots"):
-        call.kernel_call(sgd, flags, {"step_size": -0.1, "momentum": 0.9}, [p], [g], {})
+        call.kernel_call(sgd, flags, scalars, [p], [g], {})
 
 
 @needs_native
@@ -482,9 +493,11 @@ def test_kernel_call_checks_operand_names_at_trace_time():
     "change, message",
     [
         ({"table": 12345}, "is not the one this library was built from"),
-        ({"n_scalars": 3}, "sgd takes 2 scalars, got 3"),
+        ({"n_scalars": 4}, "sgd takes 3 scalars, got 4"),
         ({"leaves": 2}, "takes 3 operands and 2 results per leaf"),
-        ({"flags": 1 << 5}, "unknown flag bits"),
+        ({"flags": 1 << 9}, "unknown flag bits"),
+        # coupled_decay and decoupled_decay (bits 4 and 5) exclude each other
+        ({"flags": 1 | 1 << 4 | 1 << 5}, "exclude each other"),
         ({"kind": 7}, "unknown kind 7"),
         ({"drop_slot": True}, "takes 3 operands and 2 results per leaf; got 2 and 1"),
     ],
@@ -493,7 +506,7 @@ def test_kernel_rejects_operands_that_do_not_match_the_table(change, message):
     # The C++ side checks every call against the table it was built from and returns an FFI
     # error (raised by JAX) rather than reading misplaced operands.
     p, g, m = _sgd_operands()
-    scalars = jnp.asarray([-0.1, 0.9, 0.0][: change.get("n_scalars", 2)], jnp.float32)
+    scalars = jnp.asarray([-0.1, 0.9, 0.0, 0.0][: change.get("n_scalars", 3)], jnp.float32)
     operands = [scalars, p, g] + ([] if change.get("drop_slot") else [m])
     results = [jax.ShapeDtypeStruct(p.shape, jnp.float32)] * (1 if change.get("drop_slot") else 2)
     attrs = {
@@ -509,7 +522,7 @@ def test_kernel_rejects_operands_that_do_not_match_the_table(change, message):
     if change.get("drop_slot") is None:
         good = {**attrs, "kind": np.int64(2), "flags": np.int64(1), "leaves": np.int64(1)}
         good["table"] = np.int64(table.TABLE_HASH)
-        ok = jax.jit(lambda *ops: call(*ops, **good))(jnp.asarray([-0.1, 0.9]), p, g, m)
+        ok = jax.jit(lambda *ops: call(*ops, **good))(jnp.asarray([-0.1, 0.9, 0.0]), p, g, m)
         np.testing.assert_allclose(np.asarray(ok[1]), 0.5 + 0.9 * 0.25, rtol=1e-7)
 
 

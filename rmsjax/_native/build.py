@@ -66,17 +66,16 @@ def _load_table() -> ModuleType:
 _table = _load_table()
 
 # GCC/Clang flags. No -march: the source selects AVX2+FMA (and, for 8-bit state, AVX-512) loops
-# at run time where the CPU has them. -ffp-contract=fast contracts a * b + c into one FMA
-# wherever the instruction set has FMA, as XLA's CPU backend does (LLVM's FPOpFusion::Fast), so
-# the kernel rounds like the pure-JAX path on the same CPU: the AVX2+FMA loops like XLA on an
-# FMA host, the baseline loops (x86-64 baseline has no FMA) like XLA on one without. It is
-# GCC's default for C++; Clang's default contracts only within one expression. -fno-math-errno
-# lets sqrt vectorise (it cannot set errno); neither it nor -fno-trapping-math changes any
-# result.
+# at run time where the CPU has them. -ffp-contract=off: the compiler fuses no multiply-add on
+# its own; the kernel writes each fused multiply-add where XLA's CPU code has one (its Arith, an
+# FMA instruction in the AVX2 and AVX-512 loops, a rounded product and sum in the baseline loops,
+# as XLA on a CPU without FMA), so GCC and Clang round alike, as the pure-JAX path on the same
+# CPU. -fno-math-errno lets sqrt vectorise (it cannot set errno); neither it nor
+# -fno-trapping-math changes any result.
 FLAGS: tuple[str, ...] = (
     "-O3",
     "-std=c++17",
-    "-ffp-contract=fast",
+    "-ffp-contract=off",
     "-fno-math-errno",
     "-fno-trapping-math",
     "-shared",

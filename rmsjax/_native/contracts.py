@@ -49,6 +49,10 @@ _TIES = "tests.test_fused_lowbit.test_requantisation_ties_and_specials_bit_for_b
 _ISAS = "tests.test_fused_lowbit.test_every_instruction_set_gives_the_same_results"
 _ZERO_STEP = "tests.test_numerics.test_centered_rms_gives_a_zero_step_where_optax_returns_nan"
 _CONTRACT = "rmsjax's contract: an exact zero divisor gives 0, a NaN is never hidden"
+_EXACT = "tests.test_fused_lowbit.test_kernel_equals_pure_path_over_steps"
+_PRESETS_FUSED = "tests.test_compat.test_fused_presets_match_the_framework_like_the_pure_ones"
+_PRESET_CONFIGS = "tests.test_fused_differential.test_every_preset_configuration_matches_pure_jax"
+_PRESETS = "tests.test_compat.test_preset_matches_framework"
 
 CONTRACTS: tuple[Contract, ...] = (
     Contract(
@@ -88,11 +92,11 @@ CONTRACTS: tuple[Contract, ...] = (
     ),
     Contract(
         name="momentum (trace)",
-        computes="m = g + b m; u = m, or g + b m with nesterov (for rms, g is the scaled step "
-        "lr r)",
+        computes="m = g + b m; u = m, or g + b m with nesterov (for rms, g is the rule's update "
+        "r, or the scaled step lr r with scale_first)",
         kernel=("rms.momentum", "rms.nesterov", "sgd.momentum", "sgd.nesterov"),
         jax=("rmsjax.trace",),
-        cpp=("RmsRule", "SgdRule"),
+        cpp=("StepAndTrace", "RmsRule", "SgdRule"),
         model=(
             "tests.test_fused_differential.rms_model",
             "tests.test_fused_differential.sgd_model",
@@ -100,6 +104,66 @@ CONTRACTS: tuple[Contract, ...] = (
         differential=(_SPECIALS, _AGAINST_JAX),
         published=("tests.test_numerics.np_sgd", _FULL_RANGE),
         source="Polyak (1964) heavy ball; Sutskever et al. (2013) Nesterov, in optax's form",
+    ),
+    Contract(
+        name="step size and momentum order",
+        computes="scale_first: m = b m + lr r, p + m (the learning rate inside the buffer: optax, "
+        "Keras, TF1 RMSProp, Keras SGD); else m = b m + r, p + lr m (PyTorch RMSprop, optax and "
+        "PyTorch SGD); the other step size is 1",
+        kernel=("rms.scale_first", "sgd.scale_first"),
+        jax=("rmsjax.trace", "rmsjax.scale_by_learning_rate", "rmsjax.fused.plans.plan"),
+        cpp=("StepAndTrace", "DeriveSteps"),
+        model=(
+            "tests.test_fused_differential.rms_model",
+            "tests.test_fused_differential.sgd_model",
+        ),
+        differential=(_SPECIALS, _PRESET_CONFIGS, _EXACT, _PRESETS_FUSED),
+        published=(_PRESETS,),
+        source="torch.optim.RMSprop and SGD (lr after the buffer); keras.optimizers.RMSprop and "
+        "SGD (lr inside it)",
+    ),
+    Contract(
+        name="maximize",
+        computes="g = -g before everything else (a leading scale by -1)",
+        kernel=("*.maximize",),
+        jax=("rmsjax.scale", "rmsjax.compat.pytorch.rmsprop"),
+        cpp=("Prologue",),
+        model=("tests.test_fused_differential.rms_model",),
+        differential=(_SPECIALS, _PRESET_CONFIGS, _EXACT, _PRESETS_FUSED),
+        published=(_PRESETS,),
+        source="torch.optim's maximize (the gradient negated first)",
+    ),
+    Contract(
+        name="coupled weight decay",
+        computes="g = g + wd p before the rule (bfloat16 parameters: a bfloat16 product with a "
+        "Python-number wd, decay_bf16)",
+        kernel=("*.coupled_decay", "*.decay_bf16"),
+        jax=("rmsjax.add_decayed_weights", "rmsjax._native.table.DECAY_FLAGS"),
+        cpp=("Prologue", "Keep", "DeriveTerms"),
+        model=(
+            "tests.test_fused_differential.rms_model",
+            "tests.test_fused_differential.adam_model",
+            "tests.test_fused_differential.sgd_model",
+        ),
+        differential=(_SPECIALS, _PRESET_CONFIGS, _EXACT, _PRESETS_FUSED),
+        published=(_PRESETS,),
+        source="torch.optim's weight_decay (L2 added to the gradient)",
+    ),
+    Contract(
+        name="decoupled weight decay",
+        computes="u = u - (lr wd) p after the step size and the momentum buffer (bfloat16: two "
+        "more bfloat16 operations with a Python-number coefficient, decay_bf16)",
+        kernel=("*.decoupled_decay", "*.decay_bf16"),
+        jax=("rmsjax.decoupled_weight_decay",),
+        cpp=("Epilogue", "DeriveTerms"),
+        model=(
+            "tests.test_fused_differential.rms_model",
+            "tests.test_fused_differential.adam_model",
+            "tests.test_fused_differential.sgd_model",
+        ),
+        differential=(_SPECIALS, _PRESET_CONFIGS, _EXACT, _PRESETS_FUSED),
+        published=(_PRESETS,),
+        source="Loshchilov & Hutter (2019), as torch.optim.AdamW and Keras' weight_decay apply it",
     ),
     Contract(
         name="Adam",
@@ -112,6 +176,18 @@ CONTRACTS: tuple[Contract, ...] = (
         differential=(_SPECIALS, _AGAINST_JAX),
         published=("tests.test_numerics.np_adam", _FULL_RANGE),
         source="Kingma & Ba, Adam (2015), Algorithm 1",
+    ),
+    Contract(
+        name="epsilon-hat Adam",
+        computes="u = alpha mu / (sqrt(nu) + eps_hat), alpha = sqrt(1 - b2^t) / (1 - b1^t) "
+        "computed by JAX",
+        kernel=("adam.eps_hat",),
+        jax=("rmsjax.scale_by_adam_eps_hat",),
+        cpp=("AdamRule", "kAlpha"),
+        model=("tests.test_fused_differential.adam_model",),
+        differential=(_SPECIALS, _PRESET_CONFIGS, _EXACT, _PRESETS_FUSED),
+        published=(_PRESETS,),
+        source="Kingma & Ba, Adam (2015), section 2 (the epsilon-hat form), as Keras computes it",
     ),
     Contract(
         name="Nesterov Adam",
@@ -131,7 +207,7 @@ CONTRACTS: tuple[Contract, ...] = (
         "two bfloat16 operations (decay_bf16)",
         kernel=("adam.weight_decay", "adam.decay_bf16"),
         jax=("rmsjax.add_decayed_weights", "rmsjax.adamw"),
-        cpp=("AdamRule",),
+        cpp=("AdamRule", "AfterRule"),
         model=("tests.test_fused_differential.adam_model",),
         differential=(_SPECIALS, _AGAINST_JAX, _LOWBIT_STEPS),
         published=("tests.test_numerics.np_adam", _FULL_RANGE),
@@ -152,10 +228,10 @@ CONTRACTS: tuple[Contract, ...] = (
     Contract(
         name="moving average",
         computes="(1 - d) x + d old, both weights passed by JAX; the product fused into an FMA "
-        "follows XLA's choice for the gradients' dtype",
+        "follows XLA's choice for the gradients' dtype and the terms around the rule",
         kernel=("rms", "adam"),
         jax=("rmsjax._numerics.ema",),
-        cpp=("Ema",),
+        cpp=("Ema", "EmaEither", "MovingAverageOrder", "Arith"),
         model=(
             "tests.test_fused_differential.rms_model",
             "tests.test_fused_differential.adam_model",
@@ -167,14 +243,16 @@ CONTRACTS: tuple[Contract, ...] = (
     Contract(
         name="bias correction",
         computes="c = 1 - d^t at the int32-saturating count t, computed by JAX (the rule's own "
-        "step arguments, recorded as stages) and passed as scalars",
+        "step arguments, recorded as stages) and passed as scalars; x / c a division, and "
+        "(mu / c1) / den as mu / (c1 den), as XLA computes them in a tree of several leaves "
+        "(for a single leaf XLA multiplies by 1 / c instead: an ulp away)",
         kernel=("rms", "adam"),
         jax=(
             "rmsjax._numerics.debias",
             "rmsjax._numerics.increment",
             "rmsjax.fused.plans.plan",
         ),
-        cpp=("kCorrection", "kC1", "kC2", "kC1Next"),
+        cpp=("kCorrection", "kC1", "kC2", "kC1Next", "RmsRule", "AdamRule"),
         model=("tests.test_fused_differential.debias",),
         differential=(_SPECIALS,),
         published=("tests.test_numerics.np_rmsprop", "tests.test_numerics.np_adam"),

@@ -3,11 +3,13 @@
 // (the Python side declares input_output_aliases and the caller donates the inputs).
 //
 // The arithmetic mirrors, operation for operation, the pure-JAX rules in rmsjax/transforms/
-// (_rms_rule, _centered_rms_rule, _scale_rule, _trace_rule, _adam_rule, _decay_rule) composed
-// as the optimizers chain them, then p + u; on every input, NaN and Inf included (see "Guards"
-// below); with bfloat16 parameters it rounds where the pure chain rounds (see the rules), and
-// with 8-bit state it decodes and encodes as rmsjax.quantization's codec does. Hyperparameters arrive as a float32 operand computed by JAX (so schedules and
-// injected hyperparameters are traced values, not constants).
+// (_rms_rule, _centered_rms_rule, _scale_rule, _trace_rule, _adam_rule, _adam_eps_hat_rule,
+// _decay_rule, _decoupled_decay_rule) composed as the recorded chain applies them (the kind,
+// its flags and the order they encode: rmsjax/_native/table.py), then p + u; on every input,
+// NaN and Inf included (see "Guards" below); with bfloat16 parameters it rounds where the pure
+// chain rounds (see the rules), and with 8-bit state it decodes and encodes as
+// rmsjax.quantization's codec does. Hyperparameters arrive as a float32 operand computed by JAX
+// (so schedules and injected hyperparameters are traced values, not constants).
 //
 // Operands (defined ONLY by rmsjax/_native/table.py, from which the build generates
 // rmsjax_kernel_table.h: the scalar, slot, flag and codec names used below):
@@ -45,11 +47,12 @@
 // latter chosen at run time when the CPU has both (see Dispatch); the loops for 8-bit state
 // are compiled a third time, for AVX-512 (F, BW, DQ, VL, VBMI, GFNI: decode and encode by
 // in-register permutes instead of gathers, see DecodeAvx512 and EncodeAvx512), chosen when the
-// CPU has those. The library needs no -march flag, so it runs on any x86-64 CPU. Only IEEE operations are used (+ - * / sqrt, correctly
-// rounded; no reciprocal or rsqrt approximations). The build passes -ffp-contract=fast, so
-// a * b + c becomes one FMA where the instruction set has it, as in XLA's CPU code: the
-// AVX2+FMA version rounds like the pure-JAX path on an FMA CPU, the baseline version like it
-// on a CPU without FMA (the two versions can differ in the last bits, as XLA itself does).
+// CPU has those. The library needs no -march flag, so it runs on any x86-64 CPU. Only IEEE
+// operations are used (+ - * / sqrt, fused multiply-add, correctly rounded; no reciprocal or
+// rsqrt approximations). The build passes -ffp-contract=off and each fused multiply-add is
+// written where XLA's CPU code has one (Arith): the AVX2+FMA version rounds like the pure-JAX
+// path on an FMA CPU, the baseline version like it on a CPU without FMA (the two versions can
+// differ in the last bits, as XLA itself does).
 
 #include <algorithm>
 #include <atomic>
@@ -59,6 +62,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -209,143 +213,306 @@ template <bool kBf16>
   return ok ? r : 0.0f;
 }
 
-// The moving average (1 - d) * x + d * old, given both weights. -ffp-contract=fast turns one of
-// the two products into a fused multiply-add, the one whose statement comes first; XLA's CPU
-// code fuses the new sample's product for float32 gradients, the old average's for bfloat16
-// ones (measured, in jax 0.6.1 and 0.10.2), so kOldFirst follows the gradients' dtype.
-template <bool kOldFirst>
+// Arithmetic with the fused multiply-adds where XLA's CPU code has them. The build passes
+// -ffp-contract=off, so the compiler fuses nothing on its own: every fused multiply-add of the
+// kernel is one of these calls, placed where XLA's code (LLVM's DAG combiner, after XLA's
+// fusion pass) fuses one, as read from its object code for each pure chain (jax 0.6.1 and
+// 0.10.2). A CPU without FMA rounds the product and the sum separately, as XLA does there.
+template <bool kHasFma>
+struct Arith {
+  // round(a * b + c): one rounding on an FMA CPU, two otherwise
+  [[gnu::always_inline]] static inline float Fma(float a, float b, float c) {
+    if constexpr (kHasFma) {
+      return __builtin_fmaf(a, b, c);
+    } else {
+      return a * b + c;
+    }
+  }
+};
+
+// The moving average (1 - d) * x + d * old, given both weights, with one of the two products
+// fused: XLA's code fuses the new sample's product when the sample is a float32 value, the old
+// average's when it is a bfloat16 gradient widened inside the same loop (kOldFirst).
+template <class A, bool kOldFirst>
 [[gnu::always_inline]] inline float Ema(float w_new, float x, float w_old, float old) {
   if constexpr (kOldFirst) {
-    const float b = w_old * old;
-    return b + w_new * x;
+    return A::Fma(w_old, old, w_new * x);
   } else {
-    const float a = w_new * x;
-    return a + w_old * old;
+    return A::Fma(w_new, x, w_old * old);
   }
 }
 
-// ---- the rules, one element at a time ---------------------------------------------------------
-// Step(g, p, s, sc) takes the gradient and parameter (widened to float32), the element's old
-// state in s[slot] (decoded when quantized), and returns the new parameter, leaving the new
-// state in s[slot]. With kBf16 it rounds to bfloat16 exactly where the pure chain (the rule,
-// then scale_by_learning_rate etc. on bfloat16 updates, then apply_updates) does, as XLA's CPU
-// compiler executes it: every cast of an update to the gradient's dtype rounds (map_rule), a
-// bfloat16 multiplication or addition rounds where its result feeds another bfloat16
-// operation, and does NOT round where its only use is a conversion back to float32 (XLA's
-// float normalisation computes such an operation in float32 and drops the conversion pair).
+// x where mask is all ones, +0 where it is 0 (a term that is absent contributes an exact zero).
+[[gnu::always_inline]] inline float Keep(float x, uint32_t mask) { return FromBits(Bits(x) & mask); }
 
-// rmsprop family: scale_by_[centered_]rms, scale_by_learning_rate, trace.
-template <bool kCentered, bool kEpsInSqrt, bool kMomentum, bool kNesterov, bool kBf16,
-          bool kMuOldFirst, bool kNuOldFirst>
+// a where mask is all ones, b where it is 0. The loops choose by masks, not by branches on a
+// flag: the compiler vectorises bit operations, while a branch on a flag in the loop keeps it
+// scalar.
+[[gnu::always_inline]] inline float Choose(uint32_t mask, float a, float b) {
+  return static_cast<int32_t>(mask) < 0 ? a : b;
+}
+
+// Ema with the fused product chosen at run time (old_first: a mask): both are computed.
+template <class A>
+[[gnu::always_inline]] inline float EmaEither(float w_new, float x, float w_old, float old,
+                                              uint32_t old_first) {
+  const float a = A::Fma(w_old, old, w_new * x);
+  const float b = A::Fma(w_new, x, w_old * old);
+  return Choose(old_first, a, b);
+}
+
+// The constants of one call: the kind's scalars, and what Derive makes of its flags for the
+// linear terms around the rule (see DECAY_FLAGS in rmsjax/_native/table.py). A term that is
+// absent is computed with an exact zero (Keep, and a coefficient of -0: g + (-0 * +0) is g for
+// every g, -0 included), so one loop serves every combination of the terms.
+struct Consts {
+  float sc[tbl::kMaxScalars] = {};
+  // rms, sgd: the step size applied before the momentum buffer and after it (one of the two
+  // is 1: scale_first puts the step size inside the buffer); without momentum, pre.
+  float pre = 0.0f, post = 0.0f;
+  float sign = 1.0f;  // -1 with maximize
+  // the coefficient of each decay term; the terms before the step size are computed with a
+  // coefficient of -0 and a mask that keeps p (0 where absent), the decoupled term is selected
+  float coupled = -0.0f, after_rule = -0.0f, decoupled = 0.0f;
+  uint32_t coupled_mask = 0, after_rule_mask = 0;
+  // the run-time choices of the loops, as masks (all ones: true; see Choose)
+  uint32_t decay_bf16 = 0;  // bf16: the decay product is a bfloat16 multiplication
+  uint32_t has_decoupled = 0;
+  // the decoupled term fuses the step size's product (a step size follows the rule or the
+  // buffer) rather than the decay's (the buffer's output is the update, scale_first)
+  uint32_t step_fused = ~0u;
+  // which product of each moving average XLA's code fuses (see Ema), when the linear terms
+  // change the program around the rule (the extras loops; see MovingAverageOrder)
+  uint32_t mu_old_first = 0, nu_old_first = 0;
+};
+
+// ---- the rules, one element at a time ---------------------------------------------------------
+// Step<A>(g, p, s, c) takes the gradient and parameter (widened to float32), the element's old
+// state in s[slot] (decoded when quantized), and returns the new parameter, leaving the new
+// state in s[slot]; A places the fused multiply-adds (Arith). With kBf16 it rounds to bfloat16
+// exactly where the pure chain (the rule, then scale_by_learning_rate etc. on bfloat16
+// updates, then apply_updates) does, as XLA's CPU compiler executes it: every cast of an update
+// to the gradient's dtype rounds (map_rule), a bfloat16 multiplication or addition rounds where
+// its result feeds another bfloat16 operation, and does NOT round where its only use is a
+// conversion back to float32 (XLA's float normalisation computes such an operation in float32
+// and drops the conversion pair). With kExtras the loop also runs the linear terms the presets
+// put around the rule (maximize, the coupled and decoupled decays; adam's loops all have optax's
+// weight_decay term), each an exact no-op where its flag is
+// off (see Consts); without, the loop has none of their arithmetic.
+
+// The gradient as the rule receives it: negated with maximize, plus the coupled decay term.
+// float32: fma(wd, p, g); bfloat16 with a weakly typed coefficient: g + bf16(wd * p), a float32
+// sum that is not rounded (its only use is the rule's widening); bfloat16 with a float32
+// coefficient: the float32 fma, cast back to bfloat16 by the decay's map_rule.
+template <class A, bool kBf16>
+[[gnu::always_inline]] inline float Prologue(float g, float p, const Consts& c) {
+  g = g * c.sign;  // exact
+  const float pm = Keep(p, c.coupled_mask);
+  if constexpr (kBf16) {
+    const float weak = g + RoundBf16(c.coupled * pm);
+    const float wide = RoundBf16(A::Fma(c.coupled, pm, g));
+    return Choose(c.decay_bf16, weak, wide);
+  } else {
+    return A::Fma(c.coupled, pm, g);
+  }
+}
+
+// adam's weight_decay term, u + wd * p after the rule (its update r already cast to the
+// gradient's dtype): float32 fma; bfloat16: two bfloat16 operations with a weakly typed
+// coefficient, else the float32 fma cast back. Every adam loop has it (see AdamRule).
+template <class A, bool kBf16>
+[[gnu::always_inline]] inline float AfterRule(float r, float p, const Consts& c) {
+  const float pm = Keep(p, c.after_rule_mask);
+  if constexpr (kBf16) {
+    const float weak = RoundBf16(r + RoundBf16(c.after_rule * pm));
+    const float wide = RoundBf16(A::Fma(c.after_rule, pm, r));
+    return Choose(c.decay_bf16, weak, wide);
+  } else {
+    return A::Fma(c.after_rule, pm, r);
+  }
+}
+
+// The new parameter p + step * v, where step * v is the chain's last scaling (the step size
+// times the rule's update, or times the momentum buffer's output), and, with the decoupled
+// decay, - wd * p after it. float32: fma(step, v, p); with the decay, the step product rounded
+// and the decay product fused: p + fma(-wd, p, step * v). bfloat16 (v already cast to
+// bfloat16 where the chain casts it): the step product is a bfloat16 product; the decay, with a
+// weakly typed coefficient, two more bfloat16 operations, else one float32 fma (the step
+// product fused, the decay product rounded, as XLA's code has it) cast back.
+template <class A, bool kBf16, bool kExtras>
+[[gnu::always_inline]] inline float Epilogue(float step, float v, float p, const Consts& c) {
+  if constexpr (kBf16) {
+    const float u = RoundBf16(step * v);
+    if constexpr (kExtras) {
+      const float dp = c.decoupled * p;
+      const float weak = RoundBf16(u - RoundBf16(dp));
+      const float wide =
+          RoundBf16(Choose(c.step_fused, A::Fma(step, v, -dp), A::Fma(-c.decoupled, p, u)));
+      return p + Choose(c.has_decoupled, Choose(c.decay_bf16, weak, wide), u);
+    } else {
+      return p + u;
+    }
+  } else {
+    if constexpr (kExtras) {
+      const float d = p + Choose(c.step_fused, A::Fma(step, v, -(c.decoupled * p)),
+                                 A::Fma(-c.decoupled, p, step * v));
+      return Choose(c.has_decoupled, d, A::Fma(step, v, p));
+    } else {
+      return A::Fma(step, v, p);
+    }
+  }
+}
+
+// The momentum buffer (trace) and the step size in the chain's order, then the epilogue: with
+// the step size first (scale_first: c.pre = lr, c.post = 1) m = beta m + lr r, else (c.pre = 1,
+// c.post = lr) m = beta m + r and lr times trace's output; beta's product fused, as XLA does.
+// Without momentum, p + lr r.
+template <class A, bool kMomentum, bool kNesterov, bool kBf16, bool kExtras, int kTrace>
+[[gnu::always_inline]] inline float StepAndTrace(float r, float p, float* s, const float beta,
+                                                 const Consts& c) {
+  if constexpr (kMomentum) {
+    const float t = c.pre * r;  // bf16: not rounded (its only use is trace's widening)
+    const float m = A::Fma(beta, s[kTrace], t);
+    s[kTrace] = m;
+    float v = kNesterov ? A::Fma(beta, m, t) : m;
+    if constexpr (kBf16) v = RoundBf16(v);  // trace's update, cast to bfloat16
+    return Epilogue<A, kBf16, kExtras>(c.post, v, p, c);
+  } else {
+    return Epilogue<A, kBf16, kExtras>(c.pre, r, p, c);
+  }
+}
+
+// rmsprop family: [maximize], [coupled decay], scale_by_[centered_]rms, scale_by_learning_rate
+// and [trace] in either order, [decoupled decay].
+template <bool kCentered, bool kEpsInSqrt, bool kMomentum, bool kNesterov, bool kExtras,
+          bool kBf16, bool kMuOldFirst, bool kNuOldFirst>
 struct RmsRule {
+  static constexpr bool kExtrasLoop = kExtras;  // (see Dispatch)
   static constexpr bool kHas[tbl::kMaxSlots] = {kCentered, true, kMomentum};
   static_assert(tbl::rms::slot::kMu == 0 && tbl::rms::slot::kNu == 1 &&
                     tbl::rms::slot::kTrace == 2,
                 "rms: kHas follows the table's slot order");
 
+  template <class A>
   [[gnu::always_inline]] static inline float Step(float gi, float pi, float* s,
-                                                  const float* sc) {
+                                                  const Consts& c) {
     namespace S = tbl::rms::scalar;
     namespace T = tbl::rms::slot;
-    const float omd = sc[S::kOneMinusDecay], decay = sc[S::kDecay], eps = sc[S::kEps];
-    const float corr = sc[S::kCorrection], lr = sc[S::kStepSize], beta = sc[S::kMomentum];
-    const float nu = Ema<kNuOldFirst>(omd, gi * gi, decay, s[T::kNu]);
+    const float omd = c.sc[S::kOneMinusDecay], decay = c.sc[S::kDecay], eps = c.sc[S::kEps];
+    // Divisions by the bias correction stay divisions: XLA keeps them so wherever the scalar
+    // divides more than one array (every tree of two or more leaves, and the centered form's
+    // two moments). Only for a tree of a single leaf does its algebraic simplifier rewrite the
+    // lone A / broadcast(c) as A * broadcast(1 / c), an ulp away (see the contract "bias
+    // correction" in rmsjax/_native/contracts.py).
+    const float corr = c.sc[S::kCorrection];
+    const float beta = c.sc[S::kMomentum];
+    float g = gi;
+    if constexpr (kExtras) g = Prologue<A, kBf16>(gi, pi, c);
+    const float nu = kExtras ? EmaEither<A>(omd, g * g, decay, s[T::kNu], c.nu_old_first)
+                             : Ema<A, kNuOldFirst>(omd, g * g, decay, s[T::kNu]);
     float var;
     if constexpr (kCentered) {
-      const float mu = Ema<kMuOldFirst>(omd, gi, decay, s[T::kMu]);
+      const float mu = kExtras ? EmaEither<A>(omd, g, decay, s[T::kMu], c.mu_old_first)
+                               : Ema<A, kMuOldFirst>(omd, g, decay, s[T::kMu]);
+      // (two divisions by one scalar: XLA keeps them divisions)
       const float nh = nu / corr;
       const float mh = mu / corr;
-      const float d = nh - mh * mh;
+      const float d = A::Fma(-mh, mh, nh);
       // where(nu_hat == +inf, +inf, max(d, 0)); a NaN d stays NaN, like jnp.maximum
       var = nh == kInf ? kInf : (d < 0.0f ? 0.0f : d);
       s[T::kMu] = mu;
     } else {
       var = nu / corr;
     }
+    s[T::kNu] = nu;
     float r;
     if constexpr (kEpsInSqrt) {
-      r = SafeRsqrtScale(gi, var + eps);
+      r = SafeRsqrtScale(g, var + eps);
     } else {
-      r = SafeDiv(gi, std::sqrt(var) + eps);
+      r = SafeDiv(g, std::sqrt(var) + eps);
     }
     if constexpr (kBf16) r = RoundBf16(r);  // scale_by_rms's update, cast to bfloat16
-    if constexpr (kMomentum) {
-      // bf16: lr * r feeds only trace's cast to float32, so it is not rounded
-      const float bm = beta * s[T::kTrace];
-      float u = lr * r;
-      const float m = bm + u;
-      u = kNesterov ? u + beta * m : m;
-      s[T::kTrace] = m;
-      if constexpr (kBf16) u = RoundBf16(u);  // trace's update, cast to bfloat16
-      s[T::kNu] = nu;
-      return pi + u;
-    } else {
-      float u = lr * r;  // bf16: lr is the bfloat16 step size
-      if constexpr (kBf16) u = RoundBf16(u);  // a bfloat16 product feeding the addition below
-      s[T::kNu] = nu;
-      return pi + u;
-    }
+    return StepAndTrace<A, kMomentum, kNesterov, kBf16, kExtras, T::kTrace>(r, pi, s, beta, c);
   }
 };
 
-// adam / adamw: scale_by_adam, [add_decayed_weights], scale_by_learning_rate.
-template <bool kNesterov, bool kDecay, bool kDecayBf16, bool kBf16, bool kMuOldFirst,
-          bool kNuOldFirst>
+// adam family: [maximize], [coupled decay], scale_by_adam (kForm: plain, nesterov, or Keras'
+// epsilon-hat form scale_by_adam_eps_hat), [weight decay], scale_by_learning_rate,
+// [decoupled decay].
+constexpr int kAdamPlain = 0, kAdamNesterov = 1, kAdamEpsHat = 2;
+
+template <int kForm, bool kExtras, bool kBf16, bool kMuOldFirst, bool kNuOldFirst>
 struct AdamRule {
+  static constexpr bool kExtrasLoop = kExtras;  // (see Dispatch)
   static constexpr bool kHas[tbl::kMaxSlots] = {true, true, false};
   static_assert(tbl::adam::slot::kMu == 0 && tbl::adam::slot::kNu == 1,
                 "adam: kHas follows the table's slot order");
 
+  template <class A>
   [[gnu::always_inline]] static inline float Step(float gi, float pi, float* s,
-                                                  const float* sc) {
+                                                  const Consts& c) {
     namespace S = tbl::adam::scalar;
     namespace T = tbl::adam::slot;
-    const float omb1 = sc[S::kOneMinusB1], b1 = sc[S::kB1];
-    const float omb2 = sc[S::kOneMinusB2], b2 = sc[S::kB2];
-    const float eps = sc[S::kEps], eps_root = sc[S::kEpsRoot];
-    const float c1 = sc[S::kC1], c2 = sc[S::kC2], c1n = sc[S::kC1Next];
-    const float lr = sc[S::kStepSize], wd = sc[S::kWeightDecay];
-    const float mu = Ema<kMuOldFirst>(omb1, gi, b1, s[T::kMu]);
-    const float nu = Ema<kNuOldFirst>(omb2, gi * gi, b2, s[T::kNu]);
-    const float mh = kNesterov ? b1 * (mu / c1n) + omb1 * (gi / c1) : mu / c1;
-    float r = MomentDiv(mh, std::sqrt(nu / c2 + eps_root) + eps, gi);
-    if constexpr (kBf16) r = RoundBf16(r);  // scale_by_adam's update, cast to bfloat16
-    if constexpr (kDecay) {
-      if constexpr (kBf16 && kDecayBf16) {
-        // a weakly typed coefficient: two bfloat16 operations, each rounded
-        r = RoundBf16(r + RoundBf16(wd * pi));
-      } else if constexpr (kBf16) {
-        r = RoundBf16(r + wd * pi);  // float32 arithmetic, cast back to bfloat16
-      } else {
-        r = r + wd * pi;
-      }
-    }
+    const float omb1 = c.sc[S::kOneMinusB1], b1 = c.sc[S::kB1];
+    const float omb2 = c.sc[S::kOneMinusB2], b2 = c.sc[S::kB2];
+    const float eps = c.sc[S::kEps], eps_root = c.sc[S::kEpsRoot];
+    // the bias corrections: divisions, as XLA keeps them in a tree of several leaves (see
+    // RmsRule)
+    const float c1 = c.sc[S::kC1], c2 = c.sc[S::kC2], c1n = c.sc[S::kC1Next];
+    const float lr = c.sc[S::kStepSize];
+    float g = gi;
+    if constexpr (kExtras) g = Prologue<A, kBf16>(gi, pi, c);
+    const float mu = kExtras ? EmaEither<A>(omb1, g, b1, s[T::kMu], c.mu_old_first)
+                             : Ema<A, kMuOldFirst>(omb1, g, b1, s[T::kMu]);
+    const float nu = kExtras ? EmaEither<A>(omb2, g * g, b2, s[T::kNu], c.nu_old_first)
+                             : Ema<A, kNuOldFirst>(omb2, g * g, b2, s[T::kNu]);
     s[T::kMu] = mu;
     s[T::kNu] = nu;
-    if constexpr (kBf16) return pi + RoundBf16(lr * r);  // bfloat16 product, then the addition
-    return pi + lr * r;
+    float r;
+    if constexpr (kForm == kAdamEpsHat) {
+      // alpha m / (sqrt(nu) + eps); |m alpha| cannot overflow (see scale_by_adam_eps_hat)
+      r = SafeDiv(mu * c.sc[S::kAlpha], std::sqrt(nu) + eps);
+    } else {
+      const float den = std::sqrt(nu / c2 + eps_root) + eps;
+      if constexpr (kForm == kAdamNesterov) {
+        r = MomentDiv(A::Fma(b1, mu / c1n, omb1 * (g / c1)), den, g);
+      } else {
+        // (mu / c1) / den: XLA's simplifier computes it as mu / (c1 * den) (one division);
+        // the guards are MomentDiv's, on den
+        const bool ok = den != 0.0f;
+        const float q = mu / (c1 * (ok ? den : 1.0f));
+        r = (den == kInf && std::isfinite(g)) ? 0.0f : (ok ? q : 0.0f);
+      }
+    }
+    if constexpr (kBf16) r = RoundBf16(r);  // the rule's update, cast to bfloat16
+    // optax's AdamW decay: in every adam loop (an exact no-op without the flag), so AdamW, the
+    // most common configuration, runs the loop without the other terms' arithmetic
+    r = AfterRule<A, kBf16>(r, pi, c);
+    return Epilogue<A, kBf16, kExtras>(lr, r, pi, c);
   }
 };
 
-// sgd: [trace], scale_by_learning_rate.
-template <bool kMomentum, bool kNesterov, bool kBf16>
+// sgd: [maximize], [coupled decay], [trace] and scale_by_learning_rate in either order,
+// [decoupled decay].
+template <bool kMomentum, bool kNesterov, bool kExtras, bool kBf16>
 struct SgdRule {
+  static constexpr bool kExtrasLoop = kExtras;  // (see Dispatch)
   static constexpr bool kHas[tbl::kMaxSlots] = {kMomentum, false, false};
   static_assert(tbl::sgd::slot::kTrace == 0, "sgd: kHas follows the table's slot order");
 
+  template <class A>
   [[gnu::always_inline]] static inline float Step(float gi, float pi, float* s,
-                                                  const float* sc) {
-    namespace S = tbl::sgd::scalar;
-    const float lr = sc[S::kStepSize], beta = sc[S::kMomentum];
-    float u = gi;
-    if constexpr (kMomentum) {
-      const float m = gi + beta * s[tbl::sgd::slot::kTrace];
-      u = kNesterov ? gi + beta * m : m;
-      s[tbl::sgd::slot::kTrace] = m;
-      if constexpr (kBf16) u = RoundBf16(u);  // trace's update, cast to bfloat16
+                                                  const Consts& c) {
+    float g = gi;
+    if constexpr (kExtras) {
+      g = Prologue<A, kBf16>(gi, pi, c);
+      // bf16 without momentum: the decay's sum feeds the bfloat16 product by the step size, so
+      // its cast to bfloat16 stays (an exact no-op without the term)
+      if constexpr (kBf16 && !kMomentum) g = RoundBf16(g);
     }
-    if constexpr (kBf16) return pi + RoundBf16(lr * u);  // bfloat16 product, then the addition
-    return pi + lr * u;
+    const float beta = c.sc[tbl::sgd::scalar::kMomentum];
+    return StepAndTrace<A, kMomentum, kNesterov, kBf16, kExtras, tbl::sgd::slot::kTrace>(
+        g, pi, s, beta, c);
   }
 };
 
@@ -633,10 +800,12 @@ struct Levels512 {
 
 // ---- the loops ----------------------------------------------------------------------------------
 
-// Float32 state: elements [lo, hi) of one leaf.
-template <class R, bool kBf16>
+// Float32 state: elements [lo, hi) of one leaf. The constants are copied to the stack first, so
+// the compiler knows no store of the loop changes them.
+template <class R, bool kBf16, class A>
 [[gnu::always_inline]] inline void DenseLoop(const Leaf& L, int64_t lo, int64_t hi,
-                                             const float* sc) {
+                                             const Consts& consts) {
+  const Consts c = consts;
   const float* in[tbl::kMaxSlots];
   float* out[tbl::kMaxSlots];
   for (int k = 0; k < tbl::kMaxSlots; ++k) {
@@ -652,7 +821,7 @@ template <class R, bool kBf16>
     for (int k = 0; k < tbl::kMaxSlots; ++k) {
       if (R::kHas[k]) s[k] = in[k][i];
     }
-    const float pn = R::Step(LoadP<kBf16>(g, i), LoadP<kBf16>(p, i), s, sc);
+    const float pn = R::template Step<A>(LoadP<kBf16>(g, i), LoadP<kBf16>(p, i), s, c);
     for (int k = 0; k < tbl::kMaxSlots; ++k) {
       if (R::kHas[k]) out[k][i] = s[k];
     }
@@ -663,9 +832,10 @@ template <class R, bool kBf16>
 // 8-bit state: blocks [lo, hi) of one leaf (block b is block b % nb of row b / nb). Per block:
 // decode every slot into a stack buffer, run the rule (parameters written at once), then
 // requantise each slot from the buffer: one pass over the leaf's memory.
-template <class R, bool kBf16, int kIsa>
+template <class R, bool kBf16, int kIsa, class A>
 [[gnu::always_inline]] inline void BlockLoop(const Leaf& L, int64_t lo, int64_t hi,
-                                             const float* sc, const Codec* codecs) {
+                                             const Consts& consts, const Codec* codecs) {
+  const Consts c = consts;
   alignas(32) float buf[tbl::kMaxSlots][kMaxBlock];
   const int block = codecs[0].block;  // the same for every slot (checked by Prepare)
   for (int64_t b = lo; b < hi; ++b) {
@@ -698,7 +868,8 @@ template <class R, bool kBf16, int kIsa>
       for (int k = 0; k < tbl::kMaxSlots; ++k) {
         if (R::kHas[k]) s[k] = buf[k][i];
       }
-      const float pn = R::Step(LoadP<kBf16>(g, start + i), LoadP<kBf16>(p, start + i), s, sc);
+      const float pn =
+          R::template Step<A>(LoadP<kBf16>(g, start + i), LoadP<kBf16>(p, start + i), s, c);
       for (int k = 0; k < tbl::kMaxSlots; ++k) {
         if (R::kHas[k]) buf[k][i] = s[k];
       }
@@ -723,44 +894,58 @@ template <class R, bool kBf16, int kIsa>
   }
 }
 
-// One loop: a rule, its parameter dtype and its state storage.
+// One loop: a rule, its parameter dtype and its state storage. The baseline loops round every
+// product and sum separately (x86-64's baseline has no FMA, nor has XLA's code there); the
+// AVX2 and AVX-512 loops fuse where XLA's code does (Arith).
 template <class R, bool kBf16, bool kQ8>
 struct Kernel {
   static constexpr bool kQuantized = kQ8;
   static constexpr bool kBfloat16 = kBf16;
+  static constexpr bool kExtras = R::kExtrasLoop;
   template <int kIsa>
   [[gnu::always_inline]] static inline void Loop(const Leaf& L, int64_t lo, int64_t hi,
-                                                 const float* sc, const Codec* codecs) {
+                                                 const Consts& c, const Codec* codecs) {
+    using A = Arith<kIsa != kIsaBaseline>;
     if constexpr (kQ8) {
-      BlockLoop<R, kBf16, kIsa>(L, lo, hi, sc, codecs);
+      BlockLoop<R, kBf16, kIsa, A>(L, lo, hi, c, codecs);
     } else {
-      DenseLoop<R, kBf16>(L, lo, hi, sc);
+      DenseLoop<R, kBf16, A>(L, lo, hi, c);
     }
   }
 };
 
-using KernelFn = void (*)(const Leaf&, int64_t, int64_t, const float*, const Codec*);
+using KernelFn = void (*)(const Leaf&, int64_t, int64_t, const Consts&, const Codec*);
 
-// The two compilations of each loop: K::Loop is inlined into each, so the loop is vectorised
-// for that function's instruction set.
+// The compilations of each loop: K::Loop is inlined into each, so the loop is vectorised for
+// that function's instruction set.
 template <class K>
-void Baseline(const Leaf& L, int64_t lo, int64_t hi, const float* sc, const Codec* codecs) {
-  K::template Loop<kIsaBaseline>(L, lo, hi, sc, codecs);
+void Baseline(const Leaf& L, int64_t lo, int64_t hi, const Consts& c, const Codec* codecs) {
+  K::template Loop<kIsaBaseline>(L, lo, hi, c, codecs);
+}
+
+// The baseline loops of the extras (the presets' terms around the rules) are not vectorised:
+// they serve x86-64 CPUs without AVX2 and FMA (before 2013-2015) with the framework presets'
+// chains, and vectorising them would cost as much compile time as the rest of the baseline
+// loops together.
+template <class K>
+[[gnu::optimize("no-tree-vectorize")]] void BaselineScalar(const Leaf& L, int64_t lo, int64_t hi,
+                                                          const Consts& c, const Codec* codecs) {
+  K::template Loop<kIsaBaseline>(L, lo, hi, c, codecs);
 }
 
 #ifdef RMSJAX_HAVE_AVX2_VERSION
 template <class K>
 [[gnu::target("avx2,fma")]] void Avx2Fma(const Leaf& L, int64_t lo, int64_t hi,
-                                         const float* sc, const Codec* codecs) {
-  K::template Loop<kIsaAvx2>(L, lo, hi, sc, codecs);
+                                         const Consts& c, const Codec* codecs) {
+  K::template Loop<kIsaAvx2>(L, lo, hi, c, codecs);
 }
 #endif
 
 #ifdef RMSJAX_HAVE_AVX512_VERSION
 template <class K>
 [[gnu::target(RMSJAX_AVX512)]] void Avx512(const Leaf& L, int64_t lo, int64_t hi,
-                                           const float* sc, const Codec* codecs) {
-  K::template Loop<kIsaAvx512>(L, lo, hi, sc, codecs);
+                                           const Consts& c, const Codec* codecs) {
+  K::template Loop<kIsaAvx512>(L, lo, hi, c, codecs);
 }
 #endif
 
@@ -792,82 +977,124 @@ int KernelIsa() {
   return isa;
 }
 
+// The compilation of a loop for the CPU: AVX-512 for the 8-bit state and bfloat16 loops (the
+// extras loops with bfloat16 parameters and float32 state take AVX2, which costs them little
+// and saves their compile time), else AVX2+FMA, else the baseline.
 template <class K>
 KernelFn Dispatch() {
 #ifdef RMSJAX_HAVE_AVX512_VERSION
-  if constexpr (K::kQuantized || K::kBfloat16) {
+  if constexpr (K::kQuantized || (K::kBfloat16 && !K::kExtras)) {
     if (KernelIsa() == kIsaAvx512) return Avx512<K>;
   }
 #endif
 #ifdef RMSJAX_HAVE_AVX2_VERSION
   if (KernelIsa() >= kIsaAvx2) return Avx2Fma<K>;
 #endif
+  if constexpr (K::kExtras) return BaselineScalar<K>;
   return Baseline<K>;
 }
 
-// Runtime flags -> template arguments: Expand<Make, N>(f) returns Make::Get<f[0], ..., f[N-1]>()
-// (every combination is instantiated once).
-template <class Make, int N, bool... Bs>
-KernelFn Expand(const bool* f) {
-  if constexpr (sizeof...(Bs) == N) {
-    return Make::template Get<Bs...>();
-  } else {
-    return f[sizeof...(Bs)] ? Expand<Make, N, Bs..., true>(f) : Expand<Make, N, Bs..., false>(f);
-  }
-}
+// Runtime choices -> template arguments: Expand<Make, std::integer_sequence<int, N0, N1, ...>>
+// ::Get(v) returns Make::Get<v[0], v[1], ...>() for 0 <= v[i] < Ni; exactly those
+// combinations are instantiated (a choice of three values is one dimension, not two flags).
+template <class Make, class Sizes, int... kVs>
+struct Expand;
 
-struct MakeRms {
-  template <bool kC, bool kE, bool kM, bool kN, bool kB, bool kQ>
+template <class Make, int... kVs>
+struct Expand<Make, std::integer_sequence<int>, kVs...> {
+  static KernelFn Get(const int*) { return Make::template Get<kVs...>(); }
+};
+
+template <class Make, int kSize, int... kRest, int... kVs>
+struct Expand<Make, std::integer_sequence<int, kSize, kRest...>, kVs...> {
+  template <int kI>
+  static KernelFn From(const int* v) {
+    using Next = Expand<Make, std::integer_sequence<int, kRest...>, kVs..., kI>;
+    if constexpr (kI + 1 == kSize) {
+      return Next::Get(v + 1);
+    } else {
+      return v[0] == kI ? Next::Get(v + 1) : From<kI + 1>(v);
+    }
+  }
+  static KernelFn Get(const int* v) { return From<0>(v); }
+};
+
+// The momentum buffer of a loop: 0 none, 1 heavy ball, 2 Nesterov.
+int MomentumForm(bool momentum, bool nesterov) { return momentum ? (nesterov ? 2 : 1) : 0; }
+
+// (Nesterov momentum with the extras is excluded by the table, see Kind.exclusive: no preset
+// combines them, and each such loop would cost compile time; a chain that does runs pure JAX.)
+struct MakeRms {  // centered, eps_in_sqrt, momentum form, extras, bf16, q8
+  template <int kC, int kE, int kM, int kX, int kB, int kQ>
   static KernelFn Get() {
-    return Dispatch<Kernel<RmsRule<kC, kE, kM, kN, kB, kB && !kQ, kB>, kB, kQ>>();
+    if constexpr (kM == 2 && kX) {
+      return nullptr;
+    } else {
+      return Dispatch<Kernel<RmsRule<kC, kE, kM != 0, kM == 2, kX, kB, kB && !kQ, kB>, kB, kQ>>();
+    }
   }
 };
-struct MakeAdam {
-  template <bool kN, bool kD, bool kDB, bool kB, bool kQ>
+struct MakeAdam {  // form (kAdamPlain, kAdamNesterov, kAdamEpsHat), extras, bf16, q8
+  template <int kF, int kX, int kB, int kQ>
   static KernelFn Get() {
-    return Dispatch<Kernel<AdamRule<kN, kD, kDB, kB, kB && !kQ, kB>, kB, kQ>>();
+    if constexpr (kF == kAdamNesterov && kX) {
+      return nullptr;
+    } else {
+      return Dispatch<Kernel<AdamRule<kF, kX, kB, kB && !kQ, kB>, kB, kQ>>();
+    }
   }
 };
-struct MakeSgd {
-  template <bool kM, bool kN, bool kB, bool kQ>
+struct MakeSgd {  // momentum form, extras, bf16, q8
+  template <int kM, int kX, int kB, int kQ>
   static KernelFn Get() {
-    return Dispatch<Kernel<SgdRule<kM, kN, kB>, kB, kQ>>();
+    return Dispatch<Kernel<SgdRule<kM != 0, kM == 2, kX, kB>, kB, kQ>>();
   }
 };
 
 // The loop for a kind and its flag bits (the flag names are the table's; the static_asserts
-// fail to compile when the table gains a flag these dispatchers do not know). A flag that has
-// no effect in a configuration (nesterov without momentum, decay_bf16 without bf16 weight
-// decay) is cleared, so equal arithmetic shares one loop.
+// fail to compile when the table gains a flag these dispatchers do not know). Flags without
+// effect in a configuration (nesterov without momentum) are cleared, so equal arithmetic
+// shares one loop; the flags of the linear terms around the rule (maximize, the decays,
+// decay_bf16) and the order of the step size and the momentum buffer (scale_first) are read at
+// run time by the loops (see Consts and Derive), which are compiled once with the maximize,
+// coupled and decoupled terms (extras) and once without (adam's weight_decay is in both).
 KernelFn PickRms(int64_t f) {
   namespace F = tbl::rms::flag;
   static_assert(F::kAll == (F::kCentered | F::kEpsInSqrt | F::kMomentum | F::kNesterov |
-                            F::kBf16 | F::kQ8),
+                            F::kScaleFirst | F::kMaximize | F::kCoupledDecay |
+                            F::kDecoupledDecay | F::kDecayBf16 | F::kBf16 | F::kQ8),
                 "rms: a flag of the table is not dispatched");
-  const bool momentum = f & F::kMomentum;
-  const bool b[6] = {(f & F::kCentered) != 0, (f & F::kEpsInSqrt) != 0, momentum,
-                     momentum && (f & F::kNesterov), (f & F::kBf16) != 0, (f & F::kQ8) != 0};
-  return Expand<MakeRms, 6>(b);
+  const int v[6] = {(f & F::kCentered) != 0,
+                    (f & F::kEpsInSqrt) != 0,
+                    MomentumForm(f & F::kMomentum, f & F::kNesterov),
+                    (f & (F::kMaximize | F::kCoupledDecay | F::kDecoupledDecay)) != 0,
+                    (f & F::kBf16) != 0,
+                    (f & F::kQ8) != 0};
+  return Expand<MakeRms, std::integer_sequence<int, 2, 2, 3, 2, 2, 2>>::Get(v);
 }
 
 KernelFn PickAdam(int64_t f) {
   namespace F = tbl::adam::flag;
-  static_assert(F::kAll == (F::kNesterov | F::kWeightDecay | F::kDecayBf16 | F::kBf16 | F::kQ8),
+  static_assert(F::kAll == (F::kNesterov | F::kEpsHat | F::kMaximize | F::kCoupledDecay |
+                            F::kWeightDecay | F::kDecoupledDecay | F::kDecayBf16 | F::kBf16 |
+                            F::kQ8),
                 "adam: a flag is not dispatched");
-  const bool decay = f & F::kWeightDecay, bf16 = f & F::kBf16;
-  const bool b[5] = {(f & F::kNesterov) != 0, decay, decay && bf16 && (f & F::kDecayBf16), bf16,
-                     (f & F::kQ8) != 0};
-  return Expand<MakeAdam, 5>(b);
+  const int form = (f & F::kEpsHat) ? kAdamEpsHat : (f & F::kNesterov) ? kAdamNesterov : kAdamPlain;
+  const int64_t extras = F::kMaximize | F::kCoupledDecay | F::kDecoupledDecay;
+  const int v[4] = {form, (f & extras) != 0, (f & F::kBf16) != 0, (f & F::kQ8) != 0};
+  return Expand<MakeAdam, std::integer_sequence<int, 3, 2, 2, 2>>::Get(v);
 }
 
 KernelFn PickSgd(int64_t f) {
   namespace F = tbl::sgd::flag;
-  static_assert(F::kAll == (F::kMomentum | F::kNesterov | F::kBf16 | F::kQ8),
+  static_assert(F::kAll == (F::kMomentum | F::kNesterov | F::kScaleFirst | F::kMaximize |
+                            F::kCoupledDecay | F::kDecoupledDecay | F::kDecayBf16 | F::kBf16 |
+                            F::kQ8),
                 "sgd: a flag is not dispatched");
-  const bool momentum = f & F::kMomentum;
-  const bool b[4] = {momentum, momentum && (f & F::kNesterov), (f & F::kBf16) != 0,
-                     (f & F::kQ8) != 0};
-  return Expand<MakeSgd, 4>(b);
+  const int v[4] = {MomentumForm(f & F::kMomentum, f & F::kNesterov),
+                    (f & (F::kMaximize | F::kCoupledDecay | F::kDecoupledDecay)) != 0,
+                    (f & F::kBf16) != 0, (f & F::kQ8) != 0};
+  return Expand<MakeSgd, std::integer_sequence<int, 3, 2, 2, 2>>::Get(v);
 }
 
 KernelFn Pick(int64_t kind, int64_t flags) {
@@ -882,6 +1109,122 @@ KernelFn Pick(int64_t kind, int64_t flags) {
     default:
       return nullptr;
   }
+}
+
+uint32_t Mask(bool b) { return b ? ~0u : 0u; }
+
+// The linear terms of one call as its loops read them (Consts): the kind's scalars, and what its
+// flags make of them (the bits of each term in the kind's own flag enum; 0 where the kind has
+// no such term).
+struct TermBits {
+  int64_t maximize, coupled, after_rule, decoupled, decay_bf16, bf16;
+};
+
+void DeriveTerms(int64_t f, const TermBits& bits, float wd, Consts& c) {
+  c.sign = (f & bits.maximize) ? -1.0f : 1.0f;
+  const bool coupled = (f & bits.coupled) != 0, after_rule = (f & bits.after_rule) != 0;
+  c.coupled = coupled ? wd : -0.0f;
+  c.coupled_mask = coupled ? ~uint32_t{0} : 0u;
+  c.after_rule = after_rule ? wd : -0.0f;
+  c.after_rule_mask = after_rule ? ~uint32_t{0} : 0u;
+  c.has_decoupled = Mask((f & bits.decoupled) != 0);
+  c.decoupled = wd;
+  c.decay_bf16 = Mask((f & bits.bf16) != 0 && (f & bits.decay_bf16) != 0);
+}
+
+// The step size before and after the momentum buffer: one of the two is the step size, the
+// other 1 (a product by 1 is exact); without momentum, pre.
+void DeriveSteps(bool momentum, bool scale_first, float lr, Consts& c) {
+  const bool after = momentum && !scale_first;
+  c.pre = after ? 1.0f : lr;
+  c.post = after ? lr : 1.0f;
+}
+
+// Which product of each moving average XLA's code fuses when linear terms surround the rule (the
+// extras loops; the other loops take it from the template, see Ema and MakeRms), and which
+// product the decoupled decay fuses. XLA's fusion pass decides how the chain's operations are
+// grouped into loops (and which it recomputes in several), and LLVM then fuses the product that
+// comes first in each group's sum, so the choice follows the program around the rule. Measured
+// with jax 0.10.2 (XLA's object code, and every choice tried against the pure path), for each
+// kind and term, float32 and bfloat16 parameters, float32 and 8-bit state:
+//   no terms: the new sample's product for float32 gradients; for bfloat16 ones the old
+//     average's (mu with 8-bit state: the new sample's);
+//   maximize: XLA folds the sign into the constant weight of the new sample and fuses the old
+//     average's product of mu (float32: unless the rule is adam's with a coupled decay and
+//     8-bit state, or an RMS rule's with a coupled decay and float32 state);
+//   coupled decay, float32: adam's nu fuses the old average (float32 state: XLA recomputes
+//     g + wd p in nu's loop); an RMS rule's mu with 8-bit state too;
+//   coupled decay with a bfloat16 coefficient, bfloat16 parameters: the sample reaches the
+//     averages as a float32 sum; an RMS rule with float32 state then fuses both new samples,
+//     8-bit state mu's old average;
+//   decoupled decay: the step size's product is fused, except after adam's guarded division
+//     (moment_div) with float32 parameters and where no step size follows the momentum buffer
+//     (scale_first), where the decay's is.
+// Where 8-bit state and a float32 coupled decay meet, XLA computes the moments for the update
+// and for their encoding in different loops with different fusions; there the kernel can differ
+// from the pure path by a rounding of the update (within the contract's bound, see
+// tests/test_fused_differential.py).
+void MovingAverageOrder(int64_t kind, bool guarded_division, bool bf16, bool q8, bool maximize,
+                        bool coupled, bool momentum_last, Consts& c) {
+  const bool rms = kind == tbl::rms::kId, adam = kind == tbl::adam::kId;
+  bool mu_old, nu_old;
+  if (!bf16 && !q8) {
+    mu_old = maximize && !(rms && coupled);
+    nu_old = adam && coupled;
+  } else if (!bf16) {
+    mu_old = (maximize && !(adam && coupled)) || (rms && coupled);
+    nu_old = false;
+  } else if (!q8) {
+    mu_old = nu_old = !(rms && coupled && c.decay_bf16);
+  } else {
+    mu_old = maximize || (coupled && c.decay_bf16);
+    nu_old = true;
+  }
+  c.mu_old_first = Mask(mu_old);
+  c.nu_old_first = Mask(nu_old);
+  c.step_fused = Mask(!momentum_last && !(guarded_division && !bf16));
+}
+
+Consts Derive(int64_t kind, int64_t f, const float* scalars, int n_scalars) {
+  Consts c;
+  std::copy(scalars, scalars + n_scalars, c.sc);
+  switch (kind) {
+    case tbl::rms::kId: {
+      namespace F = tbl::rms::flag;
+      namespace S = tbl::rms::scalar;
+      DeriveSteps(f & F::kMomentum, f & F::kScaleFirst, c.sc[S::kStepSize], c);
+      DeriveTerms(f, {F::kMaximize, F::kCoupledDecay, 0, F::kDecoupledDecay, F::kDecayBf16,
+                      F::kBf16},
+                  c.sc[S::kWeightDecay], c);
+      MovingAverageOrder(kind, false, f & F::kBf16, f & F::kQ8, f & F::kMaximize,
+                         f & F::kCoupledDecay, (f & F::kMomentum) && (f & F::kScaleFirst), c);
+      break;
+    }
+    case tbl::adam::kId: {
+      namespace F = tbl::adam::flag;
+      namespace S = tbl::adam::scalar;
+      DeriveTerms(f, {F::kMaximize, F::kCoupledDecay, F::kWeightDecay, F::kDecoupledDecay,
+                      F::kDecayBf16, F::kBf16},
+                  c.sc[S::kWeightDecay], c);
+      MovingAverageOrder(kind, !(f & F::kEpsHat), f & F::kBf16, f & F::kQ8, f & F::kMaximize,
+                         f & F::kCoupledDecay, false, c);
+      break;
+    }
+    case tbl::sgd::kId: {
+      namespace F = tbl::sgd::flag;
+      namespace S = tbl::sgd::scalar;
+      DeriveSteps(f & F::kMomentum, f & F::kScaleFirst, c.sc[S::kStepSize], c);
+      DeriveTerms(f, {F::kMaximize, F::kCoupledDecay, 0, F::kDecoupledDecay, F::kDecayBf16,
+                      F::kBf16},
+                  c.sc[S::kWeightDecay], c);
+      MovingAverageOrder(kind, false, f & F::kBf16, f & F::kQ8, f & F::kMaximize,
+                         f & F::kCoupledDecay, (f & F::kMomentum) && (f & F::kScaleFirst), c);
+      break;
+    }
+    default:
+      break;
+  }
+  return c;
 }
 
 // The bf16 and q8 flag bits of a kind (their positions differ between kinds).
@@ -938,14 +1281,14 @@ class ScopedFlushDenormal {
 // Process the global unit range [lo, hi) of the concatenation of all leaves (units: elements,
 // or blocks with q8).
 void RunRange(const std::vector<Leaf>& leaves, const std::vector<int64_t>& starts, int64_t lo,
-              int64_t hi, KernelFn fn, const float* sc, const Codec* codecs) {
+              int64_t hi, KernelFn fn, const Consts& c, const Codec* codecs) {
   const ScopedFlushDenormal flush;
   auto it = std::upper_bound(starts.begin(), starts.end(), lo);
   size_t k = static_cast<size_t>(it - starts.begin()) - 1;
   for (; k < leaves.size() && starts[k] < hi; ++k) {
     const int64_t a = std::max(lo, starts[k]) - starts[k];
     const int64_t b = std::min(hi, starts[k] + leaves[k].units) - starts[k];
-    if (a < b) fn(leaves[k], a, b, sc, codecs);
+    if (a < b) fn(leaves[k], a, b, c, codecs);
   }
 }
 
@@ -961,7 +1304,7 @@ struct Job {
 
   std::vector<Leaf> leaves;
   std::vector<int64_t> starts;  // starts[k]: the first unit of leaf k in the range
-  std::vector<float> scalars;
+  Consts consts;
   Codec codecs[tbl::kMaxSlots];  // by slot (q8 only)
   KernelFn fn = nullptr;
   int64_t unit_elements = 1;  // elements per unit: 1, or the block size with q8
@@ -976,7 +1319,7 @@ struct Job {
       const int64_t lo = next.fetch_add(piece, std::memory_order_relaxed);
       if (lo >= total) return;
       const int64_t hi = std::min(total, lo + piece);
-      RunRange(leaves, starts, lo, hi, fn, scalars.data(), codecs);
+      RunRange(leaves, starts, lo, hi, fn, consts, codecs);
       // acq_rel: the finisher sees every other task's writes before completing the future.
       if (done.fetch_add(hi - lo, std::memory_order_acq_rel) + (hi - lo) == total) {
         promise.SetAvailable();
@@ -1062,6 +1405,13 @@ ffi::Error Prepare(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args, ffi::
   const std::string name = info.name;  // for the error messages
   if ((flags & ~info.all_flags) != 0) {
     return Invalid(name + ": unknown flag bits " + std::to_string(flags & ~info.all_flags));
+  }
+  for (int e = 0; e < info.num_exclusive; ++e) {
+    const int64_t set = flags & info.exclusive[e];
+    if ((set & (set - 1)) != 0) {
+      return Invalid(name + ": flag bits " + std::to_string(set) +
+                     " exclude each other (at most one of them)");
+    }
   }
   if (scalars.element_count() != static_cast<size_t>(info.num_scalars)) {
     return Invalid(name + " takes " + std::to_string(info.num_scalars) + " scalars, got " +
@@ -1182,7 +1532,7 @@ ffi::Error Prepare(ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args, ffi::
     job.starts[k + 1] = job.starts[k] + L.units;
   }
   job.total = job.starts[n_leaves];
-  job.scalars.assign(scalars.typed_data(), scalars.typed_data() + info.num_scalars);
+  job.consts = Derive(kind, flags, scalars.typed_data(), info.num_scalars);
   return ffi::Error::Success();
 }
 

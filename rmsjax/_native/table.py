@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 __all__ = [
     "CODEC_FIELDS",
+    "DECAY_FLAGS",
     "CODEC_MAGIC",
     "CODEC_SECTIONS",
     "KINDS",
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 # Bump when the meaning of an operand changes without its name changing.
-VERSION = 2
+VERSION = 3
 
 # Flags every kind has besides its own (appended to ``Kind.flags``): how the leaves of one call
 # are stored. ``bf16``: parameters and gradients are bfloat16 (the state float32 or ``q8``),
@@ -57,6 +58,23 @@ VERSION = 2
 # uint8 codes (the parameter's shape) and the float32 scales (one per block along the last
 # axis), and per call one codec operand per present slot (see ``CODEC_SECTIONS``).
 STORAGE_FLAGS: tuple[str, ...] = ("bf16", "q8")
+
+# Flags some kinds have for the linear terms the framework presets put around a rule (each a
+# stage of the recorded chain, see rmsjax.fused.plans), in the order the step applies them:
+#   maximize         the gradient is negated first (a leading ``scale(-1)``: PyTorch's
+#                    ``maximize``);
+#   coupled_decay    ``g + weight_decay * p`` before the rule (``add_decayed_weights`` before it:
+#                    PyTorch's ``weight_decay`` of RMSprop, Adam and SGD);
+#   weight_decay     ``u + weight_decay * p`` after the rule, before the step size
+#                    (``add_decayed_weights`` after it: optax's AdamW; adam only);
+#   decoupled_decay  ``u - weight_decay * p`` after the step size and the momentum buffer
+#                    (``decoupled_weight_decay`` last: PyTorch's AdamW, every Keras optimizer's
+#                    ``weight_decay``);
+#   decay_bf16       with bf16, the decay product is a bfloat16 multiplication (the chain's
+#                    coefficient is a weakly typed Python number), not a float32 one.
+# ``weight_decay`` (the scalar) is the coefficient of whichever decay term is present; a call
+# has at most one (EXCLUSIVE).
+DECAY_FLAGS: tuple[str, ...] = ("coupled_decay", "weight_decay", "decoupled_decay")
 
 # An 8-bit codec operand: one flat uint8 array per present slot and call, built by
 # ``rmsjax._native.codecs.operand`` and read back by ``codecs.parse`` and by ``ParseCodec`` in
@@ -132,18 +150,52 @@ class Kind(NamedTuple):
     scalars: tuple[str, ...]  # float32 scalar operand, in order
     slots: tuple[Slot, ...]  # per-leaf state operands, in order (absent ones skipped)
     flags: tuple[str, ...]  # static flags; flag i is bit 1 << i of the ``flags`` attribute
+    # groups of flags of which a call sets at most one
+    exclusive: tuple[tuple[str, ...], ...] = ()
 
 
 KINDS: tuple[Kind, ...] = (
-    # rmsjax.rmsprop: scale_by_rms / scale_by_centered_rms, scale_by_learning_rate, trace.
+    # rmsjax.rmsprop and the presets' RMSprop: [maximize], [coupled decay],
+    # scale_by_rms / scale_by_centered_rms, then scale_by_learning_rate and [trace] in either
+    # order (scale_first: the step size inside the momentum buffer, as optax, Keras and TF1;
+    # else after it, as PyTorch), [decoupled decay].
     Kind(
         name="rms",
         id=0,
-        scalars=("one_minus_decay", "decay", "eps", "correction", "step_size", "momentum"),
+        scalars=(
+            "one_minus_decay",
+            "decay",
+            "eps",
+            "correction",
+            "step_size",
+            "momentum",
+            "weight_decay",
+        ),
         slots=(Slot("mu", "centered"), Slot("nu", None), Slot("trace", "momentum")),
-        flags=("centered", "eps_in_sqrt", "momentum", "nesterov", *STORAGE_FLAGS),
+        flags=(
+            "centered",
+            "eps_in_sqrt",
+            "momentum",
+            "nesterov",
+            "scale_first",
+            "maximize",
+            "coupled_decay",
+            "decoupled_decay",
+            "decay_bf16",
+            *STORAGE_FLAGS,
+        ),
+        # no preset combines Nesterov momentum with the terms around the rule: the kernel has
+        # no loop for it (each would cost compile time), such a chain runs pure JAX
+        exclusive=(
+            ("coupled_decay", "decoupled_decay"),
+            ("nesterov", "maximize"),
+            ("nesterov", "coupled_decay"),
+            ("nesterov", "decoupled_decay"),
+        ),
     ),
-    # rmsjax.adam / rmsjax.adamw: scale_by_adam, [add_decayed_weights], scale_by_learning_rate.
+    # rmsjax.adam / rmsjax.adamw and the presets' Adam and AdamW: [maximize], [coupled decay],
+    # scale_by_adam (eps_hat: scale_by_adam_eps_hat, Keras' form), [weight decay],
+    # scale_by_learning_rate, [decoupled decay].
     Kind(
         name="adam",
         id=1,
@@ -157,27 +209,62 @@ KINDS: tuple[Kind, ...] = (
             "c1",
             "c2",
             "c1_next",
+            "alpha",
             "step_size",
             "weight_decay",
         ),
         slots=(Slot("mu", None), Slot("nu", None)),
-        # decay_bf16: with bf16, the weight decay product is a bfloat16 multiplication (a
-        # weakly typed Python-float coefficient), not a float32 one.
-        flags=("nesterov", "weight_decay", "decay_bf16", *STORAGE_FLAGS),
+        flags=(
+            "nesterov",
+            "eps_hat",
+            "maximize",
+            "coupled_decay",
+            "weight_decay",
+            "decoupled_decay",
+            "decay_bf16",
+            *STORAGE_FLAGS,
+        ),
+        exclusive=(
+            ("nesterov", "eps_hat"),
+            DECAY_FLAGS,
+            ("nesterov", "maximize"),
+            ("nesterov", "coupled_decay"),
+            ("nesterov", "decoupled_decay"),
+        ),
     ),
-    # rmsjax.sgd: [trace], scale_by_learning_rate.
+    # rmsjax.sgd and the presets' SGD: [maximize], [coupled decay], [trace] and
+    # scale_by_learning_rate in either order (scale_first: Keras' learning rate inside the
+    # buffer), [decoupled decay].
     Kind(
         name="sgd",
         id=2,
-        scalars=("step_size", "momentum"),
+        scalars=("step_size", "momentum", "weight_decay"),
         slots=(Slot("trace", "momentum"),),
-        flags=("momentum", "nesterov", *STORAGE_FLAGS),
+        flags=(
+            "momentum",
+            "nesterov",
+            "scale_first",
+            "maximize",
+            "coupled_decay",
+            "decoupled_decay",
+            "decay_bf16",
+            *STORAGE_FLAGS,
+        ),
+        exclusive=(("coupled_decay", "decoupled_decay"),),
     ),
 )
 
 
 def _digest() -> str:
-    layout = (STORAGE_FLAGS, CODEC_MAGIC, CODEC_FIELDS, CODEC_SECTIONS, MAP_SIZE, MAX_BLOCK)
+    layout = (
+        STORAGE_FLAGS,
+        DECAY_FLAGS,
+        CODEC_MAGIC,
+        CODEC_FIELDS,
+        CODEC_SECTIONS,
+        MAP_SIZE,
+        MAX_BLOCK,
+    )
     return hashlib.sha256(repr((VERSION, KINDS, layout)).encode()).hexdigest()
 
 
@@ -193,15 +280,16 @@ def kind(name: str) -> Kind:
     raise KeyError(f"no kernel kind {name!r}; the table has {[k.name for k in KINDS]}")
 
 
-# Flags that may be left out of a flag mapping (then false): the storage flags, and flags that
-# only matter with one of them.
-OPTIONAL_FLAGS: tuple[str, ...] = (*STORAGE_FLAGS, "decay_bf16")
+# Flags that may be left out of a flag mapping (then false): the storage flags, the linear terms
+# around the rule, and flags that only matter with one of them.
+OPTIONAL_FLAGS: tuple[str, ...] = (*STORAGE_FLAGS, *DECAY_FLAGS, "maximize", "decay_bf16")
 
 
 def complete_flags(row: Kind, flags: Mapping[str, bool]) -> dict[str, bool]:
     """Every flag of ``row``, ``flags``' values (the optional flags it leaves out false).
 
-    Raises ``ValueError`` when ``flags`` has a name the kind lacks or misses a required one.
+    Raises ``ValueError`` when ``flags`` has a name the kind lacks, misses a required one, or
+    sets more than one flag of a group of :attr:`Kind.exclusive`.
     """
     required = {f for f in row.flags if f not in OPTIONAL_FLAGS}
     if not required <= set(flags) <= set(row.flags):
@@ -210,7 +298,14 @@ def complete_flags(row: Kind, flags: Mapping[str, bool]) -> dict[str, bool]:
             f"{[f for f in row.flags if f in OPTIONAL_FLAGS]} may be left out), got "
             f"{sorted(flags)}"
         )
-    return {f: bool(flags.get(f, False)) for f in row.flags}
+    full = {f: bool(flags.get(f, False)) for f in row.flags}
+    for group in row.exclusive:
+        if sum(full[f] for f in group) > 1:
+            raise ValueError(
+                f"kernel kind {row.name!r} takes at most one of the flags {list(group)}, got "
+                f"{[f for f in group if full[f]]}"
+            )
+    return full
 
 
 def present_slots(row: Kind, flags: Mapping[str, bool]) -> tuple[str, ...]:
@@ -253,8 +348,9 @@ def cpp_header() -> str:
     Per kind, in ``namespace rmsjax_table::<kind>``: ``kId``; the scalar indices
     ``scalar::kEps, ...`` and their number ``scalar::kCount``; the slot indices ``slot::kNu, ...``
     and ``slot::kCount``; the flag bits ``flag::kCentered, ...`` and their union ``flag::kAll``;
-    ``kSlotNeeds`` (the flag bit each slot needs, 0 = always present). Then ``kKinds`` (a
-    ``KindInfo`` per kind id), ``kMaxSlots``, ``kNumKinds`` and ``kTableHash``, and in
+    ``kSlotNeeds`` (the flag bit each slot needs, 0 = always present), ``kExclusive`` (per
+    group of :attr:`Kind.exclusive`, the mask of its flags). Then ``kKinds`` (a ``KindInfo``
+    per kind id), ``kMaxSlots``, ``kMaxScalars``, ``kNumKinds`` and ``kTableHash``, and in
     ``namespace codec`` the codec operand's layout (``kMagic``, ``field::kBlockSize, ...``,
     ``kMapSize``, ``kMaxBlock``, and per section ``kQmapOffset``, ``kQmapCount``, ...).
     """
@@ -271,6 +367,7 @@ def cpp_header() -> str:
         "",
         f"constexpr int64_t kTableHash = 0x{TABLE_HASH:015x};",
         f"constexpr int kMaxSlots = {max(len(row.slots) for row in KINDS)};",
+        f"constexpr int kMaxScalars = {max(len(row.scalars) for row in KINDS)};",
         f"constexpr int kNumKinds = {len(KINDS)};",
         "",
         "// 8-bit codec operands (CODEC_SECTIONS in table.py)",
@@ -290,6 +387,7 @@ def cpp_header() -> str:
         slots = [f"{_camel(s.name)} = {i}" for i, s in enumerate(row.slots)]
         flags = [f"{_camel(n)} = {1 << i}" for i, n in enumerate(row.flags)]
         needs = ["0" if s.when is None else str(1 << row.flags.index(s.when)) for s in row.slots]
+        exclusive = [str(sum(1 << row.flags.index(f) for f in g)) for g in row.exclusive]
         lines += [
             f"namespace {row.name} {{",
             f"constexpr int64_t kId = {row.id};",
@@ -300,6 +398,8 @@ def cpp_header() -> str:
             f"kAll = {(1 << len(flags)) - 1} }}; }}",
             "// the flag bit each slot needs to be present (0: always present)",
             f"constexpr int64_t kSlotNeeds[slot::kCount] = {{{', '.join(needs)}}};",
+            "// groups of flags of which a call sets at most one (as bit masks)",
+            f"constexpr int64_t kExclusive[] = {{{', '.join(exclusive) or '0'}}};",
             f"}}  // namespace {row.name}",
             "",
         ]
@@ -310,12 +410,15 @@ def cpp_header() -> str:
         "  int num_slots;",
         "  int64_t all_flags;",
         "  const int64_t* slot_needs;",
+        "  const int64_t* exclusive;",
+        "  int num_exclusive;",
         "};",
         "",
         "constexpr KindInfo kKinds[kNumKinds] = {",
         *(
             f'    {{"{r.name}", {r.name}::scalar::kCount, {r.name}::slot::kCount, '
-            f"{r.name}::flag::kAll, {r.name}::kSlotNeeds}},"
+            f"{r.name}::flag::kAll, {r.name}::kSlotNeeds, {r.name}::kExclusive, "
+            f"{len(r.exclusive)}}},"
             for r in KINDS
         ),
         "};",

@@ -7,12 +7,23 @@ rules in the same order, or the reason why no kind does. Nothing here knows how 
 built: ``rmsjax.rmsprop``, ``optax.chain(rmsjax.scale_by_rms(), rmsjax.scale(-0.1))`` and
 ``rmsjax.compat.keras.rmsprop()`` record the same stages and get the same plan.
 
-The kinds and the stage sequences they run (``[x]``: optional):
+The stage sequences the kernel runs (``[x]``: optional; ``a | b``: either), each a rule with
+the linear terms the framework presets put around it:
 
-* ``rms``: ``rms | centered_rms, scale, [trace]`` (the learning rate inside the momentum
-  buffer: optax's, Keras' and TF1's RMSProp);
-* ``adam``: ``adam, [add_decayed_weights], scale`` (optax's Adam and AdamW; PyTorch's Adam);
-* ``sgd``: ``[trace], scale``.
+  ``[maximize] [coupled decay]`` *core* ``[decoupled decay]``
+
+with at most one decay term (and none of these terms with Nesterov momentum: the operand table's
+exclusive flags), where ``maximize`` is a ``scale`` by the number -1 (or 1: a no-op),
+``coupled decay`` an ``add_decayed_weights`` (before the rule: PyTorch's ``weight_decay``),
+``decoupled decay`` a ``decoupled_weight_decay`` (last: PyTorch's AdamW, Keras' ``weight_decay``),
+and the cores of the kinds are
+
+* ``rms``: ``rms | centered_rms``, then ``scale``, ``scale, trace`` (the learning rate inside
+  the momentum buffer: optax's, Keras' and TF1's RMSProp) or ``trace, scale`` (after it:
+  PyTorch's RMSprop);
+* ``adam``: ``adam | adam_eps_hat``, ``[add_decayed_weights]``, ``scale`` (optax's Adam and
+  AdamW, PyTorch's Adam and AdamW, Keras' Adam and AdamW: ``adam_eps_hat``);
+* ``sgd``: ``scale``, ``trace, scale`` (optax's and PyTorch's SGD) or ``scale, trace`` (Keras').
 
 The kernel's scalars come from the stages' own arguments (the values their rules take at this
 step), converted as the pure chain converts them for parameters of a given dtype; so the kernel
@@ -123,18 +134,141 @@ def _no_flags(args: Args, dtype: Any) -> dict[str, bool]:
     return {}
 
 
-def _rms(stages: Sequence[Stage]) -> Plan:
-    centered = stages[0].name == "centered_rms"
-    momentum = len(stages) == 3
+def _is_sign(stage: Stage) -> bool:
+    """A ``scale`` stage by the Python number -1 or 1: ``maximize``'s sign flip (or a no-op),
+    exact in every dtype, which the kernel applies to the gradient first."""
+    step = stage.args.get("step_size")
+    return (
+        isinstance(step, int | float) and not isinstance(step, bool) and float(step) in (-1.0, 1.0)
+    )
+
+
+class _Shape(NamedTuple):
+    """A recorded chain cut into its parts (indices into the stage list; None: absent)."""
+
+    kind: str
+    sign: int | None  # the leading scale(+-1)
+    decay: int | None  # the decay stage
+    decay_flag: str | None  # its place: coupled_decay, weight_decay or decoupled_decay
+    rule: int | None  # the rule (rms, centered_rms, adam, adam_eps_hat)
+    scale: int  # the step size
+    trace: int | None  # the momentum buffer
+
+
+# The cores of the kinds: the stage names in order ("rule" stands for the kind's rules).
+_RULES = {"rms": ("rms", "centered_rms"), "adam": ("adam", "adam_eps_hat"), "sgd": ()}
+_CORES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "rms": (("rule", "scale"), ("rule", "scale", "trace"), ("rule", "trace", "scale")),
+    "adam": (("rule", "scale"), ("rule", "add_decayed_weights", "scale")),
+    "sgd": (("scale",), ("scale", "trace"), ("trace", "scale")),
+}
+
+
+def _shapes() -> list[tuple[str, tuple[str, ...]]]:
+    """Every sequence the kernel runs, as (kind, tags): the tags are stage names, "rule",
+    "sign" (a scale by +-1), "coupled" (add_decayed_weights before the rule) and
+    "decoupled"."""
+    out = []
+    for kind, cores in _CORES.items():
+        for core in cores:
+            for prefix in ((), ("sign",), ("coupled",), ("sign", "coupled")):
+                for suffix in ((), ("decoupled",)):
+                    tags = (*prefix, *core, *suffix)
+                    decays = sum(t in ("coupled", "add_decayed_weights", "decoupled") for t in tags)
+                    if decays <= 1:
+                        out.append((kind, tags))
+    return out
+
+
+_SHAPES = _shapes()
+_STAGE_OF_TAG = {
+    "sign": "scale",
+    "coupled": "add_decayed_weights",
+    "decoupled": "decoupled_weight_decay",
+}
+
+
+def _shape(stages: Sequence[Stage]) -> _Shape | None:
+    """The first of :data:`_SHAPES` that ``stages`` match, cut into its parts."""
+    for kind, tags in _SHAPES:
+        if len(tags) != len(stages):
+            continue
+        ok = True
+        for tag, stage in zip(tags, stages, strict=True):
+            if tag == "rule":
+                ok = stage.name in _RULES[kind]
+            else:
+                ok = stage.name == _STAGE_OF_TAG.get(tag, tag)
+                ok = ok and (tag != "sign" or _is_sign(stage))
+            if not ok:
+                break
+        if not ok:
+            continue
+        at = {tag: i for i, tag in enumerate(tags)}
+        decay = next((t for t in ("coupled", "add_decayed_weights", "decoupled") if t in at), None)
+        flag = {
+            "coupled": "coupled_decay",
+            "add_decayed_weights": "weight_decay",
+            "decoupled": "decoupled_decay",
+            None: None,
+        }[decay]
+        return _Shape(
+            kind,
+            at.get("sign"),
+            None if decay is None else at[decay],
+            flag,
+            at.get("rule"),
+            at["scale"],
+            at.get("trace"),
+        )
+    return None
+
+
+def _decay_scalar(shape: _Shape, args: Args, dtype: Any) -> Any:
+    """The decay term's coefficient as the rule multiplies it (0 without a decay term)."""
+    if shape.decay is None:
+        return 0.0
+    return cast_to(args[shape.decay]["coefficient"], _decay_dtype(args[shape.decay], dtype))
+
+
+def _term_flags(shape: _Shape, stages: Sequence[Stage]) -> dict[str, bool]:
+    flags = {"maximize": shape.sign is not None and float(stages[shape.sign].args["step_size"]) < 0}
+    if shape.decay_flag is not None:
+        flags[shape.decay_flag] = True
+    return flags
+
+
+def _decay_flags(shape: _Shape) -> Callable[[Args, Any], dict[str, bool]]:
+    def dtype_flags(args: Args, dtype: Any) -> dict[str, bool]:
+        # bfloat16 parameters: with a Python-number coefficient the decay product is a bfloat16
+        # multiplication (two roundings); with a float32 array or schedule value, float32.
+        weak = shape.decay is not None and _decay_dtype(args[shape.decay], dtype) == jnp.bfloat16
+        return {"decay_bf16": weak}
+
+    return dtype_flags
+
+
+def _buffer_flags(shape: _Shape, stages: Sequence[Stage]) -> dict[str, bool]:
+    momentum = shape.trace is not None
+    return {
+        "momentum": momentum,
+        "nesterov": momentum and bool(stages[shape.trace].args["nesterov"]),  # type: ignore[index]
+        "scale_first": momentum and shape.scale < shape.trace,  # type: ignore[operator]
+    }
+
+
+def _rms(shape: _Shape, stages: Sequence[Stage]) -> Plan:
+    rule = stages[shape.rule]  # type: ignore[index]
+    centered = rule.name == "centered_rms"
     flags = {
         "centered": centered,
-        "eps_in_sqrt": bool(stages[0].args["eps_in_sqrt"]),
-        "momentum": momentum,
-        "nesterov": momentum and bool(stages[2].args["nesterov"]),
+        "eps_in_sqrt": bool(rule.args["eps_in_sqrt"]),
+        **_buffer_flags(shape, stages),
+        **_term_flags(shape, stages),
     }
 
     def scalars(args: Args, dtype: Any) -> dict[str, Any]:
-        rms, scale = args[0], args[1]
+        rms = args[shape.rule]  # type: ignore[index]
         new, old = _ema_weights(rms["decay"])
         correction = rms["correction"]
         return {
@@ -142,80 +276,86 @@ def _rms(stages: Sequence[Stage]) -> Plan:
             "decay": old,
             "eps": rms["eps"],
             "correction": 1.0 if correction is None else correction,  # nu / 1 is nu
-            "step_size": _step_size(scale, dtype),
-            "momentum": args[2]["decay"] if momentum else 0.0,
+            "step_size": _step_size(args[shape.scale], dtype),
+            "momentum": 0.0 if shape.trace is None else args[shape.trace]["decay"],
+            "weight_decay": _decay_scalar(shape, args, dtype),
         }
 
-    slots = {"nu": 0, **({"mu": 0} if centered else {}), **({"trace": 2} if momentum else {})}
-    return Plan(table.kind("rms"), flags, slots, scalars, _no_flags)
+    slots = {"nu": shape.rule, **({"mu": shape.rule} if centered else {})}
+    if shape.trace is not None:
+        slots["trace"] = shape.trace
+    return Plan(table.kind("rms"), flags, slots, scalars, _decay_flags(shape))  # type: ignore[arg-type]
 
 
-def _adam(stages: Sequence[Stage]) -> Plan:
-    decay = len(stages) == 3
-    flags = {"nesterov": bool(stages[0].args.get("nesterov", False)), "weight_decay": decay}
+def _adam(shape: _Shape, stages: Sequence[Stage]) -> Plan:
+    rule = stages[shape.rule]  # type: ignore[index]
+    eps_hat = rule.name == "adam_eps_hat"
+    flags = {
+        "nesterov": bool(rule.args.get("nesterov", False)),
+        "eps_hat": eps_hat,
+        **_term_flags(shape, stages),
+    }
 
     def scalars(args: Args, dtype: Any) -> dict[str, Any]:
-        adam, scale = args[0], args[-1]
+        adam = args[shape.rule]  # type: ignore[index]
         new1, old1 = _ema_weights(adam["b1"])
         new2, old2 = _ema_weights(adam["b2"])
-        weight_decay: Any = 0.0
-        if decay:
-            weight_decay = cast_to(args[1]["coefficient"], _decay_dtype(args[1], dtype))
         return {
             "one_minus_b1": new1,
             "b1": old1,
             "one_minus_b2": new2,
             "b2": old2,
             "eps": adam["eps"],
-            "eps_root": adam["eps_root"],
-            "c1": adam["c1"],
-            "c2": adam["c2"],
+            # the epsilon-hat form reads only alpha (and the others not at all)
+            "eps_root": adam.get("eps_root", 0.0),
+            "c1": adam.get("c1", 1.0),
+            "c2": adam.get("c2", 1.0),
             "c1_next": adam.get("c1_next", 1.0),  # only read with nesterov
-            "step_size": _step_size(scale, dtype),
-            "weight_decay": weight_decay,
+            "alpha": adam.get("alpha", 1.0),  # only read with eps_hat
+            "step_size": _step_size(args[shape.scale], dtype),
+            "weight_decay": _decay_scalar(shape, args, dtype),
         }
 
-    def dtype_flags(args: Args, dtype: Any) -> dict[str, bool]:
-        # bfloat16 parameters: with a Python-number weight decay the product is a bfloat16
-        # multiplication (two roundings); with a float32 array or schedule value, float32.
-        return {"decay_bf16": decay and _decay_dtype(args[1], dtype) == jnp.bfloat16}
-
-    return Plan(table.kind("adam"), flags, {"mu": 0, "nu": 0}, scalars, dtype_flags)
+    slots = {"mu": shape.rule, "nu": shape.rule}
+    return Plan(table.kind("adam"), flags, slots, scalars, _decay_flags(shape))  # type: ignore[arg-type]
 
 
-def _sgd(stages: Sequence[Stage]) -> Plan:
-    momentum = len(stages) == 2
-    flags = {"momentum": momentum, "nesterov": momentum and bool(stages[0].args["nesterov"])}
+def _sgd(shape: _Shape, stages: Sequence[Stage]) -> Plan:
+    flags = {**_buffer_flags(shape, stages), **_term_flags(shape, stages)}
 
     def scalars(args: Args, dtype: Any) -> dict[str, Any]:
         return {
-            "step_size": _step_size(args[-1], dtype),
-            "momentum": args[0]["decay"] if momentum else 0.0,
+            "step_size": _step_size(args[shape.scale], dtype),
+            "momentum": 0.0 if shape.trace is None else args[shape.trace]["decay"],
+            "weight_decay": _decay_scalar(shape, args, dtype),
         }
 
-    return Plan(table.kind("sgd"), flags, {"trace": 0} if momentum else {}, scalars, _no_flags)
+    slots = {} if shape.trace is None else {"trace": shape.trace}
+    return Plan(table.kind("sgd"), flags, slots, scalars, _decay_flags(shape))
 
 
-# Each kernel kind: the stage sequences it runs (stage names, in order), and its planner.
-_PATTERNS: tuple[tuple[tuple[str, ...], Callable[[Sequence[Stage]], Plan]], ...] = (
-    (("rms", "scale"), _rms),
-    (("rms", "scale", "trace"), _rms),
-    (("centered_rms", "scale"), _rms),
-    (("centered_rms", "scale", "trace"), _rms),
-    (("adam", "scale"), _adam),
-    (("adam", "add_decayed_weights", "scale"), _adam),
-    (("scale",), _sgd),
-    (("trace", "scale"), _sgd),
-)
+_PLANNERS: dict[str, Callable[[_Shape, Sequence[Stage]], Plan]] = {
+    "rms": _rms,
+    "adam": _adam,
+    "sgd": _sgd,
+}
 
 
 def plan(stages: Sequence[Stage]) -> Plan | str:
     """The kernel call that applies ``stages`` in order, or why there is none."""
-    names = tuple(s.name for s in stages)
-    for pattern, planner in _PATTERNS:
-        if names == pattern:
-            return planner(stages)
+    shape = _shape(stages)
+    if shape is not None:
+        found = _PLANNERS[shape.kind](shape, stages)
+        try:  # the table's exclusive flags (e.g. Nesterov momentum with the terms around a rule)
+            table.complete_flags(found.kind, found.flags)
+        except ValueError as err:
+            return f"the kernel has no loop for this chain: {err}"
+        return found
+    names = [s.name for s in stages]
     return (
-        f"the chain applies the rules {list(names)}, which no kernel kind runs in that order "
-        f"(the kernel runs {[list(p) for p, _ in _PATTERNS]})"
+        f"the chain applies the rules {names}, which no kernel kind runs in that order (the "
+        "kernel runs [scale(-1)] [add_decayed_weights] followed by rms|centered_rms with "
+        "scale and [trace] in either order, adam|adam_eps_hat [add_decayed_weights] scale, "
+        "or scale with [trace] in either order, then [decoupled_weight_decay]; at most one "
+        "decay term)"
     )

@@ -1,7 +1,8 @@
 """Optimizer-step benchmark: rmsjax (protocol and fused) against optax, and torch if installed.
 
-One process, one case at a time, implementations interleaved (their order rotates every
-repetition) so that machine noise hits all of them alike. Each JAX step is
+One process (with ``--processes``, fresh ones for each case), one case at a time,
+implementations interleaved (their order rotates every repetition) so that machine noise hits
+all of them alike. Each JAX step is
 ``jax.jit(step, donate_argnums=(0, 2))`` with ``step(params, grads, state) -> (params, state)``:
 
 * ``floor (no-op)``  returns params and state untouched: no arithmetic, only the cost of
@@ -34,6 +35,31 @@ and layer norms, a final norm, the embedding reused for the output), jitted and 
 ``floor (no-op)`` = forward + backward without any optimizer (the gradients are returned in
 place of a state). There the marginal ratio is the optimizer's share as the user sees it.
 
+The per-allocation effect. On some CPUs (seen on an AMD EPYC) the same memory-bound jitted step
+runs at one of two speeds, about 1.5x apart, depending on the process and on where its buffers
+were allocated, for optax and rmsjax alike; so a ratio between implementations that each step
+their own buffers can be off by 1.5x either way, however many repetitions. Two remedies, which
+can be combined:
+
+* ``--same-buffers``  floor, optax, rmsjax and rmsjax.fused step ONE set of donated params and
+  state (and read one gradient tree): in every repetition each of them, in the rotating order,
+  takes the ``(params, state)`` that the previous call returned and runs its steps on them
+  (they compute the same update up to float32 rounding, so the carried arrays stay valid, and
+  XLA's aliasing of the donated inputs keeps every array at the same address throughout). The
+  ratios (per repetition, median and quartiles, as above) then compare the steps on the same
+  memory. Only where the layouts allow it: each implementation's params, gradients and state,
+  and what its step returns, must have optax's tree structure, leaf shapes and dtypes
+  (:func:`shared_layout`, checked abstractly before anything is allocated); otherwise (the
+  8-bit and bfloat16 configurations, the training step) the case falls back to own buffers per
+  implementation and says why, on stderr, in the ``buffers_note`` of its rows and in
+  results.md. The ceilings' streams and torch keep their own buffers.
+* ``--processes N``   every case runs in N fresh processes, one after the other (this script,
+  restricted to the case, writing its rows to a temporary JSON file), so that the allocation
+  effect is sampled N times instead of once; reported: the median over processes of each
+  process's median ratio (and marginal), with the smallest and largest process medians
+  (``ratio_min`` / ``ratio_max``, in square brackets in results.md); every other number is the
+  median over processes, and each process's own figures are kept under ``per_process``.
+
 Usage::
 
   python benchmarks/run.py            # full: 5 optimizers x 4 trees x {4M, 32M} params, and
@@ -42,6 +68,8 @@ Usage::
   python benchmarks/run.py --sizes 32 --trees 1024 --configs rmsprop --reps 15
   python benchmarks/run.py --lowbit   # memory-efficient state: 8-bit moments and bfloat16
                                       # parameters (32M, 1 and 64 leaves), to results/lowbit/
+  python benchmarks/run.py --quick --same-buffers --processes 3   # ratios on one allocation,
+                                      # in 3 processes: median [min-max] over processes
 
 The memory-efficient configurations (``--lowbit``, or by name in ``--configs``) keep optax's
 float32 step as the reference of every ratio: ``adamw-8bit`` and ``rmsprop-8bit`` store every
@@ -51,7 +79,10 @@ optimizer, against optax's float32-state optimizer on the same float32 parameter
 and the fused step, against optax's float32 AdamW on float32 parameters (so the ratio is what
 switching both the parameters and the optimizer costs).
 
-Writes ``<out>/results.json`` and ``<out>/results.md`` (default ``benchmarks/results``).
+Writes ``<out>/results.json`` and ``<out>/results.md`` (default ``benchmarks/results``); both
+start with the machine (:func:`machine.describe`: CPU model, cores, JAX's platforms), as the
+per-allocation effect and the ceilings depend on it. ``--sizes`` takes fractions of 2**20 too
+(``--sizes 0.25``) for a small trial run.
 """
 
 from __future__ import annotations
@@ -62,7 +93,9 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -267,12 +300,48 @@ def _peak(compiled: Any) -> int | None:
         return None
 
 
+class Buffers:
+    """The donated ``(params, state)`` that a runner steps: each call takes them and puts the
+    step's outputs in their place. Every runner has its own, except under ``--same-buffers``,
+    where the implementations of a case hold one ``Buffers`` and step it in turn."""
+
+    def __init__(self, params: Any, state: Any):
+        self.p, self.s = params, state
+
+
 class JaxRunner:
-    def __init__(self, name: str, step: Callable, params: Any, grads: Any, state: Any):
+    def __init__(
+        self,
+        name: str,
+        step: Callable,
+        params: Any,
+        grads: Any,
+        state: Any,
+        buffers: Buffers | None = None,
+    ):
+        """``buffers``: a set shared with other runners (then ``params`` and ``state`` are
+        ignored); by default a set of this runner's own from ``params`` and ``state``."""
         self.name, self._step = name, step
-        self.p, self.g, self.s = params, grads, state
+        self.g = grads
+        self.buffers = Buffers(params, state) if buffers is None else buffers
         self.peak: int | None = None
         self.phases: dict[str, float] = {}
+
+    @property
+    def p(self) -> Any:
+        return self.buffers.p
+
+    @p.setter
+    def p(self, value: Any) -> None:
+        self.buffers.p = value
+
+    @property
+    def s(self) -> Any:
+        return self.buffers.s
+
+    @s.setter
+    def s(self, value: Any) -> None:
+        self.buffers.s = value
 
     def setup(self) -> float:
         """Trace, lower, compile and run once; returns the compile seconds (wall), and keeps
@@ -468,9 +537,49 @@ def case_rows(
     return rows
 
 
+def shared_layout(
+    steps: dict[str, Callable], trees: dict[str, tuple[Any, Any, Callable]]
+) -> str | None:
+    """Whether the implementations of a case can step one set of buffers in turn: None if
+    every one's ``(params, grads, state)`` (``trees[name]``: params, grads, state init) and
+    the ``(params, state)`` its step returns have optax's tree structure, leaf shapes, dtypes
+    and weak types; else the first difference, in words. Abstract (``jax.eval_shape``): no
+    buffer is allocated."""
+
+    def layout(tree: Any) -> tuple[Any, list[tuple[Any, ...]]]:
+        leaves = jax.tree.leaves(tree)
+        return jax.tree.structure(tree), [
+            (x.shape, x.dtype, bool(getattr(x, "weak_type", False))) for x in leaves
+        ]
+
+    shapes = {
+        name: (params, grads, jax.eval_shape(init, params))
+        for name, (params, grads, init) in trees.items()
+    }
+    ref_p, ref_g, ref_s = (layout(t) for t in shapes["optax"])
+    for name, (params, grads, state) in shapes.items():
+        for part, tree, ref in (("params", params, ref_p), ("grads", grads, ref_g)):
+            if layout(tree) != ref:
+                return f"{name}'s {part} differ from optax's in dtype or layout"
+        if layout(state) != ref_s:
+            return f"{name}'s state differs from optax's in tree structure, shapes or dtypes"
+        out_p, out_s = jax.eval_shape(steps[name], params, grads, state)
+        if (layout(out_p), layout(out_s)) != (ref_p, ref_s):
+            return f"{name}'s step returns params or state of another layout than it takes"
+    return None
+
+
 def bench_case(
-    cfg_name: str, cfg: dict[str, Any], tree: str, n: int, reps: int, target_s: float
+    cfg_name: str,
+    cfg: dict[str, Any],
+    tree: str,
+    n: int,
+    reps: int,
+    target_s: float,
+    same_buffers: bool = False,
 ) -> list[dict[str, Any]]:
+    """Time one case (see the module docstring); ``same_buffers``: floor, optax, rmsjax and
+    the fused step share one set of donated buffers, if their layouts allow it."""
     shapes = tree_shapes(tree, n)
     key = jax.random.key(0)
     params = make_tree(shapes, key, 1.0)
@@ -485,31 +594,41 @@ def bench_case(
     ns = native_stream(size)
     if ns is not None:
         streams.append(ns)
-    tx = cfg["optax"]
-    runners: list[Any] = [
-        *streams,
-        JaxRunner(FLOOR, floor_step, copy(params), grads, tx.init(params)),
-        JaxRunner(
-            "optax", protocol_step(tx, optax.apply_updates), copy(params), grads, tx.init(params)
-        ),
-    ]
+    tx, (label, rtx), fo = cfg["optax"], cfg["rmsjax"], cfg["fused"]
     # rmsjax's parameters (and gradients) in the configuration's dtype (optax keeps float32).
     dtype = cfg.get("param_dtype", jnp.float32)
     cast = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)
     rparams, rgrads = cast(params), cast(grads)
-    label, rtx = cfg["rmsjax"]
-    runners.append(
-        JaxRunner(
-            label,
-            protocol_step(rtx, rmsjax.apply_updates),
-            copy(rparams),
-            rgrads,
-            rtx.init(rparams),
-        )
-    )
-    fo = cfg["fused"]
-    runners.append(JaxRunner("rmsjax.fused", fo.step, copy(rparams), rgrads, fo.init(rparams)))
-    del rparams
+    steps = {
+        FLOOR: floor_step,
+        "optax": protocol_step(tx, optax.apply_updates),
+        label: protocol_step(rtx, rmsjax.apply_updates),
+        "rmsjax.fused": fo.step,
+    }
+    inits = {
+        FLOOR: (params, grads, tx.init),
+        "optax": (params, grads, tx.init),
+        label: (rparams, rgrads, rtx.init),
+        "rmsjax.fused": (rparams, rgrads, fo.init),
+    }
+    buffers, note = "own", ""
+    if same_buffers:
+        note = shared_layout(steps, inits) or ""
+        if note:
+            print(f"{cfg_name}, {tree}: own buffers per implementation: {note}", file=sys.stderr)
+        else:
+            buffers = "shared"
+    runners: list[Any] = [*streams]
+    if buffers == "shared":
+        # One set for all four: each call takes the (params, state) the previous call returned.
+        shared = Buffers(copy(params), tx.init(params))
+        for name, step in steps.items():
+            runners.append(JaxRunner(name, step, None, grads, None, buffers=shared))
+    else:
+        for name, step in steps.items():
+            p, g, init = inits[name]
+            runners.append(JaxRunner(name, step, copy(p), g, init(p)))
+    del rparams, inits
     if torch is not None and cfg["torch"] is not None:
         runners.append(TorchRunner("torch.foreach", cfg["torch"], params, grads, foreach=True))
         if cfg["torch_fused"]:
@@ -528,6 +647,8 @@ def bench_case(
         leaves=len(shapes),
         params=size,
         load=(load_before, os.getloadavg()[0]),
+        buffers=buffers,
+        buffers_note=note,
     )
     rows = case_rows(base, runners[len(streams) :], compile_s, times, cfg["bytes"], ceilings)
     for r in runners:
@@ -604,8 +725,20 @@ def train_floor() -> Callable:
 
 
 def bench_train(
-    cfg_name: str, cfg: dict[str, Any], n: int, reps: int, target_s: float
+    cfg_name: str,
+    cfg: dict[str, Any],
+    n: int,
+    reps: int,
+    target_s: float,
+    same_buffers: bool = False,
 ) -> list[dict[str, Any]]:
+    """Time the training step (see the module docstring). Always own buffers per
+    implementation: the floor returns the gradients in place of a state, not optax's layout
+    (``same_buffers`` only says so)."""
+    note = ""
+    if same_buffers:
+        note = "the training step's floor returns gradients in place of optax's state"
+        print(f"{cfg_name}, train step: own buffers per implementation: {note}", file=sys.stderr)
     shapes = tree_shapes("transformer", n)
     key = jax.random.key(0)
     params = make_tree(shapes, key, 0.02)
@@ -645,6 +778,8 @@ def bench_train(
         leaves=len(shapes),
         params=size,
         load=(load_before, os.getloadavg()[0]),
+        buffers="own",
+        buffers_note=note,
     )
     rows = case_rows(base, runners, compile_s, times, 0, {})
     for r in runners:
@@ -655,18 +790,146 @@ def bench_train(
 
 
 # --------------------------------------------------------------------------------------------
+# One case in several fresh processes (--processes)
+# --------------------------------------------------------------------------------------------
+
+# Each process's own figures, kept in the merged row under "per_process".
+PER_PROCESS_KEYS = (
+    "step_ms",
+    "ratio_vs_optax",
+    "ratio_q1",
+    "ratio_q3",
+    "marginal",
+    "marginal_q1",
+    "marginal_q3",
+    "buffers",
+    "load",
+)
+
+
+def _median_or_first(values: list[Any]) -> Any:
+    """The median of numbers (NaNs left out; NaN if only NaNs), the first value of anything
+    else or of values all equal (so that integers stay integers)."""
+    first = values[0]
+    if all(v == first for v in values) or isinstance(first, bool):
+        return first
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        xs = [v for v in values if v == v]
+        return statistics.median(xs) if xs else float("nan")
+    if all(isinstance(v, dict) for v in values):
+        return {k: _median_or_first([v.get(k) for v in values]) for k in first}
+    return first
+
+
+def merge_processes(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per implementation from the rows of one case timed in several processes (each
+    ``runs[i]`` a process's rows, in the same order): every number is the median over processes
+    (so ``ratio_vs_optax`` is the median of the processes' median ratios, and ``ratio_q1`` /
+    ``ratio_q3`` the medians of their quartiles); ``ratio_min`` / ``ratio_max`` and
+    ``marginal_min`` / ``marginal_max`` are the spread of the per-process medians across
+    processes; ``per_process`` keeps each process's own figures; ``step_ms_all`` is every
+    timing of every process; ``load`` is the lowest load before and the highest after."""
+    merged = []
+    for i, first in enumerate(runs[0]):
+        rows = [run[i] for run in runs]
+        if any(r["impl"] != first["impl"] for r in rows):
+            raise RuntimeError(f"the processes timed different implementations: {first['impl']}")
+        row = {k: _median_or_first([r.get(k) for r in rows]) for k in first}
+        ratios = [r["ratio_vs_optax"] for r in rows]
+        margs = [r["marginal"] for r in rows if r["marginal"] == r["marginal"]]
+        nan = float("nan")
+        row.update(
+            processes=len(rows),
+            ratio_min=min(ratios),
+            ratio_max=max(ratios),
+            marginal_min=min(margs) if margs else nan,
+            marginal_max=max(margs) if margs else nan,
+            step_ms_all=[x for r in rows for x in r["step_ms_all"]],
+            load=(min(r["load"][0] for r in rows), max(r["load"][1] for r in rows)),
+            buffers="shared" if all(r["buffers"] == "shared" for r in rows) else "own",
+            per_process=[{k: r.get(k) for k in PER_PROCESS_KEYS} for r in rows],
+        )
+        merged.append(row)
+    return merged
+
+
+def case_in_processes(
+    argv: list[str], size: float, tree: str, name: str, n: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Time one case in ``n`` fresh processes, one after the other: this script with the same
+    arguments (``argv``), restricted to the case, each writing its rows to a temporary JSON
+    file. Each process allocates its own buffers, so on a CPU where the speed of a step depends
+    on the allocation, the per-process ratios sample that effect, and their median and spread
+    show it. Returns the merged rows (:func:`merge_processes`) and each process's meta."""
+    runs, metas = [], []
+    with tempfile.TemporaryDirectory(prefix="rmsjax-bench-") as tmp:
+        for i in range(n):
+            path = Path(tmp) / f"process{i}.json"
+            case = ["--sizes", f"{size:g}", "--trees", tree, "--configs", name]
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--processes", "0"]
+            subprocess.run([*cmd, *case, "--json-out", str(path)], check=True)
+            out = json.loads(path.read_text())
+            runs.append(out["rows"])
+            metas.append(out["meta"])
+    return merge_processes(runs), metas
+
+
+# --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
 
 
 def _ratio(r: dict[str, Any]) -> str:
+    """Median (quartiles over repetitions), or with --processes: median [min-max over
+    processes] of the processes' medians."""
+    if "processes" in r:
+        return f"{r['ratio_vs_optax']:.2f} [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]"
     return f"{r['ratio_vs_optax']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})"
 
 
 def _marginal(r: dict[str, Any]) -> str:
     if r["marginal"] != r["marginal"]:  # NaN: optax no slower than the floor in any repetition
         return "n/a"
+    if "processes" in r:
+        return f"{r['marginal']:.2f} [{r['marginal_min']:.2f}-{r['marginal_max']:.2f}]"
     return f"{r['marginal']:.2f} ({r['marginal_q1']:.2f}-{r['marginal_q3']:.2f})"
+
+
+def _mparams(n: int) -> str:
+    """Parameters in units of 2**20: "4M", "0.25M"."""
+    return f"{n / MiB:.0f}M" if n >= MiB else f"{n / MiB:.2g}M"
+
+
+def _modes(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """The paragraphs on --same-buffers and --processes, when they were used."""
+    lines = []
+    if meta.get("same_buffers"):
+        own = {
+            (r["config"], r["tree"], _mparams(r["params"])): r["buffers_note"]
+            for r in rows
+            if r.get("buffers") != "shared"
+        }
+        lines += [
+            f"Same buffers (`--same-buffers`): in each case, `{FLOOR}`, optax, rmsjax and "
+            "rmsjax.fused step ONE set of donated params and state in turn, each call taking "
+            "what the previous one returned, so that all of them run on the same allocation "
+            "(the streams of the ceiling and torch keep their own buffers). Cases with own "
+            "buffers per implementation instead: "
+            + ("none" if not own else "; ".join(f"{', '.join(k)} ({v})" for k, v in own.items()))
+            + ".",
+            "",
+        ]
+    if meta.get("processes"):
+        lines += [
+            f"Processes (`--processes {meta['processes']}`): every case ran in "
+            f"{meta['processes']} fresh processes, one after the other, each with its own "
+            "allocations. Ratio and marginal: the median over processes of each process's "
+            "median, with the smallest and largest process medians in square brackets; every "
+            "other number is the median over processes (results.json keeps each process's "
+            "figures under `per_process`).",
+            "",
+        ]
+    return lines
 
 
 def _load(r: dict[str, Any]) -> str:
@@ -692,6 +955,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "the CPU s of trace / lower / compile; first call: compile + first step (wall s). "
         "Load: load average before / after the case.",
         "",
+        *_modes(rows, meta),
         "| optimizer | tree | params | impl | step ms | vs optax | marginal | GB/s | % ceiling "
         "| compile s | cpu s trace/lower/compile | first call s | peak MiB | load |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -708,12 +972,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         first = f"{r['first_call_s']:.2f}" if "first_call_s" in r else ""
         marg = "" if r["impl"] in (FLOOR, "optax") else _marginal(r)
         lines.append(
-            f"| {r['config']} | {r['tree']} | {r['params'] / MiB:.0f}M | {r['impl']} "
+            f"| {r['config']} | {r['tree']} | {_mparams(r['params'])} | {r['impl']} "
             f"| {r['step_ms']:.2f} | {_ratio(r)} | {marg} | {bw[0]} | {bw[1]} | {comp} "
             f"| {phases} | {first} | {peak} | {_load(r)} |"
         )
     lines.append("")
-    lines.append(f"Process RSS high-water mark: {meta['rss_peak_mib']:.0f} MiB.")
+    of = "The largest of the processes'" if meta.get("processes") else "Process"
+    lines.append(f"{of} RSS high-water mark: {meta['rss_peak_mib']:.0f} MiB.")
     return "\n".join(lines) + "\n"
 
 
@@ -743,7 +1008,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
         )
         ceiling = f"{100 * f['frac_of_ceiling']:.0f}%" if f["gbs"] else ""
         line = (
-            f"| {cfg} | {tree} | {n / MiB:.0f}M | {o['step_ms']:.2f} "
+            f"| {cfg} | {tree} | {_mparams(n)} | {o['step_ms']:.2f} "
             f"| {z['ratio_vs_optax']:.2f} | {r['ratio_vs_optax']:.2f} | **{_ratio(f)}** "
             f"| **{_marginal(f)}** | {ceiling} "
             f"| {o['first_call_s']:.2f} / {f['first_call_s']:.2f} / {z['first_call_s']:.2f} "
@@ -759,9 +1024,12 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4M params, 1 and 64 leaves (< 1 min)")
-    ap.add_argument("--sizes", default=None, help="comma-separated M params, e.g. 4,32")
+    ap.add_argument(
+        "--sizes", default=None, help="comma-separated M (2**20) params, e.g. 4,32 or 0.25"
+    )
     ap.add_argument("--trees", default=None, help="comma-separated: 1,64,1024,transformer,train")
     ap.add_argument("--configs", default=None, help="comma-separated optimizer names")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
@@ -772,6 +1040,29 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the memory-efficient configurations (32M, 1 and 64 leaves) into <out>/lowbit",
     )
+    ap.add_argument(
+        "--same-buffers",
+        action="store_true",
+        help="floor, optax, rmsjax and rmsjax.fused step one set of donated params/state in "
+        "turn (each call takes what the previous returned), so that the ratios do not depend "
+        "on where each implementation's buffers were allocated; a case whose implementations "
+        "differ from optax's state layout (8-bit, bfloat16, the training step) falls back to "
+        "own buffers per implementation and says why",
+    )
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run every case in N fresh processes, one after the other, and report the median "
+        "over processes of each process's median ratio with the min-max across processes "
+        "(default 0: every case in this process)",
+    )
+    ap.add_argument(
+        "--json-out",
+        default=None,
+        help="write only the results JSON, to this file (what --processes asks of each process)",
+    )
     args = ap.parse_args(argv)
     if args.summarize:
         print(summary(json.loads(Path(args.summarize).read_text())["rows"]), end="")
@@ -779,6 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tree_names = {"1": "1 leaf", "64": "64 leaves", "1024": "1024 leaves"}
     tree_names["transformer"] = "transformer"
+    sizes: list[float]
     if args.quick:
         sizes, trees, reps, target = [4], ["1", "64"], 3, 0.015
     else:
@@ -786,7 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lowbit:
         sizes, trees = [32], ["1", "64"]
     if args.sizes:
-        sizes = [int(s) for s in args.sizes.split(",")]
+        sizes = [float(s) for s in args.sizes.split(",")]
     if args.trees:
         trees = args.trees.split(",")
     reps = args.reps or reps
@@ -795,35 +1087,42 @@ def main(argv: list[str] | None = None) -> int:
     names = args.configs.split(",") if args.configs else list(default)
     if args.lowbit and args.out == ap.get_default("out"):
         args.out = str(Path(args.out) / "lowbit")
+    # The training step: once, at the smallest size, for the optimizers of TRAIN_CONFIGS.
+    cases = [
+        (size, tree, name)
+        for size in sizes
+        for tree in trees
+        for name in names
+        if tree != "train" or (size == min(sizes) and name in TRAIN_CONFIGS)
+    ]
 
     print(native.status(), file=sys.stderr)
     rows: list[dict[str, Any]] = []
+    process_metas: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
-    for size in sizes:
-        for tree in trees:
-            if tree == "train" and size != min(sizes):
-                continue  # the training step: once, at the smallest size
-            for name in names:
-                if tree == "train":
-                    if name not in TRAIN_CONFIGS:
-                        continue
-                    case = bench_train(name, all_cfgs[name], size * MiB, reps, target)
-                else:
-                    case = bench_case(
-                        name, all_cfgs[name], tree_names[tree], size * MiB, reps, target
-                    )
-                for r in case:
-                    print(
-                        f"{name:18s} {r['tree'][:16]:16s} {size:3d}M {r['impl']:14s} "
-                        f"{r['step_ms']:8.2f} ms  x{r['ratio_vs_optax']:.2f} "
-                        f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})  marginal "
-                        f"{_marginal(r)}  {r['gbs']:6.1f} GB/s  compile "
-                        + ("-" if r["compile_s"] is None else f"{r['compile_s']:.2f}s")
-                        + f"  load {_load(r)}",
-                        file=sys.stderr,
-                    )
-                rows += case
+    for size, tree, name in cases:
+        n = int(size * MiB)
+        if args.processes > 0:
+            case, metas = case_in_processes(argv, size, tree, name, args.processes)
+            process_metas += metas
+        elif tree == "train":
+            case = bench_train(name, all_cfgs[name], n, reps, target, args.same_buffers)
+        else:
+            case = bench_case(
+                name, all_cfgs[name], tree_names[tree], n, reps, target, args.same_buffers
+            )
+        for r in case:
+            print(
+                f"{name:18s} {r['tree'][:16]:16s} {size:4g}M {r['impl']:14s} "
+                f"{r['step_ms']:8.2f} ms  x{_ratio(r)}  marginal "
+                f"{_marginal(r)}  {r['gbs']:6.1f} GB/s  compile "
+                + ("-" if r["compile_s"] is None else f"{r['compile_s']:.2f}s")
+                + f"  load {_load(r)}  {r['buffers']} buffers",
+                file=sys.stderr,
+            )
+        rows += case
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     meta = dict(
         machine=describe(),
         jax=jax.__version__,
@@ -831,11 +1130,17 @@ def main(argv: list[str] | None = None) -> int:
         torch=None if torch is None else torch.__version__,
         native=native.status(),
         reps=reps,
+        same_buffers=args.same_buffers,
+        processes=args.processes,
         load=(load_start, os.getloadavg()[0]),
         wall_s=time.perf_counter() - t_start,
-        rss_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        argv=sys.argv[1:] if argv is None else argv,
+        # With --processes: the largest of the processes' high-water marks.
+        rss_peak_mib=max([rss] + [m["rss_peak_mib"] for m in process_metas]),
+        argv=argv,
     )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -206,3 +206,46 @@ def test_quality_benchmark_quick_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert factored["finite"] and 0.9 < factored["quantized_fraction"] < 1
     # 4-bit first moment (0.53 B) + factored nu (~0) on the big kernels, float32 elsewhere
     assert factored["state_bytes_per_param"] < 1.0
+
+
+def test_step_benchmark_same_buffers_and_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/run.py on 64K parameters: ``--same-buffers`` shares one set of buffers where
+    the states have optax's layout (rmsprop) and falls back, saying why, where they do not
+    (bfloat16 parameters); ``--processes 2`` merges two processes' rows into the median and
+    spread; both outputs start with the machine."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it prepends the repository's folders
+    spec.loader.exec_module(bench)
+    case = ["--sizes", "0.0625", "--trees", "1", "--reps", "2", "--same-buffers"]
+
+    bench.main([*case, "--configs", "rmsprop,adamw-bf16", "--out", str(tmp_path / "one")])
+    result = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert next(iter(result["meta"])) == "machine" and result["meta"]["same_buffers"]
+    jax_rows = [r for r in result["rows"] if not r["impl"].startswith("torch")]
+    buffers = {(r["config"], r["impl"]): (r["buffers"], r["buffers_note"]) for r in jax_rows}
+    assert all(b == ("shared", "") for (c, _), b in buffers.items() if c == "rmsprop")
+    assert all(
+        b[0] == "own" and "params differ" in b[1]
+        for (c, _), b in buffers.items()
+        if c == "adamw-bf16"
+    )
+    text = (tmp_path / "one" / "results.md").read_text()
+    assert text.startswith(f"Machine: {result['meta']['machine']};")
+    assert "adamw-bf16, 1 leaf, 0.062M (rmsjax (bf16)'s params differ" in text
+
+    bench.main([*case, "--configs", "rmsprop", "--processes", "2", "--out", str(tmp_path / "p")])
+    result = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert result["meta"]["processes"] == 2
+    for r in result["rows"]:
+        per = [p["ratio_vs_optax"] for p in r["per_process"]]
+        assert r["processes"] == len(per) == 2 and r["buffers"] == "shared"
+        assert r["ratio_vs_optax"] == pytest.approx(float(np.median(per)))
+        assert (r["ratio_min"], r["ratio_max"]) == (min(per), max(per))
+        assert len(r["step_ms_all"]) == 2 * 2  # every timing of both processes
+    text = (tmp_path / "p" / "results.md").read_text()
+    assert text.startswith("Machine: ") and "every case ran in 2 fresh processes" in text

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["instance", "written"]
+__all__ = ["instance"]
 
 
 def instance(tree: Any, k: int) -> Any:
@@ -35,19 +35,3 @@ def instance(tree: Any, k: int) -> Any:
     *leaves, tag = lax.optimization_barrier((*leaves, jnp.int32(k)))
     keep = tag >= 0  # always true (k >= 0), unknown to the compiler
     return jax.tree.unflatten(treedef, [jnp.where(keep, x, jnp.zeros((), x.dtype)) for x in leaves])
-
-
-def written(tree: Any) -> jax.Array:
-    """An int32 scalar, always 1, computed from the first entry of every array of ``tree``: it
-    is known only once they all are (``(byte | 1) != 0`` on each entry's first byte, which XLA
-    cannot simplify to true).
-
-    :func:`rmsjax.tree.map_rule` starts the first read of a leaf's stored moments at row
-    ``1 - written(previous leaf's new moments)`` (row 0), so that XLA encodes the leaves in
-    turn: the parts it copies to write them in place then never coexist.
-    """
-    ones = [
-        (lax.bitcast_convert_type(x.reshape(-1)[:1], jnp.uint8).reshape(-1)[0] | 1) != 0
-        for x in jax.tree.leaves(tree)
-    ]
-    return jnp.all(jnp.stack(ones)).astype(jnp.int32)

@@ -96,7 +96,6 @@ def moment_transform(
     promote_half: bool = True,
     with_params: bool = False,
     stage: str | None = None,
-    elementwise: bool = True,
 ) -> optax.GradientTransformation:
     """An optax transformation that applies ``rule`` leaf by leaf and keeps ``moments``.
 
@@ -117,10 +116,6 @@ def moment_transform(
         ``params`` (``ValueError`` naming the transformation otherwise).
       stage: the name under which the fused step knows this rule (see :mod:`rmsjax.stages`),
         or ``None`` for a rule the native kernel does not have.
-      elementwise: the rule computes each entry of its results from the same entry of its
-        arguments (no reduction over the array), as every rule of rmsjax does
-        (``tests/test_storage.py`` checks them): then a large stored moment may be encoded a
-        few rows at a time (see :func:`rmsjax.tree.map_rule`).
     """
     for m in moments:
         check_storage(m.argument or f"{m.name}_dtype", m.storage)
@@ -153,9 +148,7 @@ def moment_transform(
         updates: Any, moments_: tuple[Any, ...], params: Any, args: Mapping[str, Any]
     ) -> tuple[Any, tuple[Any, ...]]:
         extras = (params,) if with_params else ()
-        return map_rule(
-            lambda *a: rule(*a, **args), updates, moments_, extras, elementwise=elementwise
-        )
+        return map_rule(lambda *a: rule(*a, **args), updates, moments_, extras)
 
     def update_fn(updates: Any, state_: Any, params: Any = None) -> tuple[Any, Any]:
         if fields:  # (a stateless transformation ignores its state, as optax's do)

@@ -42,9 +42,7 @@ def mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 15)
 
 
-def counter_bits(
-    shape: tuple[int, ...], seed: ArrayLike, counter: ArrayLike, offset: ArrayLike = 0
-) -> jax.Array:
+def counter_bits(shape: tuple[int, ...], seed: ArrayLike, counter: ArrayLike) -> jax.Array:
     r"""32 random bits per entry of an array of ``shape``, from a hash of (index, seed, counter).
 
     .. math::  b_i = \mathrm{mix32}(i \cdot \mathtt{0x9E3779B9} + k), \qquad
@@ -61,9 +59,6 @@ def counter_bits(
       shape: the array's shape.
       seed: a ``uint32`` scalar (e.g. derived from a moment's name and parameter path).
       counter: a ``uint32`` scalar, advanced by the caller at every use.
-      offset: the index of the array's first entry (a scalar, may be traced): the bits of rows
-        ``r:`` of a larger array are ``counter_bits`` of those rows with the offset of row
-        ``r``'s first entry.
     """
     index = jnp.zeros(shape, jnp.uint32)
     stride = 1
@@ -71,7 +66,6 @@ def counter_bits(
         index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
         stride *= shape[axis]
     key = mix32(jnp.asarray(seed, jnp.uint32) ^ mix32(jnp.asarray(counter, jnp.uint32)))
-    index = index + jnp.asarray(offset).astype(jnp.uint32)
     return mix32(index * jnp.uint32(_GOLDEN) + key)
 
 

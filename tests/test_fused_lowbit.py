@@ -211,7 +211,10 @@ def test_bfloat16_8bit_adamw_on_large_leaves_bit_for_bit():
     and 41k entries (larger than the examples above): every block scale, code and parameter
     of the kernel equals the pure path's over three steps. (An earlier pure path, which
     computed the new moment once and kept it whole, differed from the kernel in 14-44 block
-    scales per step here.)"""
+    scales per step here.) Bit for bit with the jax this was verified on (0.10); the oldest
+    supported jax (0.6) compiles the pure path's moment an ulp apart in some block scales, so
+    there the float32 tolerance of the inexact configurations applies."""
+    exact = tuple(jax.__version_info__[:2]) >= (0, 10)
     q8 = rmsjax.quantized(8)
     opt = fused.adamw(1e-2, mu_dtype=q8, nu_dtype=q8, min_native_size=0, backend="native")
     pure = fused.adamw(1e-2, mu_dtype=q8, nu_dtype=q8, backend="jax")
@@ -227,7 +230,7 @@ def test_bfloat16_8bit_adamw_on_large_leaves_bit_for_bit():
         grads = {k: jnp.asarray(rng.standard_normal(v.shape), jnp.bfloat16) for k, v in pk.items()}
         pk, sk = kstep(pk, grads, sk)
         pp, sp = pstep(pp, grads, sp)
-        _check_step("adamw 8-bit, bfloat16, lr 1e-2", True, pk, sk, pp, sp)
+        _check_step("adamw 8-bit, bfloat16, lr 1e-2", exact, pk, sk, pp, sp)
 
 
 def _tie_gradient(codec, rng):

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from machine import describe
+from machine import describe, peak_bytes
 
 import rmsjax
 
@@ -94,14 +94,7 @@ def step_peak_bytes(opt: Any, params: Any) -> int:
         u, s = opt.update(g, s, p)
         return rmsjax.apply_updates(p, u), s
 
-    m = jax.jit(step, donate_argnums=(0, 2)).lower(params, params, state).compile()
-    a = m.memory_analysis()
-    return int(
-        a.argument_size_in_bytes
-        + a.output_size_in_bytes
-        - a.alias_size_in_bytes
-        + a.temp_size_in_bytes
-    )
+    return peak_bytes(jax.jit(step, donate_argnums=(0, 2)).lower(params, params, state).compile())
 
 
 def memory_table(params: Any) -> list[dict[str, Any]]:
@@ -174,6 +167,22 @@ def timed_steps(reps: int, inner: int, size: int) -> list[dict[str, Any]]:
     return results
 
 
+def _storage_table(
+    memory: list[dict[str, Any]], cell: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """A markdown table of ``cell(row)``, one line per optimizer, one column per storage."""
+    lines = ["| optimizer | " + " | ".join(STORAGES) + " |", "|---|" + "---:|" * len(STORAGES)]
+    for opt_name in ("rmsprop", "rmsprop centered", "adamw"):
+        cells = [
+            cell(r)
+            for s in STORAGES
+            for r in memory
+            if r["optimizer"] == opt_name and r["storage"] == s
+        ]
+        lines.append(f"| {opt_name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(memory: list[dict[str, Any]], timing: list[dict[str, Any]], info: str) -> str:
     lines = [
         "# Optimizer-state memory and step time by moment storage",
@@ -182,18 +191,7 @@ def markdown(memory: list[dict[str, Any]], timing: list[dict[str, Any]], info: s
         "",
         f"## State bytes per parameter ({memory[0]['params']:,} parameters, exact)",
         "",
-        "| optimizer | " + " | ".join(STORAGES) + " |",
-        "|---|" + "---:|" * len(STORAGES),
-    ]
-    for opt_name in ("rmsprop", "rmsprop centered", "adamw"):
-        cells = [
-            f"{r['bytes_per_param']:.4f}"
-            for s in STORAGES
-            for r in memory
-            if r["optimizer"] == opt_name and r["storage"] == s
-        ]
-        lines.append(f"| {opt_name} | " + " | ".join(cells) + " |")
-    lines += [
+        *_storage_table(memory, lambda r: f"{r['bytes_per_param']:.4f}"),
         "",
         "## The step's peak, pure-JAX path (bytes per parameter)",
         "",
@@ -201,17 +199,11 @@ def markdown(memory: list[dict[str, Any]], timing: list[dict[str, Any]], info: s
         "donated (arguments + outputs - aliased + temporaries), beside the resident data",
         "(float32 parameters and gradients, and the state): peak / resident.",
         "",
-        "| optimizer | " + " | ".join(STORAGES) + " |",
-        "|---|" + "---:|" * len(STORAGES),
+        *_storage_table(
+            memory,
+            lambda r: f"{r['step_peak_bytes_per_param']:.2f} / {r['resident_bytes_per_param']:.2f}",
+        ),
     ]
-    for opt_name in ("rmsprop", "rmsprop centered", "adamw"):
-        cells = [
-            f"{r['step_peak_bytes_per_param']:.2f} / {r['resident_bytes_per_param']:.2f}"
-            for s in STORAGES
-            for r in memory
-            if r["optimizer"] == opt_name and r["storage"] == s
-        ]
-        lines.append(f"| {opt_name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"## Step time, pure-JAX path ({timing[0]['params']:,} float32 parameters, one leaf)",

@@ -109,7 +109,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import describe
+from machine import describe, peak_bytes
 
 import rmsjax
 from rmsjax import fused, native
@@ -289,13 +289,7 @@ def n_params(tree: Any) -> int:
 
 def _peak(compiled: Any) -> int | None:
     try:
-        m = compiled.memory_analysis()
-        return int(
-            m.argument_size_in_bytes
-            + m.output_size_in_bytes
-            - m.alias_size_in_bytes
-            + m.temp_size_in_bytes
-        )
+        return peak_bytes(compiled)
     except Exception:
         return None
 
